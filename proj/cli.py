@@ -1,0 +1,173 @@
+"""The ``proj`` command: ``proj run``, ``proj db upgrade``, ``proj check``."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import click
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+from proj.config import current_settings
+from proj.db import worker_engine
+from proj.errors import ConfigurationError
+from proj.migrations import upgrade as upgrade_database
+from proj.safety import check_configuration
+
+STOP_TIMEOUT = 20.0
+"""Seconds ``proj run`` waits for its processes to stop before killing them."""
+
+
+@click.group()
+def main() -> None:
+    """proj: background work for Flask + SQLAlchemy on Celery."""
+
+
+@main.group()
+def db() -> None:
+    """The application database."""
+
+
+@db.command()
+def upgrade() -> None:
+    """Migrate the database to the newest schema (safe to run again)."""
+    upgrade_database()
+    url = make_url(current_settings().database_url)
+    click.echo(f"database {url.render_as_string(hide_password=True)} is up to date")
+
+
+def _hide_password(url: str) -> str:
+    return str(make_url(url.split("+", 1)[-1]).render_as_string(hide_password=True))
+
+
+@main.command()
+def check() -> None:
+    """Check the configuration, the database and the broker; exit 1 on a problem."""
+    from proj.celery import app as celery_app
+
+    settings = current_settings()
+    problems = []
+    try:
+        check_configuration(celery_app)
+    except ConfigurationError as exc:
+        problems.append(f"configuration: {exc}")
+    try:
+        with worker_engine().connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except Exception as exc:
+        problems.append(f"database: {exc.__class__.__name__}: {exc}")
+    try:
+        with celery_app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=5)
+    except Exception as exc:
+        problems.append(f"broker: {exc.__class__.__name__}: {exc}")
+    click.echo(f"database: {_hide_password(settings.database_url)}")
+    click.echo(f"broker:   {_hide_password(settings.broker_url)}")
+    for problem in problems:
+        click.echo(f"problem:  {problem}", err=True)
+    sys.exit(1 if problems else 0)
+
+
+def _commands(host: str, port: int) -> dict[str, list[str]]:
+    python = sys.executable
+    return {
+        "web": [
+            python,
+            "-m",
+            "flask",
+            "--app",
+            "proj.web",
+            "run",
+            "--host",
+            host,
+            "--port",
+            str(port),
+        ],
+        "worker": [
+            python,
+            "-m",
+            "celery",
+            "-A",
+            "proj",
+            "worker",
+            "--loglevel",
+            "INFO",
+            "--pool",
+            "threads",
+            "--concurrency",
+            "4",
+        ],
+        "beat": [python, "-m", "celery", "-A", "proj", "beat", "--loglevel", "INFO"],
+    }
+
+
+def _wait_for_port(host: str, port: int, processes: dict[str, subprocess.Popen[bytes]]) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in processes.values()):
+            return
+        try:
+            socket.create_connection((host, port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+
+
+def _stop(processes: dict[str, subprocess.Popen[bytes]]) -> None:
+    # A second Ctrl-C must not cut the orderly stop short; the timeout below
+    # kills whatever does not stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for process in processes.values():
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    for name, process in processes.items():
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            click.echo(f"proj: {name} did not stop in time; killing it", err=True)
+            process.kill()
+            process.wait()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=5000, show_default=True)
+def run(host: str, port: int) -> None:
+    """Upgrade the database and run web, worker and beat until Ctrl-C."""
+    settings = current_settings()
+    upgrade_database()
+    processes: dict[str, subprocess.Popen[bytes]] = {}
+    # Ctrl-C reaches the whole process group; SIGTERM from a supervisor only
+    # reaches us, so both end up in the same orderly stop.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        for name, command in _commands(host, port).items():
+            processes[name] = subprocess.Popen(command)
+        _wait_for_port(host, port, processes)
+        click.echo(
+            f"\nproj is running: open http://{host}:{port}/\n"
+            f"  sign up:  curl -X POST -H 'Content-Type: application/json' "
+            f'-d \'{{"email": "ada@example.com"}}\' http://{host}:{port}/api/users\n'
+            f"  mail:     {settings.mail_url}\n"
+            "Press Ctrl-C to stop.\n"
+        )
+        while all(p.poll() is None for p in processes.values()):
+            time.sleep(0.5)
+        failed = [name for name, p in processes.items() if p.poll() is not None]
+        click.echo(f"proj: {', '.join(failed)} stopped; stopping the rest", err=True)
+        _stop(processes)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("\nproj: stopping web, worker and beat")
+        _stop(processes)
+        click.echo("proj: stopped")

@@ -1,0 +1,156 @@
+"""Every setting proj reads, read from the environment in one place.
+
+With nothing set, proj runs embedded: SQLite files under ``PROJ_DATA_DIR``,
+kombu's SQLAlchemy transport on SQLite as the broker and the database as the
+result backend. Setting ``DATABASE_URL`` and ``CELERY_BROKER_URL`` switches to
+PostgreSQL and RabbitMQ or Redis with no code change.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from proj.errors import ConfigurationError
+
+DEFAULTS: Mapping[str, str] = {
+    "PROJ_DATA_DIR": "proj-data",
+    "DATABASE_URL": "sqlite:///{data_dir}/proj.sqlite3",
+    "CELERY_BROKER_URL": "sqla+sqlite:///{data_dir}/broker.sqlite3",
+    "CELERY_RESULT_BACKEND": "db+{database_url}",
+    "PROJ_WEB_POOL_SIZE": "5",
+    "PROJ_WORKER_POOL_SIZE": "5",
+    "PROJ_MAIL_URL": "file://{data_dir}/mail",
+    "PROJ_MAIL_FROM": "proj@localhost",
+    "PROJ_DIGEST_TO": "ops@localhost",
+    "SECRET_KEY": "dev",
+    "PROJ_MAX_CONTENT_LENGTH": "65536",
+    "PROJ_PAYMENT_LATENCY": "0",
+    "PROJ_CLEANUP_INTERVAL": "3600",
+    "PROJ_DIGEST_INTERVAL": "86400",
+    "PROJ_RETENTION_DAYS": "30",
+    "PROJ_BROKER_POLL_INTERVAL": "0.02",
+    "PROJ_VISIBILITY_TIMEOUT": "7200",
+}
+"""The default of every setting, by environment variable. ``{data_dir}`` and
+``{database_url}`` expand to the values in effect."""
+
+SQLITE_BROKER_PREFIXES = ("sqla+sqlite:", "sqlalchemy+sqlite:")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """proj's configuration. Build it with :func:`load_settings`."""
+
+    data_dir: Path
+    database_url: str
+    broker_url: str
+    result_backend: str
+    web_pool_size: int
+    """Connections in the web tier's pool (Flask-SQLAlchemy's engine)."""
+    worker_pool_size: int
+    """Connections in each worker process's pool (the task sessions' engine)."""
+    mail_url: str
+    """``smtp://host:port`` or ``file:///folder`` (one ``.eml`` file a message)."""
+    mail_from: str
+    digest_to: str
+    secret_key: str
+    max_content_length: int
+    """Largest request body the API accepts, in bytes; larger ones get 413."""
+    payment_latency: float
+    """Seconds the default payment gateway takes per charge, as a real one would."""
+    cleanup_interval: float
+    digest_interval: float
+    retention_days: int
+    broker_poll_interval: float
+    """Seconds between polls of the embedded SQLite broker."""
+    visibility_timeout: float
+    """Seconds Redis waits before redelivering an unacknowledged message."""
+
+    @property
+    def embedded(self) -> bool:
+        """True when the database is SQLite (the no-servers setup)."""
+        return self.database_url.startswith("sqlite")
+
+    def celery_connection(self) -> dict[str, Any]:
+        """The Celery settings that depend on where the broker and results live."""
+        conf: dict[str, Any] = {
+            "broker_url": self.broker_url,
+            "result_backend": self.result_backend,
+            "broker_transport_options": {},
+        }
+        if self.broker_url.startswith(SQLITE_BROKER_PREFIXES):
+            # kombu hands every transport option to create_engine, so the
+            # polling interval cannot be set there; proj's subclass sets it.
+            conf["broker_url"] = self.broker_url.split("+", 1)[1]
+            conf["broker_transport"] = "proj.broker:SQLiteTransport"
+            conf["broker_transport_options"] = {"polling_interval": self.broker_poll_interval}
+        elif self.broker_url.startswith(("redis:", "rediss:")):
+            conf["broker_transport_options"] = {"visibility_timeout": self.visibility_timeout}
+        return conf
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read the settings from ``environ`` (default: ``os.environ``).
+
+    Raises :class:`ConfigurationError` naming the variable whose value is not valid.
+    """
+    env = os.environ if environ is None else environ
+
+    def raw(name: str) -> str:
+        return env.get(name) or DEFAULTS[name]
+
+    data_dir = Path(raw("PROJ_DATA_DIR")).expanduser().resolve()
+    database_url = raw("DATABASE_URL").format(data_dir=data_dir)
+
+    def text(name: str) -> str:
+        return raw(name).format(data_dir=data_dir, database_url=database_url)
+
+    def number(name: str, kind: type[int] | type[float]) -> Any:
+        try:
+            value = kind(raw(name))
+        except ValueError:
+            raise ConfigurationError(f"{name}={raw(name)!r} is not a {kind.__name__}.") from None
+        if value < 0:
+            raise ConfigurationError(f"{name} must not be negative, got {value}.")
+        return value
+
+    return Settings(
+        data_dir=data_dir,
+        database_url=database_url,
+        broker_url=text("CELERY_BROKER_URL"),
+        result_backend=text("CELERY_RESULT_BACKEND"),
+        web_pool_size=number("PROJ_WEB_POOL_SIZE", int),
+        worker_pool_size=number("PROJ_WORKER_POOL_SIZE", int),
+        mail_url=text("PROJ_MAIL_URL"),
+        mail_from=text("PROJ_MAIL_FROM"),
+        digest_to=text("PROJ_DIGEST_TO"),
+        secret_key=text("SECRET_KEY"),
+        max_content_length=number("PROJ_MAX_CONTENT_LENGTH", int),
+        payment_latency=number("PROJ_PAYMENT_LATENCY", float),
+        cleanup_interval=number("PROJ_CLEANUP_INTERVAL", float),
+        digest_interval=number("PROJ_DIGEST_INTERVAL", float),
+        retention_days=number("PROJ_RETENTION_DAYS", int),
+        broker_poll_interval=number("PROJ_BROKER_POLL_INTERVAL", float),
+        visibility_timeout=number("PROJ_VISIBILITY_TIMEOUT", float),
+    )
+
+
+_current: Settings | None = None
+
+
+def current_settings() -> Settings:
+    """The settings in effect in this process (read from the environment once)."""
+    global _current
+    if _current is None:
+        _current = load_settings()
+    return _current
+
+
+def use_settings(settings: Settings) -> None:
+    """Make ``settings`` the ones in effect (``proj.db.configure`` calls this)."""
+    global _current
+    _current = settings

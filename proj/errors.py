@@ -1,0 +1,32 @@
+"""proj's exceptions.
+
+Error tree::
+
+    ProjError
+    ├── ConfigurationError       a setting proj cannot run with
+    ├── TaskArgumentError        a task argument that cannot cross the queue
+    └── PaymentDeclined          the payment gateway refused a charge
+
+Each class's docstring is its default message.
+"""
+
+from __future__ import annotations
+
+
+class ProjError(Exception):
+    """Something went wrong in proj."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+
+class ConfigurationError(ProjError):
+    """proj's configuration is not valid; fix the setting named and start again."""
+
+
+class TaskArgumentError(ProjError):
+    """Task arguments must be JSON values: pass the object's id, not the object."""
+
+
+class PaymentDeclined(ProjError):
+    """The payment gateway declined the charge."""

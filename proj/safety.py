@@ -1,0 +1,75 @@
+"""Configurations proj refuses to run with, checked at start-up and at enqueue."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from celery import Celery
+
+from proj.errors import ConfigurationError
+from proj.retry import retry_policy_of
+
+REDIS_DEFAULT_VISIBILITY_TIMEOUT = 3600.0
+
+
+def visibility_timeout(celery_app: Celery) -> float | None:
+    """Seconds before Redis redelivers an unacknowledged message; None elsewhere."""
+    url = str(celery_app.conf.broker_url or "")
+    if not url.startswith(("redis:", "rediss:")):
+        return None
+    options = celery_app.conf.broker_transport_options or {}
+    return float(options.get("visibility_timeout", REDIS_DEFAULT_VISIBILITY_TIMEOUT))
+
+
+def check_configuration(celery_app: Celery) -> None:
+    """Refuse a configuration proj cannot keep its promises with.
+
+    - only JSON crosses the queue (pickle would run whatever a message says);
+    - on Redis, the visibility timeout must outlast every retry countdown,
+      or a message waiting for its retry is delivered twice.
+    """
+    conf = celery_app.conf
+    for name in ("accept_content", "result_accept_content"):
+        if set(conf[name] or ()) - {"json", "application/json"}:
+            raise ConfigurationError(
+                f"{name} = {conf[name]!r}: proj accepts JSON only; remove the others."
+            )
+    limit = visibility_timeout(celery_app)
+    if limit is None:
+        return
+    celery_app.loader.import_default_modules()
+    for task in celery_app.tasks.values():
+        policy = retry_policy_of(task)
+        if policy is not None and policy.max_backoff >= limit:
+            raise ConfigurationError(
+                f"{task.name} may wait {policy.max_backoff:g} s before a retry, but "
+                f"Redis redelivers unacknowledged messages after {limit:g} s; raise "
+                "PROJ_VISIBILITY_TIMEOUT above the longest countdown."
+            )
+
+
+def check_countdown(celery_app: Celery, options: dict[str, Any]) -> None:
+    """Refuse a countdown or ETA that Redis would cut short by redelivering."""
+    delay = _delay(options)
+    if delay is None:
+        return
+    limit = visibility_timeout(celery_app)
+    if limit is not None and delay >= limit:
+        raise ConfigurationError(
+            f"a delay of {delay:g} s is not shorter than Redis's visibility timeout "
+            f"({limit:g} s): the message would be delivered twice. Raise "
+            "PROJ_VISIBILITY_TIMEOUT or shorten the countdown."
+        )
+
+
+def _delay(options: dict[str, Any]) -> float | None:
+    eta = options.get("eta")
+    if eta is None:
+        countdown = options.get("countdown")
+        return None if countdown is None else float(countdown)
+    if isinstance(eta, str):
+        eta = datetime.fromisoformat(eta)
+    if eta.tzinfo is None:
+        eta = eta.replace(tzinfo=UTC)
+    return float((eta - datetime.now(UTC)).total_seconds())

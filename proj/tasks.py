@@ -1,0 +1,112 @@
+"""The reference application's tasks (stable names under ``proj.tasks``).
+
+Each one takes ids, loads what it needs in its own session, and logs and ends
+without retrying when the id names nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any
+
+from celery import shared_task
+from celery.utils.log import get_task_logger
+from sqlalchemy import delete, func, select
+
+from proj.config import current_settings
+from proj.db import Session, utcnow, worker_engine
+from proj.deadletter import DeadLetter
+from proj.mail import send_mail
+from proj.models import Invoice, User
+from proj.payments import default_gateway
+from proj.retry import TRANSIENT_ERRORS, retry_on
+
+logger = get_task_logger(__name__)
+
+
+@shared_task(name="proj.tasks.send_welcome")
+@retry_on(TRANSIENT_ERRORS, max_retries=8)
+def send_welcome(user_id: int) -> str | None:
+    """Send the welcome mail and set ``welcomed_at``; once per user."""
+    user = Session.get(User, user_id)
+    if user is None:
+        logger.warning("send_welcome: no user with id %r; nothing sent", user_id)
+        return None
+    if user.welcomed_at is not None:
+        logger.info("send_welcome: user %s was welcomed already", user_id)
+        return user.email
+    send_mail(
+        to=user.email,
+        subject="Welcome!",
+        body=f"Hello {user.email},\n\nyour account is ready.\n",
+    )
+    user.welcomed_at = utcnow()
+    return user.email
+
+
+@shared_task(name="proj.tasks.charge_invoice")
+@retry_on(TRANSIENT_ERRORS, max_retries=8)
+def charge_invoice(invoice_id: int) -> str | None:
+    """Charge the invoice through the gateway; however often it runs, once."""
+    invoice = Session.get(Invoice, invoice_id, with_for_update=True)
+    if invoice is None:
+        logger.warning("charge_invoice: no invoice with id %r; nothing charged", invoice_id)
+        return None
+    if invoice.status == "charged":
+        logger.info("charge_invoice: invoice %s was charged already", invoice_id)
+        return invoice.charge_id
+    receipt = default_gateway().charge(
+        idempotency_key=invoice.idempotency_key, amount_cents=invoice.amount_cents
+    )
+    invoice.status = "charged"
+    invoice.charge_id = receipt.charge_id
+    invoice.charged_at = receipt.created_at
+    return receipt.charge_id
+
+
+@shared_task(name="proj.tasks.cleanup_expired")
+@retry_on(TRANSIENT_ERRORS)
+def cleanup_expired() -> int:
+    """Delete dead letters older than the retention period; return how many."""
+    cutoff = utcnow() - timedelta(days=current_settings().retention_days)
+    result = Session.execute(delete(DeadLetter).where(DeadLetter.failed_at < cutoff))
+    deleted = int(getattr(result, "rowcount", 0) or 0)
+    logger.info("cleanup_expired: deleted %d dead letters before %s", deleted, cutoff)
+    return deleted
+
+
+@shared_task(name="proj.tasks.send_digest")
+@retry_on(TRANSIENT_ERRORS)
+def send_digest() -> dict[str, int]:
+    """Mail the operators what happened since the last digest period began."""
+    settings = current_settings()
+    since = utcnow() - timedelta(seconds=settings.digest_interval)
+    counts = {
+        "signups": _count(select(func.count(User.id)).where(User.created_at >= since)),
+        "charges": _count(select(func.count(Invoice.id)).where(Invoice.charged_at >= since)),
+        "dead_letters": _count(
+            select(func.count(DeadLetter.id)).where(DeadLetter.failed_at >= since)
+        ),
+    }
+    lines = "".join(f"{name}: {value}\n" for name, value in counts.items())
+    send_mail(to=settings.digest_to, subject="proj digest", body=f"Since {since:%c}:\n{lines}")
+    return counts
+
+
+def _count(query: Any) -> int:
+    return int(Session.scalar(query) or 0)
+
+
+@shared_task(name="proj.tasks.pool_status")
+def pool_status() -> dict[str, Any]:
+    """Which process answered and how many of its worker connections are out.
+
+    Uses no session itself, so the count is what earlier runs left behind.
+    """
+    pool: Any = worker_engine().pool
+    return {
+        "pid": os.getpid(),
+        "checked_out": pool.checkedout() if hasattr(pool, "checkedout") else 0,
+        "status": pool.status(),
+    }

@@ -1,0 +1,128 @@
+"""The JSON API: users, invoices and charges."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from celery import Task
+from flask import Blueprint, Response, jsonify, request, url_for
+from sqlalchemy.exc import IntegrityError
+
+from proj.deadletter import record_dead_letter
+from proj.models import MAX_ID, Invoice, User
+from proj.tasks import charge_invoice, send_welcome
+from proj.web.errors import ApiError
+from proj.web.extensions import db
+
+logger = logging.getLogger(__name__)
+
+api = Blueprint("api", __name__, url_prefix="/api")
+
+EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+MAX_AMOUNT_CENTS = 10**9
+
+
+def json_object() -> dict[str, Any]:
+    """The request's JSON object body, or the 4xx that says what is wrong."""
+    if not request.is_json:
+        raise ApiError(
+            415, "unsupported_media_type", "send a JSON body with Content-Type: application/json"
+        )
+    data = request.get_json(silent=True)
+    if data is None:
+        raise ApiError(400, "malformed_json", "the request body is not valid JSON")
+    if not isinstance(data, dict):
+        raise ApiError(400, "invalid_body", "the request body must be a JSON object")
+    return data
+
+
+def invalid(fields: dict[str, str]) -> ApiError:
+    return ApiError(400, "invalid_fields", "some fields are missing or not valid", fields)
+
+
+def positive_int(data: dict[str, Any], name: str, maximum: int) -> int:
+    value = data.get(name)
+    if value is None:
+        raise invalid({name: "required"})
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= maximum:
+        raise invalid({name: f"must be a whole number from 1 to {maximum}"})
+    return value
+
+
+def get_or_404(model: type[User] | type[Invoice], ident: int) -> Any:
+    found = db.session.get(model, ident) if ident <= MAX_ID else None
+    if found is None:
+        raise ApiError(404, "not_found", f"no {model.__tablename__[:-1]} with id {ident}")
+    return found
+
+
+def enqueue(task: Task[Any, Any], *args: Any) -> str | None:
+    """Publish ``task`` after the commit; if the broker cannot take it, keep a
+    dead letter so the job can be found and sent again, and answer anyway."""
+    try:
+        return str(task.delay(*args).id)
+    except Exception as exc:
+        record_dead_letter(
+            task_name=task.name,
+            task_id=None,
+            reason="unpublished",
+            arguments={"args": list(args), "kwargs": {}},
+            exception=exc,
+        )
+        return None
+
+
+@api.post("/users")
+def create_user() -> tuple[Response, int, dict[str, str]]:
+    data = json_object()
+    email = data.get("email")
+    if email is None:
+        raise invalid({"email": "required"})
+    if not isinstance(email, str) or len(email) > 320 or not EMAIL.match(email.strip()):
+        raise invalid({"email": "not a valid email address"})
+    user = User(email=email.strip().lower())
+    db.session.add(user)
+    try:
+        db.session.commit()
+    except IntegrityError:
+        db.session.rollback()
+        raise ApiError(409, "conflict", f"{user.email} is already signed up") from None
+    enqueue(send_welcome, user.id)
+    location = url_for("api.get_user", user_id=user.id)
+    return jsonify(user.to_json()), 201, {"Location": location}
+
+
+@api.get("/users/<int:user_id>")
+def get_user(user_id: int) -> Response:
+    return jsonify(get_or_404(User, user_id).to_json())
+
+
+@api.post("/invoices")
+def create_invoice() -> tuple[Response, int, dict[str, str]]:
+    data = json_object()
+    user_id = positive_int(data, "user_id", MAX_ID)
+    amount = positive_int(data, "amount_cents", MAX_AMOUNT_CENTS)
+    if db.session.get(User, user_id) is None:
+        raise invalid({"user_id": f"no user with id {user_id}"})
+    invoice = Invoice(user_id=user_id, amount_cents=amount)
+    db.session.add(invoice)
+    db.session.commit()
+    location = url_for("api.get_invoice", invoice_id=invoice.id)
+    return jsonify(invoice.to_json()), 201, {"Location": location}
+
+
+@api.get("/invoices/<int:invoice_id>")
+def get_invoice(invoice_id: int) -> Response:
+    return jsonify(get_or_404(Invoice, invoice_id).to_json())
+
+
+@api.post("/invoices/<int:invoice_id>/charge")
+def charge(invoice_id: int) -> tuple[Response, int]:
+    invoice = get_or_404(Invoice, invoice_id)
+    db.session.commit()  # end the read before handing the work on
+    job_id = enqueue(charge_invoice, invoice.id)
+    if job_id is None:
+        raise ApiError(503, "broker_unavailable", "the charge could not be queued; try again")
+    return jsonify(job_id=job_id), 202

@@ -1,0 +1,77 @@
+"""The Flask application factory (``flask --app proj.web run``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from flask import Flask, Response, jsonify, url_for
+from sqlalchemy import text
+
+from proj.celery import app as proj_celery_app
+from proj.config import Settings, current_settings
+from proj.db import engine_options, make_sqlite_folder, prepare_engine
+from proj.web.api import api
+from proj.web.errors import error_response, register_error_handlers
+from proj.web.extensions import db
+
+
+def create_app(settings: Settings | None = None, celery_app: Celery | None = None) -> Flask:
+    """The web application for ``settings`` (default: the environment's).
+
+    The health check asks ``celery_app``'s broker (default: ``proj.celery.app``).
+    """
+    settings = settings or current_settings()
+    make_sqlite_folder(settings.database_url)
+    app = Flask("proj.web")
+    app.config.update(
+        SECRET_KEY=settings.secret_key,
+        MAX_CONTENT_LENGTH=settings.max_content_length,
+        SQLALCHEMY_DATABASE_URI=settings.database_url,
+        SQLALCHEMY_ENGINE_OPTIONS=engine_options(settings.database_url, settings.web_pool_size),
+    )
+    app.extensions["proj.celery"] = celery_app or proj_celery_app
+    db.init_app(app)
+    with app.app_context():
+        prepare_engine(db.engine, role="web")
+    app.register_blueprint(api)
+    register_error_handlers(app)
+    app.add_url_rule("/", view_func=index)
+    app.add_url_rule("/healthz", view_func=healthz)
+    return app
+
+
+def index() -> Response:
+    """Where to start."""
+    return jsonify(
+        name="proj",
+        endpoints={
+            "sign up": f"POST {url_for('api.create_user')}",
+            "user": "GET /api/users/<id>",
+            "invoice": f"POST {url_for('api.create_invoice')}",
+            "charge": "POST /api/invoices/<id>/charge",
+            "health": f"GET {url_for('healthz')}",
+        },
+    )
+
+
+def healthz() -> Any:
+    """200 when the database and the broker answer; 503 naming the one that does not."""
+    from flask import current_app as flask_app
+
+    problems: dict[str, str] = {}
+    try:
+        db.session.execute(text("SELECT 1"))
+        db.session.rollback()
+    except Exception as exc:
+        problems["database"] = f"not answering: {exc.__class__.__name__}"
+    celery_app: Celery = flask_app.extensions["proj.celery"]
+    try:
+        with celery_app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=2)
+    except Exception as exc:
+        problems["broker"] = f"not answering: {exc.__class__.__name__}"
+    if problems:
+        names = " and ".join(sorted(problems))
+        return error_response(503, "unavailable", f"{names} not answering", problems)
+    return jsonify(status="ok", database="ok", broker="ok")
