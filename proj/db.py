@@ -114,6 +114,11 @@ def worker_engine() -> Engine:
     return engine
 
 
+def existing_worker_engine() -> Engine | None:
+    """The worker tier's engine if this process has made it, else None."""
+    return _State.worker_engine
+
+
 def make_sqlite_folder(url: str) -> None:
     """Create the folder a SQLite file URL points into (nothing for other URLs)."""
     parsed = make_url(url)
