@@ -58,28 +58,26 @@ def record_dead_letter(
 
     Never raises: if the database cannot take it, the letter goes to the log.
     """
-    letter = DeadLetter(
-        task_name=task_name,
-        task_id=task_id,
-        reason=reason,
-        arguments=_jsonable(arguments),
-        exception=exception if isinstance(exception, str) else repr(exception),
-        traceback=traceback,
-        attempts=attempts,
-    )
+    text = exception if isinstance(exception, str) else repr(exception)
     try:
         with session_scope() as session:
-            session.add(letter)
+            session.add(
+                DeadLetter(
+                    task_name=task_name,
+                    task_id=task_id,
+                    reason=reason,
+                    arguments=_jsonable(arguments),
+                    exception=text,
+                    traceback=traceback,
+                    attempts=attempts,
+                )
+            )
     except Exception:
         logger.exception(
-            "could not record dead letter for %s[%s] (%s): %s",
-            task_name,
-            task_id,
-            reason,
-            letter.exception,
+            "could not record dead letter for %s[%s] (%s): %s", task_name, task_id, reason, text
         )
     else:
-        logger.warning("dead letter: %s[%s] %s: %s", task_name, task_id, reason, letter.exception)
+        logger.warning("dead letter: %s[%s] %s: %s", task_name, task_id, reason, text)
 
 
 def message_arguments(message: Message) -> dict[str, Any]:

@@ -113,10 +113,23 @@ def _create_rabbit_vhost(stack: Stack) -> str:
     return f"amqp://guest:guest@{RABBIT[0]}:{RABBIT[1]}/{vhost}"
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
 def _claim_redis_db(stack: Stack) -> str:
     admin = redis.Redis(*REDIS)
     for number in range(1, 16):
         lock = f"proj-test:redis-db:{number}"
+        holder = admin.get(lock)
+        if holder is not None and not _alive(int(holder)):
+            admin.delete(lock)  # left by a run that was killed
         if admin.set(lock, os.getpid(), nx=True, ex=3 * 3600):
             client = redis.Redis(*REDIS, db=number)
             client.flushdb()
