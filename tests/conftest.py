@@ -78,10 +78,14 @@ def _reachable(address: tuple[str, int]) -> bool:
 
 
 def _missing(name: str) -> str | None:
-    needs = {"pg-rabbit": [("PostgreSQL", (PG["host"], PG["port"])), ("RabbitMQ", RABBIT)],
-             "pg-redis": [("PostgreSQL", (PG["host"], PG["port"])), ("Redis", REDIS)],
-             "sqlite": []}[name]
-    down = [f"{what} at {host}:{port}" for what, (host, port) in needs if not _reachable((host, port))]
+    needs = {
+        "pg-rabbit": [("PostgreSQL", (PG["host"], PG["port"])), ("RabbitMQ", RABBIT)],
+        "pg-redis": [("PostgreSQL", (PG["host"], PG["port"])), ("Redis", REDIS)],
+        "sqlite": [],
+    }[name]
+    down = [
+        f"{what} at {host}:{port}" for what, (host, port) in needs if not _reachable((host, port))
+    ]
     return ", ".join(down) + " not reachable" if down else None
 
 

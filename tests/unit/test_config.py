@@ -1,0 +1,60 @@
+"""Settings: one place, read from the environment, embedded by default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from proj.config import load_settings
+from proj.errors import ConfigurationError
+
+
+def test_defaults_are_embedded_under_the_data_folder(tmp_path: Path) -> None:
+    settings = load_settings({"PROJ_DATA_DIR": str(tmp_path)})
+    assert settings.embedded
+    assert settings.database_url == f"sqlite:///{tmp_path}/proj.sqlite3"
+    assert settings.result_backend == f"db+sqlite:///{tmp_path}/proj.sqlite3"
+    assert settings.mail_url == f"file://{tmp_path}/mail"
+    conf = settings.celery_connection()
+    assert conf["broker_url"] == f"sqlite:///{tmp_path}/broker.sqlite3"
+    assert conf["broker_transport"] == "proj.broker:SQLiteTransport"
+    assert conf["broker_transport_options"]["polling_interval"] < 0.1
+
+
+def test_servers_come_from_the_environment(tmp_path: Path) -> None:
+    settings = load_settings(
+        {
+            "PROJ_DATA_DIR": str(tmp_path),
+            "DATABASE_URL": "postgresql+psycopg2://u@db/app",
+            "CELERY_BROKER_URL": "redis://cache:6379/0",
+            "PROJ_VISIBILITY_TIMEOUT": "900",
+            "PROJ_WORKER_POOL_SIZE": "3",
+        }
+    )
+    assert not settings.embedded
+    assert settings.result_backend == "db+postgresql+psycopg2://u@db/app"
+    assert settings.worker_pool_size == 3
+    conf = settings.celery_connection()
+    assert conf["broker_url"] == "redis://cache:6379/0"
+    assert "broker_transport" not in conf
+    assert conf["broker_transport_options"] == {"visibility_timeout": 900.0}
+
+
+def test_rabbitmq_needs_no_transport_options(tmp_path: Path) -> None:
+    settings = load_settings(
+        {"PROJ_DATA_DIR": str(tmp_path), "CELERY_BROKER_URL": "amqp://guest@rabbit//"}
+    )
+    assert settings.celery_connection()["broker_transport_options"] == {}
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        ("PROJ_WEB_POOL_SIZE", "many", "PROJ_WEB_POOL_SIZE='many' is not a int"),
+        ("PROJ_PAYMENT_LATENCY", "-1", "PROJ_PAYMENT_LATENCY must not be negative"),
+    ],
+)
+def test_a_bad_value_names_its_variable(tmp_path: Path, name: str, value: str, says: str) -> None:
+    with pytest.raises(ConfigurationError, match=says):
+        load_settings({"PROJ_DATA_DIR": str(tmp_path), name: value})

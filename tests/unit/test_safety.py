@@ -1,0 +1,54 @@
+"""Configurations proj refuses: pickle, and Redis countdowns past the visibility timeout."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from celery import Celery
+
+from proj.celery import create_app
+from proj.config import load_settings
+from proj.errors import ConfigurationError
+from proj.safety import check_configuration, check_countdown
+
+
+def app_for(tmp_path: Path, broker: str, timeout: str = "7200") -> Celery:
+    env = {
+        "PROJ_DATA_DIR": str(tmp_path),
+        "CELERY_BROKER_URL": broker,
+        "PROJ_VISIBILITY_TIMEOUT": timeout,
+    }
+    return create_app(load_settings(env))
+
+
+def test_redis_timeout_shorter_than_a_retry_countdown_is_refused(tmp_path: Path) -> None:
+    celery_app = app_for(tmp_path, "redis://127.0.0.1:6379/0", timeout="60")
+    with pytest.raises(ConfigurationError, match=r"proj\.tasks\.\w+ may wait 600 s"):
+        check_configuration(celery_app)
+
+
+def test_redis_timeout_longer_than_every_countdown_is_accepted(tmp_path: Path) -> None:
+    check_configuration(app_for(tmp_path, "redis://127.0.0.1:6379/0", timeout="7200"))
+
+
+def test_pickle_is_refused(tmp_path: Path) -> None:
+    celery_app = app_for(tmp_path, "amqp://guest@127.0.0.1//")
+    celery_app.conf.accept_content = ["json", "pickle"]
+    with pytest.raises(ConfigurationError, match="JSON only"):
+        check_configuration(celery_app)
+
+
+def test_countdown_and_eta_past_the_visibility_timeout_are_refused(tmp_path: Path) -> None:
+    celery_app = app_for(tmp_path, "redis://127.0.0.1:6379/0", timeout="100")
+    check_countdown(celery_app, {"countdown": 99})
+    with pytest.raises(ConfigurationError, match="visibility timeout"):
+        check_countdown(celery_app, {"countdown": 100})
+    with pytest.raises(ConfigurationError, match="visibility timeout"):
+        check_countdown(celery_app, {"eta": datetime.now(UTC) + timedelta(seconds=500)})
+
+
+def test_other_brokers_take_any_countdown(tmp_path: Path) -> None:
+    celery_app = app_for(tmp_path, "amqp://guest@127.0.0.1//")
+    check_countdown(celery_app, {"countdown": 10**6})
