@@ -1,0 +1,1 @@
+"""Benchmarks: proj against plain Celery and the physical limits, in one run."""

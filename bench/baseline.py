@@ -1,0 +1,35 @@
+"""The baseline: plain Celery with the classic recipe (a module-level scoped
+session removed in ``after_return``), Celery's default settings otherwise.
+
+Run as ``celery -A bench.baseline worker``; configured from the same
+environment variables as proj (``DATABASE_URL``, ``CELERY_BROKER_URL``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from celery import Celery, Task
+from sqlalchemy import create_engine
+from sqlalchemy.orm import scoped_session, sessionmaker
+
+from bench import workload
+
+app = Celery("baseline", broker=os.environ["CELERY_BROKER_URL"])
+
+engine = create_engine(os.environ["DATABASE_URL"], pool_size=5)
+Session = scoped_session(sessionmaker(bind=engine))
+workload.announce_ready()
+
+
+class DatabaseTask(Task):  # type: ignore[type-arg]
+    def after_return(self, *args: Any, **kwargs: Any) -> None:
+        Session.remove()
+
+
+@app.task(base=DatabaseTask, name="bench.touch", ignore_result=True)
+def touch(user_id: int, enqueued_at: float) -> None:
+    workload.touch(Session(), user_id, enqueued_at, time.time())
+    Session.commit()

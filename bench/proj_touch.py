@@ -1,0 +1,18 @@
+"""The workload's task on proj's ``SqlAlchemyTask`` (``--include bench.proj_touch``)."""
+
+from __future__ import annotations
+
+import time
+
+from celery import shared_task
+
+from bench import workload
+from proj.db import Session
+
+
+workload.announce_ready()
+
+
+@shared_task(name="bench.touch", ignore_result=True)
+def touch(user_id: int, enqueued_at: float) -> None:
+    workload.touch(Session(), user_id, enqueued_at, time.time())
