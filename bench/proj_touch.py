@@ -9,7 +9,6 @@ from celery import shared_task
 from bench import workload
 from proj.db import Session
 
-
 workload.announce_ready()
 
 

@@ -8,7 +8,6 @@ from datetime import datetime
 from pathlib import Path
 
 from celery.signals import worker_ready
-
 from sqlalchemy import DateTime, Engine, Float, Integer, func, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
