@@ -36,7 +36,8 @@ class SmtpMailer:
 
 
 class FolderMailer:
-    """Writes each message to ``<folder>/<id>.eml``, atomically."""
+    """Writes each message to ``<folder>/<id>.eml``, atomically: a reader of the
+    folder sees whole messages only, and a failed write leaves nothing behind."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -45,18 +46,27 @@ class FolderMailer:
         self.folder.mkdir(parents=True, exist_ok=True)
         name = uuid.uuid4().hex
         partial = self.folder / f".{name}.tmp"
-        partial.write_bytes(bytes(message))
-        os.replace(partial, self.folder / f"{name}.eml")
+        try:
+            partial.write_bytes(bytes(message))
+            os.replace(partial, self.folder / f"{name}.eml")
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
 
 
 def mailer_for(url: str) -> Mailer:
     """The mailer for ``url``; :class:`ConfigurationError` if proj has none."""
     parts = urlsplit(url)
-    if parts.scheme == "smtp":
-        return SmtpMailer(parts.hostname or "localhost", parts.port or 25)
-    if parts.scheme == "file":
-        return FolderMailer(Path(unquote(parts.path)))
-    raise ConfigurationError(f"PROJ_MAIL_URL={url!r}: use smtp://host:port or file:///folder.")
+    try:
+        if parts.scheme == "smtp" and not parts.path.strip("/"):
+            return SmtpMailer(parts.hostname or "localhost", parts.port or 25)
+        if parts.scheme == "file" and parts.netloc in ("", "localhost") and parts.path:
+            return FolderMailer(Path(unquote(parts.path)))
+    except ValueError:  # a port that is not a number
+        pass
+    raise ConfigurationError(
+        f"PROJ_MAIL_URL={url!r}: use smtp://host:port or file:///absolute/folder."
+    )
 
 
 def send_mail(to: str, subject: str, body: str) -> None:

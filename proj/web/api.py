@@ -9,6 +9,7 @@ from typing import Any
 from celery import Task
 from flask import Blueprint, Response, jsonify, request, url_for
 from sqlalchemy.exc import IntegrityError
+from werkzeug.exceptions import BadRequest
 
 from proj.deadletter import record_dead_letter
 from proj.models import MAX_ID, Invoice, User
@@ -30,9 +31,10 @@ def json_object() -> dict[str, Any]:
         raise ApiError(
             415, "unsupported_media_type", "send a JSON body with Content-Type: application/json"
         )
-    data = request.get_json(silent=True)
-    if data is None:
-        raise ApiError(400, "malformed_json", "the request body is not valid JSON")
+    try:
+        data = request.get_json()
+    except BadRequest:
+        raise ApiError(400, "malformed_json", "the request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise ApiError(400, "invalid_body", "the request body must be a JSON object")
     return data

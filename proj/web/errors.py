@@ -43,9 +43,12 @@ def register_error_handlers(app: Flask) -> None:
         return error_response(error.status, error.code, error.message, error.fields)
 
     @app.errorhandler(HTTPException)
-    def http_error(error: HTTPException) -> tuple[Response, int]:
+    def http_error(error: HTTPException) -> tuple[Response, int, list[tuple[str, str]]]:
         code = (error.name or "error").lower().replace(" ", "_")
-        return error_response(error.code or 500, code, error.description or code)
+        response, status = error_response(error.code or 500, code, error.description or code)
+        # Keep what the error says besides its HTML body (Allow on a 405, ...).
+        headers = [(k, v) for k, v in error.get_headers() if k.lower() != "content-type"]
+        return response, status, headers
 
     @app.errorhandler(DBAPIError)
     def database_error(error: DBAPIError) -> tuple[Response, int]:

@@ -1,0 +1,97 @@
+"""GET /healthz: 200 on a working stack, a prompt 503 naming the part that is down."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import celery
+import pytest
+from flask.testing import FlaskClient
+
+import proj.celery
+from proj.config import Settings, load_settings
+from proj.web import create_app
+from proj.web.extensions import db as web_db
+
+if TYPE_CHECKING:
+    from conftest import Stack
+
+CLOSED_BROKERS = ["amqp://guest:guest@127.0.0.1:1//", "redis://127.0.0.1:1/0"]
+CLOSED_DATABASE = "postgresql+psycopg2://postgres@127.0.0.1:1/x"
+
+
+def ask_health(settings: Settings) -> tuple[int, dict[str, Any]]:
+    """GET /healthz on a web app whose database and broker are those of ``settings``.
+
+    Fails, rather than hangs, if the answer takes more than 30 s.
+    """
+    current = celery.current_app._get_current_object()
+    try:
+        flask_app = create_app(settings, proj.celery.create_app(settings))
+    finally:
+        current.set_current()  # a new Celery app makes itself current in this thread
+    answers: list[tuple[int, dict[str, Any]]] = []
+
+    def ask() -> None:
+        response = flask_app.test_client().get("/healthz")
+        answers.append((response.status_code, response.get_json()))
+
+    asking = threading.Thread(target=ask, daemon=True)
+    asking.start()
+    asking.join(timeout=30)
+    with flask_app.app_context():
+        web_db.engine.dispose()
+    assert answers, "the health check did not answer in 30 s"
+    return answers[0]
+
+
+def unavailable(answer: tuple[int, dict[str, Any]]) -> dict[str, str]:
+    """The fields of a 503 answer, its shape checked."""
+    status, body = answer
+    assert status == 503, body
+    error = body["error"]
+    assert error["code"] == "unavailable"
+    for name in error["fields"]:
+        assert name in error["message"]
+    fields: dict[str, str] = error["fields"]
+    return fields
+
+
+def test_healthy_stack(client: FlaskClient) -> None:
+    """On a working stack the health check answers 200 and says both parts are ok."""
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response.get_json() == {"status": "ok", "database": "ok", "broker": "ok"}
+
+
+@pytest.mark.parametrize("broker_url", CLOSED_BROKERS, ids=["amqp", "redis"])
+def test_broker_refusing_connections(stack: Stack, broker_url: str) -> None:
+    """A broker whose port is closed makes the health check 503 naming the broker only."""
+    fields = unavailable(ask_health(replace(stack.settings, broker_url=broker_url)))
+    assert list(fields) == ["broker"]
+    assert "OperationalError" in fields["broker"]
+
+
+def test_database_refusing_connections(stack: Stack) -> None:
+    """A database whose port is closed makes the health check 503 naming the database only."""
+    fields = unavailable(ask_health(replace(stack.settings, database_url=CLOSED_DATABASE)))
+    assert list(fields) == ["database"]
+
+
+@pytest.mark.parametrize("scheme", ["amqp", "redis"])
+def test_silent_broker(tmp_path: Path, scheme: str) -> None:
+    """A broker that accepts connections but never answers still gets a prompt 503."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        url = {
+            "amqp": f"amqp://guest:guest@127.0.0.1:{port}//",
+            "redis": f"redis://127.0.0.1:{port}/0",
+        }[scheme]
+        settings = replace(load_settings({"PROJ_DATA_DIR": str(tmp_path)}), broker_url=url)
+        assert list(unavailable(ask_health(settings))) == ["broker"]

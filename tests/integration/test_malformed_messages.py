@@ -1,0 +1,126 @@
+"""Messages a worker cannot run are recorded as dead letters and dropped; the
+worker keeps going and runs the good task queued behind them."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import uuid
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+from sqlalchemy import select
+
+import proj.testing
+from proj.db import session_scope
+from proj.deadletter import DeadLetter
+from proj.models import User
+from proj.tasks import send_welcome
+
+
+class MakesFolder:
+    """Unpickling this creates a folder: evidence that a worker ran a pickle."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return os.mkdir, (self.path,)
+
+
+def publish_raw(
+    celery_app: Celery,
+    body: str | bytes,
+    *,
+    headers: dict[str, Any],
+    content_type: str = "application/json",
+    content_encoding: str = "utf-8",
+) -> None:
+    """Put ``body`` on the default queue as it is, bypassing Celery's encoding."""
+    queue = celery_app.amqp.queues["celery"]
+    with celery_app.connection_for_write() as connection:
+        connection.Producer().publish(
+            body,
+            exchange=queue.exchange,
+            routing_key=queue.routing_key,
+            declare=[queue],
+            headers=headers,
+            content_type=content_type,
+            content_encoding=content_encoding,
+        )
+
+
+def queued(celery_app: Celery) -> int:
+    """Messages waiting on the default queue."""
+    queue = celery_app.amqp.queues["celery"]
+    with celery_app.connection_for_write() as connection:
+        return int(queue(connection.default_channel).queue_declare().message_count)
+
+
+def task_headers(task: str, task_id: str) -> dict[str, Any]:
+    return {"task": task, "id": task_id, "lang": "py"}
+
+
+def letters(task_ids: list[str], marker: str) -> dict[str, tuple[str, str]]:
+    """(reason, task name) of each dead letter for ``task_ids``, and of those
+    without a task id whose body holds ``marker`` (keyed by ``marker``)."""
+    with session_scope() as session:
+        rows = session.scalars(
+            select(DeadLetter).where(
+                DeadLetter.task_id.in_(task_ids) | DeadLetter.task_id.is_(None)
+            )
+        ).all()
+        found: dict[str, tuple[str, str]] = {}
+        for row in rows:
+            key = row.task_id or (marker if marker in str(row.arguments) else None)
+            if key is not None:
+                assert key not in found, f"{key} recorded twice"
+                found[key] = (row.reason, row.task_name)
+        return found
+
+
+def test_bad_messages_are_dead_lettered(purged: Celery, tmp_path: Path) -> None:
+    """Undecodable, unknown-task, pickled and headerless messages each leave one
+    dead letter and are dropped; the valid task behind them runs."""
+    with session_scope() as session:
+        user = User(email=f"malformed-{uuid.uuid4().hex[:12]}@example.com")
+        session.add(user)
+        session.flush()
+        user_id = user.id
+    undecodable, unknown, pickled = (str(uuid.uuid4()) for _ in range(3))
+    marker = f"no-task-header-{uuid.uuid4().hex}"
+    unpickled = tmp_path / "unpickled"
+    publish_raw(
+        purged, "{this is not json", headers=task_headers("proj.tasks.send_welcome", undecodable)
+    )
+    publish_raw(
+        purged,
+        '[[1], {}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]',
+        headers=task_headers("proj.tasks.no_such_task", unknown),
+    )
+    publish_raw(
+        purged,
+        pickle.dumps(((MakesFolder(str(unpickled)),), {}, {})),
+        headers=task_headers("proj.tasks.send_welcome", pickled),
+        content_type="application/x-python-serialize",
+        content_encoding="binary",
+    )
+    publish_raw(purged, f'{{"marker": "{marker}"}}', headers={})
+    with proj.testing.worker(purged, pool="threads", concurrency=2):
+        send_welcome.delay(user_id)
+
+        def welcomed() -> bool:
+            with session_scope() as session:
+                return session.scalar(select(User.welcomed_at).filter_by(id=user_id)) is not None
+
+        proj.testing.wait_for(welcomed)
+        proj.testing.wait_for(lambda: len(letters([undecodable, unknown, pickled], marker)) == 4)
+    assert letters([undecodable, unknown, pickled], marker) == {
+        undecodable: ("undecodable", "proj.tasks.send_welcome"),
+        unknown: ("unknown-task", "proj.tasks.no_such_task"),
+        pickled: ("rejected", "proj.tasks.send_welcome"),
+        marker: ("rejected", "?"),
+    }
+    assert not unpickled.exists(), "the worker unpickled a message"
+    assert queued(purged) == 0
