@@ -26,7 +26,12 @@ def create_app(settings: Settings | None = None) -> Celery:
     proj's tasks are shared tasks, so they are registered on every app made here.
     """
     settings = settings or load_settings()
-    celery_app = Celery("proj", task_cls="proj.task:SqlAlchemyTask", include=["proj.tasks"])
+    celery_app = Celery(
+        "proj",
+        task_cls="proj.task:SqlAlchemyTask",
+        include=["proj.tasks"],
+        set_as_current=False,
+    )
     celery_app.config_from_object("celeryconfig")
     celery_app.conf.update(settings.celery_connection())
     return celery_app
@@ -34,9 +39,10 @@ def create_app(settings: Settings | None = None) -> Celery:
 
 app = create_app()
 """proj's Celery app (``celery -A proj``)."""
-# Current in every thread (Flask serves requests on threads of its own), so
+# The default in every thread (Flask serves requests on threads of its own), so
 # shared tasks enqueue through this app, never Celery's unconfigured default.
 app.set_default()
+app.set_current()
 
 
 @signals.worker_process_init.connect

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
-from celery.worker import WorkController
+from celery.worker import WorkController, state
 
 from proj import db
 from proj.celery import create_app
@@ -57,6 +57,10 @@ def worker(
         **options,
     ) as running:
         yield running
+        # Wake the worker's event loop, which may otherwise sleep seconds
+        # before it notices it should stop.
+        state.should_terminate = 0
+        celery_app.control.broadcast("ping", reply=False, destination=[running.hostname])
 
 
 def checked_out() -> int:
