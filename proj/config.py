@@ -34,6 +34,13 @@ DEFAULTS: Mapping[str, str] = {
     "PROJ_RETENTION_DAYS": "30",
     "PROJ_BROKER_POLL_INTERVAL": "0.02",
     "PROJ_VISIBILITY_TIMEOUT": "7200",
+    "PROJ_OUTBOX_FAST_PATH": "1",
+    "PROJ_RELAY_IN_WORKER": "1",
+    "PROJ_RELAY_POLL_INTERVAL": "1",
+    "PROJ_RELAY_GRACE": "2",
+    "PROJ_RECONCILE_INTERVAL": "60",
+    "PROJ_STALE_AFTER": "300",
+    "PROJ_MAX_ATTEMPTS": "3",
 }
 """The default of every setting, by environment variable. ``{data_dir}`` and
 ``{database_url}`` expand to the values in effect."""
@@ -69,6 +76,20 @@ class Settings:
     """Seconds between polls of the embedded SQLite broker."""
     visibility_timeout: float
     """Seconds Redis waits before redelivering an unacknowledged message."""
+    outbox_fast_path: bool
+    """Publish a job as soon as its transaction commits (else the relay does)."""
+    relay_in_worker: bool
+    """Run the relay inside each worker (small deployments; else ``proj relay``)."""
+    relay_poll_interval: float
+    relay_grace: float
+    """Seconds the relay leaves a new row to the fast path."""
+    reconcile_interval: float
+    stale_after: float
+    """Seconds after which a published job that never started, or a running
+    job whose worker is gone, is sent again by the reconciler."""
+    max_attempts: int
+    """Attempts a job gets when its task names no retry policy (a worker that
+    dies running it counts as one)."""
 
     @property
     def embedded(self) -> bool:
@@ -109,6 +130,12 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     def text(name: str) -> str:
         return raw(name).format(data_dir=data_dir, database_url=database_url)
 
+    def flag(name: str) -> bool:
+        value = raw(name).strip().lower()
+        if value not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
+            raise ConfigurationError(f"{name}={raw(name)!r} is not 1 or 0.")
+        return value in ("1", "true", "yes", "on")
+
     def number(name: str, kind: type[int] | type[float]) -> Any:
         try:
             value = kind(raw(name))
@@ -136,6 +163,13 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         retention_days=number("PROJ_RETENTION_DAYS", int),
         broker_poll_interval=number("PROJ_BROKER_POLL_INTERVAL", float),
         visibility_timeout=number("PROJ_VISIBILITY_TIMEOUT", float),
+        outbox_fast_path=flag("PROJ_OUTBOX_FAST_PATH"),
+        relay_in_worker=flag("PROJ_RELAY_IN_WORKER"),
+        relay_poll_interval=number("PROJ_RELAY_POLL_INTERVAL", float),
+        relay_grace=number("PROJ_RELAY_GRACE", float),
+        reconcile_interval=number("PROJ_RECONCILE_INTERVAL", float),
+        stale_after=number("PROJ_STALE_AFTER", float),
+        max_attempts=number("PROJ_MAX_ATTEMPTS", int),
     )
 
 

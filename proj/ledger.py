@@ -1,0 +1,223 @@
+"""The job ledger: one row per job, in the application's database.
+
+A job's row is written in the transaction that enqueues it, so the job exists
+if and only if that transaction commits. Its state only moves forward::
+
+    queued ──> running ──> succeeded
+      │  ^        │  └───> failed        (a final error, or attempts used up)
+      │  └── retrying <┘                  (a retry, or the worker was lost)
+      └──> cancelled
+
+Claiming (``queued``/``retrying`` → ``running``, attempts + 1) is a short
+committed transaction of its own; the move to ``succeeded`` commits with the
+task's own effects. Rows are also the dead-letter store: every task that
+finally fails, and every message a worker cannot run, ends as a ``failed`` row.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import JSON, Float, Index, Integer, String, Text, select, text, update
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from proj.db import Base, UtcDateTime, session_scope, utcnow
+
+
+class State(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+CLAIMABLE = (State.QUEUED, State.RETRYING)
+FINISHED = (State.SUCCEEDED, State.FAILED, State.CANCELLED)
+TEXT_LIMIT = 20_000
+"""Characters of an error, traceback or undecodable body kept in a row."""
+
+
+def _clip(value: str | None) -> str | None:
+    return value if value is None or len(value) <= TEXT_LIMIT else value[:TEXT_LIMIT] + "…"
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON (anything else as its repr)."""
+    return json.loads(json.dumps(value, default=repr))
+
+
+class Job(Base):
+    """A job: what to run, where it stands, and how it ended."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        Index("ix_jobs_state_created_at", "state", "created_at"),
+        # Only rows the relay still has to publish; stays small.
+        Index(
+            "ix_jobs_unpublished",
+            "created_at",
+            postgresql_where=text("published_at IS NULL"),
+            sqlite_where=text("published_at IS NULL"),
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    """The Celery task id."""
+    name: Mapped[str] = mapped_column(String(255))
+    args: Mapped[Any] = mapped_column(JSON, default=list)
+    kwargs: Mapped[Any] = mapped_column(JSON, default=dict)
+    options: Mapped[Any] = mapped_column(JSON, default=dict)
+    """Publishing options to send the message with again (queue, eta, priority…)."""
+    state: Mapped[str] = mapped_column(String(16), default=State.QUEUED)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    available_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    """When the job may start (its ETA)."""
+    published_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    """When the broker confirmed the message; None while the relay owes it."""
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    worker: Mapped[str | None] = mapped_column(String(255))
+    """``hostname:pid`` of the process running it."""
+    progress: Mapped[float | None] = mapped_column(Float)
+    result: Mapped[Any | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+    traceback: Mapped[str | None] = mapped_column(Text)
+
+    def to_json(self) -> dict[str, Any]:
+        def iso(moment: datetime | None) -> str | None:
+            return moment.isoformat() if moment else None
+
+        return {
+            "id": self.id,
+            "name": self.name,
+            "state": self.state,
+            "attempts": self.attempts,
+            "max_attempts": self.max_attempts,
+            "progress": self.progress,
+            "result": self.result,
+            "error": self.error,
+            "created_at": iso(self.created_at),
+            "started_at": iso(self.started_at),
+            "finished_at": iso(self.finished_at),
+        }
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What claiming a job's row found."""
+
+    claimed: bool
+    state: str | None
+    """The row's state (after the claim); None if proj never issued the id."""
+    attempts: int = 0
+    max_attempts: int = 0
+
+
+def claim(session: Session, job_id: str, worker: str) -> Claim:
+    """Move the job to ``running`` if it is ``queued`` or ``retrying``, and commit.
+
+    A job that is running elsewhere, finished or cancelled is left alone.
+    """
+    now = utcnow()
+    row = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state.in_(CLAIMABLE))
+        .values(
+            state=State.RUNNING,
+            attempts=Job.attempts + 1,
+            started_at=now,
+            worker=worker,
+            error=None,
+        )
+        .returning(Job.attempts, Job.max_attempts)
+    ).first()
+    if row is not None:
+        session.commit()
+        return Claim(True, State.RUNNING, row.attempts, row.max_attempts)
+    state = session.scalar(select(Job.state).where(Job.id == job_id))
+    session.rollback()
+    return Claim(False, state)
+
+
+def succeed(session: Session, job_id: str, result: Any) -> None:
+    """Mark the job succeeded, in the caller's (the task's) transaction."""
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(state=State.SUCCEEDED, finished_at=utcnow(), result=jsonable(result), progress=None)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def set_progress(job_id: str, progress: float) -> None:
+    """Record progress (0 to 100) in a transaction of its own, visible at once."""
+    with session_scope() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == State.RUNNING)
+            .values(progress=progress)
+        )
+
+
+def retrying(job_id: str, error: str, available_at: datetime) -> None:
+    """Mark a running job to run again from ``available_at``; the caller publishes."""
+    with session_scope() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == State.RUNNING)
+            .values(
+                state=State.RETRYING,
+                error=_clip(error),
+                available_at=available_at,
+                published_at=None,
+                worker=None,
+            )
+        )
+
+
+def record_failure(
+    *,
+    job_id: str,
+    name: str,
+    error: str,
+    traceback: str | None = None,
+    args: Sequence[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+    attempts: int = 1,
+) -> None:
+    """End a job as ``failed``, creating its row if it has none (a task sent
+    with plain ``delay()``, or a message that could not be run)."""
+    values = {
+        "state": State.FAILED,
+        "error": _clip(error),
+        "traceback": _clip(traceback),
+        "finished_at": utcnow(),
+        "worker": None,
+    }
+    with session_scope() as session:
+        done = session.execute(
+            update(Job).where(Job.id == job_id, Job.state.not_in(FINISHED)).values(**values)
+        )
+        if getattr(done, "rowcount", 0) == 0 and session.get(Job, job_id) is None:
+            session.add(
+                Job(
+                    id=job_id,
+                    name=name,
+                    args=jsonable(list(args)),
+                    kwargs=jsonable(dict(kwargs or {})),
+                    options={},
+                    attempts=attempts,
+                    max_attempts=attempts,
+                    published_at=utcnow(),
+                    **values,
+                )
+            )

@@ -1,0 +1,92 @@
+"""proj's own periodic work on the job ledger (on beat, every
+``PROJ_RECONCILE_INTERVAL`` seconds): send again what the broker lost, take back
+what a dead worker held."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any
+
+from celery import Celery, current_app, shared_task
+from sqlalchemy import select, update
+
+from proj.config import current_settings
+from proj.db import Session, utcnow
+from proj.ledger import Job, State
+
+logger = logging.getLogger(__name__)
+
+
+def queue_is_empty(celery_app: Celery, queue: str) -> bool:
+    """True when ``queue`` holds no message ready for delivery."""
+    with celery_app.connection_for_read() as connection:
+        channel: Any = connection.default_channel
+        declared = channel.queue_declare(queue=queue, passive=True)
+        return int(declared.message_count) == 0
+
+
+def live_workers(celery_app: Celery) -> set[str]:
+    """The node names of the workers that answer a ping."""
+    replies = celery_app.control.ping(timeout=1.0) or []
+    return {name for reply in replies for name in reply}
+
+
+def reconcile(celery_app: Celery, stale_after: float) -> dict[str, int]:
+    """Hand the relay jobs that were lost, in the task session's transaction.
+
+    - ``queued`` jobs published more than ``stale_after`` seconds ago, due
+      since then, never started, whose queue is empty: the broker lost them
+      (as Redis does when it restarts without persistence);
+    - ``running`` jobs started more than ``stale_after`` seconds ago on a worker
+      that no longer answers: they go back to ``retrying``.
+    """
+    cutoff = utcnow() - timedelta(seconds=stale_after)
+    default_queue = celery_app.conf.task_default_queue
+    lost = Session.execute(
+        select(Job.id, Job.options).where(
+            Job.state == State.QUEUED,
+            Job.published_at < cutoff,
+            Job.available_at < cutoff,
+        )
+    ).all()
+    queues = {(options or {}).get("queue") or default_queue for _, options in lost}
+    empty = {queue for queue in queues if queue_is_empty(celery_app, queue)}
+    resend = [
+        job_id
+        for job_id, options in lost
+        if ((options or {}).get("queue") or default_queue) in empty
+    ]
+    if resend:
+        Session.execute(update(Job).where(Job.id.in_(resend)).values(published_at=None))
+    running = Session.execute(
+        select(Job.id, Job.worker).where(Job.state == State.RUNNING, Job.started_at < cutoff)
+    ).all()
+    abandoned: list[str] = []
+    if running:
+        alive = live_workers(celery_app)
+        abandoned = [
+            job_id for job_id, worker in running if (worker or "").rsplit(":", 1)[0] not in alive
+        ]
+    if abandoned:
+        Session.execute(
+            update(Job)
+            .where(Job.id.in_(abandoned), Job.state == State.RUNNING)
+            .values(
+                state=State.RETRYING,
+                published_at=None,
+                worker=None,
+                error="the worker running it stopped answering",
+            )
+        )
+    if resend or abandoned:
+        logger.warning(
+            "reconcile: sending again %d lost and %d abandoned jobs", len(resend), len(abandoned)
+        )
+    return {"resent": len(resend), "abandoned": len(abandoned)}
+
+
+@shared_task(name="proj.reconcile_jobs")
+def reconcile_jobs() -> dict[str, Any]:
+    """Periodic: :func:`reconcile` with the configured threshold."""
+    return reconcile(current_app, current_settings().stale_after)

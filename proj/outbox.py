@@ -1,0 +1,318 @@
+"""Transactional enqueue: a job runs if and only if its transaction commits.
+
+``enqueue`` writes the job's ledger row in the caller's transaction. When that
+transaction commits, the message is published at once from the same process
+(the fast path); if it rolls back, nothing is published. Whatever the fast path
+misses (the broker was down, the process died right after the commit) the
+relay publishes: :meth:`Outbox.relay` claims unpublished rows with ``FOR UPDATE
+SKIP LOCKED`` (by state, never by "id above the last one seen", since rows
+commit out of order), publishes them in batches, and marks them published in
+the same transaction. On PostgreSQL it wakes on ``LISTEN``/``NOTIFY`` and polls
+as well; on SQLite it polls.
+"""
+
+from __future__ import annotations
+
+import logging
+import select as select_module
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from typing import Any
+
+from celery import Celery
+from kombu import Producer
+from sqlalchemy import Connection, Engine, event, orm, select, update
+
+from proj.config import current_settings
+from proj.db import in_task_run, utcnow
+from proj.ledger import CLAIMABLE, Job, State, jsonable
+
+logger = logging.getLogger(__name__)
+
+JOB_HEADER = "proj_job"
+"""Message header marking a job that has a ledger row."""
+NOTIFY_CHANNEL = "proj_jobs"
+PENDING = "proj.outbox.pending"
+"""``session.info`` key: jobs to publish when the session's transaction commits."""
+
+SessionFinder = Callable[[], orm.Session | None]
+_session_finders: list[SessionFinder] = []
+
+
+def register_session_finder(finder: SessionFinder) -> None:
+    """Teach ``delay_on_commit`` where the caller's session is (the web tier
+    registers Flask-SQLAlchemy's ``db.session``)."""
+    _session_finders.append(finder)
+
+
+def callers_session() -> orm.Session | None:
+    """The session of the transaction in progress: the running task's, else a
+    registered finder's (the web request's), else None."""
+    if in_task_run():
+        from proj.db import Session
+
+        return Session()
+    for finder in reversed(_session_finders):
+        found = finder()
+        if found is not None:
+            return found
+    return None
+
+
+def publish_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], datetime]:
+    """JSON-safe publishing options, with a countdown turned into an ETA."""
+    options = dict(options)
+    now = utcnow()
+    eta = options.pop("eta", None)
+    countdown = options.pop("countdown", None)
+    if countdown is not None:
+        eta = now + timedelta(seconds=float(countdown))
+    if isinstance(eta, str):
+        eta = datetime.fromisoformat(eta)
+    kept = {
+        k: v for k, v in options.items() if k in ("queue", "routing_key", "priority", "expires")
+    }
+    if eta is not None and eta > now:
+        kept["eta"] = eta.isoformat()
+        return jsonable(kept), eta
+    return jsonable(kept), now
+
+
+def enqueue(
+    session: orm.Session,
+    task_name: str,
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    *,
+    celery_app: Celery,
+    max_attempts: int,
+    options: Mapping[str, Any],
+) -> str:
+    """Add the job's row to ``session``'s transaction; publish after it commits.
+
+    Returns the job id (the Celery task id).
+    """
+    job_id = str(options.get("task_id") or uuid.uuid4())
+    kept, available_at = publish_options({k: v for k, v in options.items() if k != "task_id"})
+    job = Job(
+        id=job_id,
+        name=task_name,
+        args=jsonable(list(args)),
+        kwargs=jsonable(dict(kwargs)),
+        options=kept,
+        state=State.QUEUED,
+        attempts=0,
+        max_attempts=max_attempts,
+        available_at=available_at,
+    )
+    session.add(job)
+    if current_settings().outbox_fast_path:
+        session.info.setdefault(PENDING, []).append((celery_app, _message(job)))
+    return job_id
+
+
+def _message(job: Job) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "name": job.name,
+        "args": job.args,
+        "kwargs": job.kwargs,
+        "options": job.options,
+        "retries": max(job.attempts, 0),
+    }
+
+
+def send(
+    celery_app: Celery,
+    message: Mapping[str, Any],
+    producer: Producer | None = None,
+    retry: bool = True,
+) -> None:
+    """Publish one job's message (with publisher confirms where the broker has them)."""
+    options = dict(message["options"])
+    if "eta" in options:
+        options["eta"] = datetime.fromisoformat(options["eta"])
+    celery_app.send_task(
+        message["name"],
+        args=message["args"],
+        kwargs=message["kwargs"],
+        task_id=message["id"],
+        headers={JOB_HEADER: True},
+        retries=message["retries"],
+        producer=producer,
+        retry=retry,
+        **options,
+    )
+
+
+def _mark_published(connection: Connection, job_ids: Sequence[str]) -> None:
+    connection.execute(
+        update(Job)
+        .where(Job.id.in_(job_ids), Job.published_at.is_(None))
+        .values(published_at=utcnow())
+    )
+
+
+@event.listens_for(orm.Session, "after_commit")
+def _publish_after_commit(session: orm.Session) -> None:
+    pending = session.info.pop(PENDING, None)
+    if not pending:
+        return
+    published: list[str] = []
+    for celery_app, message in pending:
+        try:
+            send(celery_app, message, retry=False)
+        except Exception as exc:
+            logger.warning(
+                "job %s[%s] committed but not published (%s); the relay will publish it",
+                message["name"],
+                message["id"],
+                exc,
+            )
+            break
+        published.append(message["id"])
+    if published:
+        engine: Any = session.get_bind(mapper=orm.class_mapper(Job))
+        try:
+            with engine.begin() as connection:
+                _mark_published(connection, published)
+        except Exception:
+            logger.warning(
+                "could not mark %d published jobs; the relay may send them again",
+                len(published),
+                exc_info=True,
+            )
+
+
+@event.listens_for(orm.Session, "after_rollback")
+def _forget_after_rollback(session: orm.Session) -> None:
+    session.info.pop(PENDING, None)
+
+
+class Outbox:
+    """Publishes the jobs the fast path did not.
+
+    Several relays may run at once (``FOR UPDATE SKIP LOCKED`` on PostgreSQL;
+    on SQLite they take turns). A row is marked published in the transaction
+    that claimed it, after the broker confirmed its message; a relay that dies
+    in between leaves the row to be published again, with the same id (the
+    worker's claim makes the second delivery a no-op).
+    """
+
+    def __init__(
+        self,
+        celery_app: Celery,
+        engine: Engine,
+        *,
+        batch_size: int = 500,
+        poll_interval: float = 1.0,
+        grace: float = 0.0,
+    ) -> None:
+        self.celery_app = celery_app
+        self.engine = engine
+        self.batch_size = batch_size
+        self.poll_interval = poll_interval
+        self.grace = grace
+        """Seconds a row is left to the fast path before the relay takes it."""
+        self.published = 0
+
+    def relay_once(self) -> int:
+        """Publish one batch of owed jobs; return how many."""
+        with self.engine.connect() as connection, connection.begin():
+            if connection.dialect.name == "sqlite":
+                connection.exec_driver_sql("BEGIN IMMEDIATE")  # one relay at a time
+            query = (
+                select(
+                    Job.id,
+                    Job.name,
+                    Job.args,
+                    Job.kwargs,
+                    Job.options,
+                    Job.attempts,
+                    Job.available_at,
+                )
+                .where(
+                    Job.published_at.is_(None),
+                    Job.state.in_(CLAIMABLE),
+                    Job.created_at <= utcnow() - timedelta(seconds=self.grace),
+                )
+                .order_by(Job.created_at)
+                .limit(self.batch_size)
+            )
+            if connection.dialect.name == "postgresql":
+                query = query.with_for_update(skip_locked=True)
+            rows = connection.execute(query).all()
+            if not rows:
+                return 0
+            with self.celery_app.producer_or_acquire() as producer:
+                for row in rows:
+                    send(self.celery_app, _row_message(row), producer=producer)
+            _mark_published(connection, [row.id for row in rows])
+        self.published += len(rows)
+        return len(rows)
+
+    def relay(self, stop: threading.Event) -> None:
+        """Publish owed jobs until ``stop`` is set: at once when notified (on
+        PostgreSQL), and every ``poll_interval`` seconds in any case."""
+        with self._notifications() as wait:
+            while not stop.is_set():
+                try:
+                    while self.relay_once() and not stop.is_set():
+                        pass
+                except Exception:
+                    logger.exception("relay: publishing failed; trying again shortly")
+                    stop.wait(self.poll_interval)
+                    continue
+                wait(self.poll_interval)
+
+    @contextmanager
+    def _notifications(self) -> Iterator[Callable[[float], None]]:
+        """A ``wait(timeout)`` that returns early on a NOTIFY; it listens again
+        after the listening connection is lost (a NOTIFY sent meanwhile is
+        lost, which the polling covers)."""
+        if self.engine.dialect.name != "postgresql":
+            yield time.sleep
+            return
+        listener: list[Any] = []
+
+        def wait(timeout: float) -> None:
+            try:
+                if not listener:
+                    connection = self.engine.raw_connection()
+                    connection.driver_connection.autocommit = True  # type: ignore[union-attr]
+                    connection.cursor().execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    listener.append(connection)
+                raw = listener[0].driver_connection
+                if select_module.select([raw], [], [], timeout)[0]:
+                    raw.poll()
+                    raw.notifies.clear()
+            except Exception as exc:
+                logger.warning("relay: lost the LISTEN connection (%s); listening again", exc)
+                for connection in listener:
+                    connection.invalidate()
+                listener.clear()
+                time.sleep(min(timeout, 1.0))
+
+        try:
+            yield wait
+        finally:
+            for connection in listener:
+                connection.close()
+
+
+def _row_message(row: Any) -> dict[str, Any]:
+    options = {k: v for k, v in (row.options or {}).items() if k != "eta"}
+    if row.available_at > utcnow():
+        options["eta"] = row.available_at.isoformat()
+    return {
+        "id": row.id,
+        "name": row.name,
+        "args": row.args,
+        "kwargs": row.kwargs,
+        "options": options,
+        "retries": max(row.attempts, 0),
+    }
