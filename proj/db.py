@@ -56,7 +56,8 @@ class Base(orm.DeclarativeBase):
 
 
 _task_scope: ContextVar[str | None] = ContextVar("proj_task_scope", default=None)
-"""The key of the task run in progress in this context (it holds the task id)."""
+"""The key of the task run in progress in this context (the task id and a run
+number, unique to the run)."""
 
 
 def current_scope() -> Hashable:
@@ -134,6 +135,10 @@ def engine_options(url: str, pool_size: int) -> dict[str, Any]:
             options.update(pool_size=pool_size, connect_args={"timeout": 30})
     else:
         options.update(pool_size=pool_size, max_overflow=pool_size)
+        if url.startswith("postgresql"):
+            # A server that drops packets must not hang a request or a task
+            # for the operating system's TCP timeout.
+            options["connect_args"] = {"connect_timeout": 5}
     return options
 
 

@@ -1,10 +1,10 @@
 """``retry_on``: retry only the errors named, with backoff; fail fast on the rest.
 
 ``TRANSIENT_ERRORS`` names the errors that heal by themselves: database errors
-recognised by SQLSTATE or by an invalidated connection (not only by class),
-SQLite's busy database, lost broker, network or SMTP connections, and SMTP's
-"try again later" (4xx) replies. An integrity
-error is never transient.
+recognised by SQLSTATE or by an invalidated connection (not only by class), a
+database server the driver cannot reach, SQLite's busy or locked database, lost
+broker, network or SMTP connections, and SMTP's "try again later" (4xx)
+replies. An integrity error is never transient.
 """
 
 from __future__ import annotations
@@ -57,16 +57,26 @@ class TransientErrors:
         if isinstance(exc, sa_exc.IntegrityError):
             return False
         if isinstance(exc, sa_exc.DBAPIError):
-            return exc.connection_invalidated or self._database_says_transient(exc.orig)
+            return exc.connection_invalidated or self._database_says_transient(exc)
         if isinstance(exc, smtplib.SMTPResponseException):
             return 400 <= exc.smtp_code < 500  # 4xx: try again later
         return isinstance(exc, self.classes)
 
-    def _database_says_transient(self, orig: BaseException | None) -> bool:
+    def _database_says_transient(self, exc: sa_exc.DBAPIError) -> bool:
+        orig = exc.orig
         sqlstate = getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)
         if sqlstate:
             return sqlstate in self.SQLSTATES or sqlstate[:2] in self.SQLSTATE_CLASSES
-        return getattr(orig, "sqlite_errorcode", None) in self.SQLITE_CODES
+        code = getattr(orig, "sqlite_errorcode", None)
+        if code is not None:
+            # Extended codes keep the primary one in the low byte
+            # (SQLITE_BUSY_SNAPSHOT is 517, SQLITE_BUSY 5).
+            return (code & 0xFF) in self.SQLITE_CODES
+        # No SQLSTATE from a server database: the driver could not connect
+        # (refused, reset, timed out, server starting up). psycopg2 cannot
+        # tell a bad password or database name apart from these, so those
+        # are retried too before they end as dead letters.
+        return isinstance(exc, sa_exc.OperationalError)
 
     def __repr__(self) -> str:
         return f"TransientErrors({', '.join(c.__name__ for c in self.classes)})"
@@ -108,7 +118,8 @@ class RetryPolicy:
 
     def countdown(self, retries: int) -> float:
         """Seconds to wait before retry number ``retries + 1`` (full jitter)."""
-        ceiling = min(self.max_backoff, self.backoff * 2**retries)
+        # Past 2**64 every ceiling is the cap; a bigger power would overflow a float.
+        ceiling = min(self.max_backoff, self.backoff * 2.0 ** min(retries, 64))
         return random.uniform(0, ceiling) if self.jitter else ceiling
 
     def retry(self, task: Task[Any, Any], exc: Exception) -> NoReturn:

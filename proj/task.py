@@ -10,7 +10,7 @@ back to the pool before the worker takes the next message.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import celery
@@ -20,13 +20,15 @@ from kombu.utils.json import dumps
 from sqlalchemy import inspect, orm
 from sqlalchemy.exc import NoInspectionAvailable
 
-from proj.db import Session, in_task_run, task_scope
+from proj.db import Session, task_scope
 from proj.deadletter import record_dead_letter
 from proj.errors import TaskArgumentError
 from proj.retry import retry_policy_of
 from proj.safety import check_countdown
 
 _runs = itertools.count()
+SESSION_KEY = "proj_session_key"
+"""Where a traced run leaves its session's key on the request, for ``after_return``."""
 
 
 class SqlAlchemyTask(celery.Task[Any, Any]):
@@ -49,7 +51,12 @@ class SqlAlchemyTask(celery.Task[Any, Any]):
         return Session()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with task_scope(self._scope_key()):
+        # A key of its own for every run, not the task id: a message delivered
+        # twice runs twice at once, and each run must have its own session.
+        key = f"{self.request.id}/{next(_runs)}"
+        if not self.request.called_directly:
+            setattr(self.request, SESSION_KEY, key)  # for after_return
+        with task_scope(key):
             try:
                 retval = super().__call__(*args, **kwargs)
                 if Session.registry.has():
@@ -61,13 +68,6 @@ class SqlAlchemyTask(celery.Task[Any, Any]):
                 raise
             finally:
                 Session.remove()
-
-    def _scope_key(self) -> str:
-        task_id = self.request.id
-        if task_id and not self.request.called_directly and not in_task_run():
-            return str(task_id)
-        # Called directly or eagerly inside another run: a key of its own.
-        return f"{task_id}/{next(_runs)}"
 
     def _commit(self) -> None:
         try:
@@ -87,9 +87,13 @@ class SqlAlchemyTask(celery.Task[Any, Any]):
         kwargs: Mapping[str, Any],
         einfo: ExceptionInfo | None,
     ) -> None:
-        """Remove the run's session, should anything have left one behind."""
-        with task_scope(task_id):
-            Session.remove()
+        """Remove the run's scoped session (``__call__`` has removed it already
+        on every path, including retry, ignore and reject, which Celery does
+        not pass through here; this keeps a subclass's run from leaking)."""
+        key = getattr(self.request, SESSION_KEY, None)
+        if key is not None:
+            with task_scope(key):
+                Session.remove()
 
     def on_failure(
         self,
@@ -135,21 +139,34 @@ def _argument_message(task_name: str, problem: str) -> str:
     )
 
 
-def _walk(value: Any) -> Iterator[Any]:
+_CIRCULAR = object()
+"""What :func:`_walk` yields for a container found inside itself."""
+
+
+def _walk(value: Any, containers: frozenset[int] = frozenset()) -> Iterator[Any]:
+    if id(value) in containers:
+        yield _CIRCULAR
+        return
     yield value
     if isinstance(value, Mapping):
-        for item in value.values():
-            yield from _walk(item)
+        items: Iterable[Any] = value.values()
     elif isinstance(value, (list, tuple, set, frozenset)):
-        for item in value:
-            yield from _walk(item)
+        items = value
+    else:
+        return
+    inside = containers | {id(value)}
+    for item in items:
+        yield from _walk(item, inside)
 
 
 def check_arguments(
     task_name: str, args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None
 ) -> None:
-    """Raise :class:`TaskArgumentError` if an argument is an ORM object."""
+    """Raise :class:`TaskArgumentError` if an argument is an ORM object, or
+    contains itself (which no serializer can write)."""
     for value in _walk([args or (), kwargs or {}]):
+        if value is _CIRCULAR:
+            raise TaskArgumentError(_argument_message(task_name, "an argument contains itself"))
         if hasattr(value, "_sa_instance_state"):
             try:
                 identity = inspect(value).identity

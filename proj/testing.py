@@ -59,8 +59,9 @@ def worker(
         yield running
         # Wake the worker's event loop, which may otherwise sleep seconds
         # before it notices it should stop.
-        state.should_terminate = 0
-        celery_app.control.broadcast("ping", reply=False, destination=[running.hostname])
+        state.should_terminate = 0  # type: ignore[assignment]
+        hostname = str(getattr(running, "hostname", ""))
+        celery_app.control.broadcast("ping", reply=False, destination=[hostname])
 
 
 def checked_out() -> int:
@@ -70,9 +71,7 @@ def checked_out() -> int:
     return int(pool.checkedout()) if hasattr(pool, "checkedout") else 0
 
 
-def wait_for(
-    condition: Callable[[], T], *, timeout: float = 30.0, interval: float = 0.05
-) -> T:
+def wait_for(condition: Callable[[], T], *, timeout: float = 30.0, interval: float = 0.05) -> T:
     """Call ``condition`` until it returns something true; return that.
 
     Raises ``AssertionError`` after ``timeout`` seconds (the last value in the

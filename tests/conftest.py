@@ -2,8 +2,9 @@
 and the leak detectors.
 
 The stacks are ``proj.scratch``'s: PostgreSQL + RabbitMQ, PostgreSQL + Redis
-and the embedded SQLite setup, each made new for the run. A stack whose servers do not answer is skipped, and the run's summary says so;
-with ``CI`` or ``PROJ_REQUIRE_SERVICES`` set, it fails instead.
+and the embedded SQLite setup, each made new for the run. A stack whose
+servers do not answer is skipped, and the run's summary says so; with ``CI``
+or ``PROJ_REQUIRE_SERVICES`` set, it fails instead.
 """
 
 from __future__ import annotations
