@@ -35,7 +35,13 @@ enable_utc = True
 # Record messages that cannot be decoded instead of dropping them.
 worker_consumer = "proj.deadletter:RecordingConsumer"
 
+# Each periodic run is sent once per schedule slot, even by two beats at once.
+beat_scheduler = "proj.beat:LedgerScheduler"
 beat_schedule = {
+    "reconcile-jobs": {
+        "task": "proj.reconcile_jobs",
+        "schedule": timedelta(seconds=_settings.reconcile_interval),
+    },
     "cleanup-expired": {
         "task": "proj.tasks.cleanup_expired",
         "schedule": timedelta(seconds=_settings.cleanup_interval),

@@ -17,6 +17,7 @@ from proj import db
 from proj.config import Settings, load_settings
 from proj.deadletter import record_message
 from proj.errors import ConfigurationError
+from proj.relay import RelayStep
 from proj.safety import check_configuration
 
 
@@ -29,11 +30,12 @@ def create_app(settings: Settings | None = None) -> Celery:
     celery_app = Celery(
         "proj",
         task_cls="proj.task:SqlAlchemyTask",
-        include=["proj.tasks"],
+        include=["proj.tasks", "proj.maintenance"],
         set_as_current=False,
     )
     celery_app.config_from_object("celeryconfig")
     celery_app.conf.update(settings.celery_connection())
+    celery_app.steps["worker"].add(RelayStep)
     return celery_app
 
 
@@ -50,10 +52,16 @@ def _forget_parent_connections(**_: Any) -> None:
     db.dispose_after_fork()
 
 
+@signals.import_modules.connect
+def _make_schedule_folder(sender: Celery, **_: Any) -> None:
+    # Sent as worker and beat start, before beat opens its schedule file
+    # (beat_init comes after that, too late to make the folder).
+    Path(sender.conf.beat_schedule_filename).parent.mkdir(parents=True, exist_ok=True)
+
+
 @signals.worker_init.connect
 @signals.beat_init.connect
 def _refuse_bad_configuration(sender: Any, **_: Any) -> None:
-    Path(sender.app.conf.beat_schedule_filename).parent.mkdir(parents=True, exist_ok=True)
     try:
         check_configuration(sender.app)
     except ConfigurationError as exc:

@@ -111,6 +111,9 @@ class Settings:
             conf["broker_transport_options"] = {"polling_interval": self.broker_poll_interval}
         elif self.broker_url.startswith(("redis:", "rediss:")):
             conf["broker_transport_options"] = {"visibility_timeout": self.visibility_timeout}
+        elif self.broker_url.startswith(("amqp:", "amqps:", "pyamqp:")):
+            # "Published" means RabbitMQ has the message, not that it was sent.
+            conf["broker_transport_options"] = {"confirm_publish": True}
         return conf
 
 
@@ -145,11 +148,15 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             raise ConfigurationError(f"{name} must not be negative, got {value}.")
         return value
 
+    result_backend = text("CELERY_RESULT_BACKEND")
+    if database_url.startswith("sqlite") and not env.get("CELERY_RESULT_BACKEND"):
+        # SQLite has one writer at a time: results get a file of their own.
+        result_backend = f"db+sqlite:///{data_dir}/results.sqlite3"
     return Settings(
         data_dir=data_dir,
         database_url=database_url,
         broker_url=text("CELERY_BROKER_URL"),
-        result_backend=text("CELERY_RESULT_BACKEND"),
+        result_backend=result_backend,
         web_pool_size=number("PROJ_WEB_POOL_SIZE", int),
         worker_pool_size=number("PROJ_WORKER_POOL_SIZE", int),
         mail_url=text("PROJ_MAIL_URL"),

@@ -105,12 +105,9 @@ def worker_engine() -> Engine:
         cfg = current_settings()
         with _State.lock:
             if _State.worker_engine is None:
-                make_sqlite_folder(cfg.database_url)
-                _State.worker_engine = create_engine(
-                    cfg.database_url,
-                    **engine_options(cfg.database_url, cfg.worker_pool_size),
+                _State.worker_engine = make_engine(
+                    cfg.database_url, cfg.worker_pool_size, role="worker"
                 )
-                prepare_engine(_State.worker_engine, role="worker")
             engine = _State.worker_engine
     return engine
 
@@ -125,6 +122,12 @@ def make_sqlite_folder(url: str) -> None:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+
+
+def make_engine(url: str, pool_size: int, *, role: str) -> Engine:
+    """An engine with proj's options and connection hooks (see :func:`prepare_engine`)."""
+    make_sqlite_folder(url)
+    return prepare_engine(create_engine(url, **engine_options(url, pool_size)), role=role)
 
 
 def engine_options(url: str, pool_size: int) -> dict[str, Any]:

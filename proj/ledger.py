@@ -23,7 +23,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Float, Index, Integer, String, Text, select, text, update
+from sqlalchemy import JSON, Float, Index, Integer, String, Text, case, select, text, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from proj.db import Base, UtcDateTime, session_scope, utcnow
@@ -184,6 +184,26 @@ def retrying(job_id: str, error: str, available_at: datetime) -> None:
         )
 
 
+def worker_lost(job_id: str, error: str) -> State | None:
+    """The worker running the job died: back to ``retrying`` (its message is
+    requeued), or ``failed`` if that was its last attempt. Returns the new
+    state, or None if the job was not running."""
+    final = Job.attempts >= Job.max_attempts
+    with session_scope() as session:
+        state = session.scalar(
+            update(Job)
+            .where(Job.id == job_id, Job.state == State.RUNNING)
+            .values(
+                state=case((final, State.FAILED), else_=State.RETRYING),
+                finished_at=case((final, utcnow()), else_=None),
+                error=_clip(f"the worker running it was lost: {error}"),
+                worker=None,
+            )
+            .returning(Job.state)
+        )
+    return State(state) if state else None
+
+
 def record_failure(
     *,
     job_id: str,
@@ -192,6 +212,7 @@ def record_failure(
     traceback: str | None = None,
     args: Sequence[Any] = (),
     kwargs: Mapping[str, Any] | None = None,
+    options: Mapping[str, Any] | None = None,
     attempts: int = 1,
 ) -> None:
     """End a job as ``failed``, creating its row if it has none (a task sent
@@ -214,7 +235,7 @@ def record_failure(
                     name=name,
                     args=jsonable(list(args)),
                     kwargs=jsonable(dict(kwargs or {})),
-                    options={},
+                    options=jsonable(dict(options or {})),
                     attempts=attempts,
                     max_attempts=attempts,
                     published_at=utcnow(),

@@ -28,7 +28,7 @@ from kombu import Producer
 from sqlalchemy import Connection, Engine, event, orm, select, update
 
 from proj.config import current_settings
-from proj.db import in_task_run, utcnow
+from proj.db import in_task_run, utcnow, worker_engine
 from proj.ledger import CLAIMABLE, Job, State, jsonable
 
 logger = logging.getLogger(__name__)
@@ -115,6 +115,29 @@ def enqueue(
     return job_id
 
 
+def requeue(session: orm.Session, job: Job, celery_app: Celery) -> bool:
+    """Queue a failed job again in ``session``'s transaction (published after
+    the commit), with a fresh budget of attempts. False if it is not failed."""
+    done = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.state == State.FAILED)
+        .values(
+            state=State.QUEUED,
+            max_attempts=Job.attempts + Job.max_attempts,
+            available_at=utcnow(),
+            published_at=None,
+            finished_at=None,
+            worker=None,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if getattr(done, "rowcount", 0) != 1:
+        return False
+    if current_settings().outbox_fast_path:
+        session.info.setdefault(PENDING, []).append((celery_app, _message(job)))
+    return True
+
+
 def _message(job: Job) -> dict[str, Any]:
     return {
         "id": job.id,
@@ -193,6 +216,41 @@ def _forget_after_rollback(session: orm.Session) -> None:
     session.info.pop(PENDING, None)
 
 
+def publish_owed(
+    connection: Connection, celery_app: Celery, *conditions: Any, limit: int | None = None
+) -> int:
+    """In ``connection``'s transaction: lock unpublished rows matching
+    ``conditions`` (skipping rows another relay holds), publish their
+    messages, mark them published. Returns how many; commit is the caller's."""
+    if connection.dialect.name == "sqlite":
+        connection.exec_driver_sql("BEGIN IMMEDIATE")  # one publisher at a time
+    query = (
+        select(Job.id, Job.name, Job.args, Job.kwargs, Job.options, Job.attempts, Job.available_at)
+        .where(Job.published_at.is_(None), Job.state.in_(CLAIMABLE), *conditions)
+        .order_by(Job.created_at)
+        .limit(limit)
+    )
+    if connection.dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    rows = connection.execute(query).all()
+    if rows:
+        with celery_app.producer_or_acquire() as producer:
+            for row in rows:
+                send(celery_app, _row_message(row), producer=producer)
+        _mark_published(connection, [row.id for row in rows])
+    return len(rows)
+
+
+def send_owed(celery_app: Celery, job_ids: Sequence[str]) -> None:
+    """Publish these jobs now (a retry's next attempt); if the broker cannot
+    take them, the relay will."""
+    try:
+        with worker_engine().connect() as connection, connection.begin():
+            publish_owed(connection, celery_app, Job.id.in_(job_ids))
+    except Exception as exc:
+        logger.warning("jobs %s not published now (%s); the relay will", list(job_ids), exc)
+
+
 class Outbox:
     """Publishes the jobs the fast path did not.
 
@@ -222,38 +280,13 @@ class Outbox:
 
     def relay_once(self) -> int:
         """Publish one batch of owed jobs; return how many."""
+        cutoff = utcnow() - timedelta(seconds=self.grace)
         with self.engine.connect() as connection, connection.begin():
-            if connection.dialect.name == "sqlite":
-                connection.exec_driver_sql("BEGIN IMMEDIATE")  # one relay at a time
-            query = (
-                select(
-                    Job.id,
-                    Job.name,
-                    Job.args,
-                    Job.kwargs,
-                    Job.options,
-                    Job.attempts,
-                    Job.available_at,
-                )
-                .where(
-                    Job.published_at.is_(None),
-                    Job.state.in_(CLAIMABLE),
-                    Job.created_at <= utcnow() - timedelta(seconds=self.grace),
-                )
-                .order_by(Job.created_at)
-                .limit(self.batch_size)
+            count = publish_owed(
+                connection, self.celery_app, Job.created_at <= cutoff, limit=self.batch_size
             )
-            if connection.dialect.name == "postgresql":
-                query = query.with_for_update(skip_locked=True)
-            rows = connection.execute(query).all()
-            if not rows:
-                return 0
-            with self.celery_app.producer_or_acquire() as producer:
-                for row in rows:
-                    send(self.celery_app, _row_message(row), producer=producer)
-            _mark_published(connection, [row.id for row in rows])
-        self.published += len(rows)
-        return len(rows)
+        self.published += count
+        return count
 
     def relay(self, stop: threading.Event) -> None:
         """Publish owed jobs until ``stop`` is set: at once when notified (on

@@ -5,30 +5,46 @@ Each run gets a session of its own (``proj.db.Session`` resolves to it, and
 Celery reports success; when it raises (including retry, ignore and reject),
 it is rolled back. Either way it is closed and removed, so the connection goes
 back to the pool before the worker takes the next message.
+
+A job enqueued with ``delay_on_commit`` has a ledger row: its run first claims
+the row (a delivery of a job that already ran, was cancelled or is running
+elsewhere is acknowledged and skipped), and the move to ``succeeded`` commits
+with the task's own effects.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
+from datetime import timedelta
+from typing import Any, NoReturn, cast
 
 import celery
 from billiard.einfo import ExceptionInfo
+from billiard.exceptions import WorkerLostError
+from celery.exceptions import Ignore, Reject, Retry
+from celery.worker.request import Request
 from kombu.exceptions import EncodeError
-from kombu.utils.json import dumps
-from sqlalchemy import inspect, orm
-from sqlalchemy.exc import NoInspectionAvailable
+from sqlalchemy import orm
 
-from proj.db import Session, task_scope
-from proj.deadletter import record_dead_letter
+from proj import ledger, outbox
+from proj.arguments import argument_message, check_arguments, check_json
+from proj.config import current_settings
+from proj.db import Session, in_task_run, session_scope, task_scope, utcnow
 from proj.errors import TaskArgumentError
 from proj.retry import retry_policy_of
 from proj.safety import check_countdown
 
+logger = logging.getLogger(__name__)
+
 _runs = itertools.count()
 SESSION_KEY = "proj_session_key"
 """Where a traced run leaves its session's key on the request, for ``after_return``."""
+CLAIM = "proj_claim"
+"""Where a run that claimed its ledger row keeps the :class:`~proj.ledger.Claim`."""
 
 
 class SqlAlchemyTask(celery.Task[Any, Any]):
@@ -42,8 +58,12 @@ class SqlAlchemyTask(celery.Task[Any, Any]):
     - the session removed whatever way the run ends;
     - arguments checked at enqueue time: an ORM object is refused with an
       error that says to pass its id;
-    - a final failure recorded as a dead letter.
+    - ``delay_on_commit``: the job runs if and only if the caller's
+      transaction commits, once;
+    - a final failure recorded as a ``failed`` ledger row.
     """
+
+    Request = "proj.task:JobRequest"
 
     @property
     def session(self) -> orm.Session:
@@ -54,20 +74,41 @@ class SqlAlchemyTask(celery.Task[Any, Any]):
         # A key of its own for every run, not the task id: a message delivered
         # twice runs twice at once, and each run must have its own session.
         key = f"{self.request.id}/{next(_runs)}"
-        if not self.request.called_directly:
+        traced = not self.request.called_directly
+        claims = traced and self.request.get(outbox.JOB_HEADER) and not in_task_run()
+        if traced:
             setattr(self.request, SESSION_KEY, key)  # for after_return
         with task_scope(key):
             try:
+                if claims:
+                    self._claim()
                 retval = super().__call__(*args, **kwargs)
+                if claims:
+                    ledger.succeed(Session(), str(self.request.id), retval)
                 if Session.registry.has():
                     self._commit()
                 return retval
-            except BaseException:
+            except BaseException as exc:
                 if Session.registry.has():
                     Session.rollback()
+                if isinstance(exc, Reject) and not getattr(exc, "requeue", False):
+                    self._record_failure(f"rejected: {getattr(exc, 'reason', exc)!r}", None)
                 raise
             finally:
                 Session.remove()
+
+    def _claim(self) -> None:
+        worker = f"{self.request.hostname}:{os.getpid()}"
+        claim = ledger.claim(Session(), str(self.request.id), worker)
+        if not claim.claimed:
+            logger.info(
+                "%s[%s]: job is %s; skipping this delivery",
+                self.name,
+                self.request.id,
+                claim.state or "unknown to the ledger",
+            )
+            raise Ignore()
+        setattr(self.request, CLAIM, claim)
 
     def _commit(self) -> None:
         try:
@@ -77,6 +118,37 @@ class SqlAlchemyTask(celery.Task[Any, Any]):
             if policy is not None and policy.matches(exc):
                 policy.retry(self, exc)
             raise
+
+    def set_progress(self, percent: float) -> None:
+        """Record how far the run is (0 to 100) on its ledger row, at once
+        (in a transaction of its own); nothing for a job without a row."""
+        if self.request.get(CLAIM) is not None:
+            ledger.set_progress(str(self.request.id), max(0.0, min(100.0, percent)))
+
+    def retry(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        exc: Exception | None = None,
+        throw: bool = True,
+        eta: Any = None,
+        countdown: float | None = None,
+        max_retries: int | None = None,
+        **options: Any,
+    ) -> NoReturn:
+        """Celery's retry; for a ledger job, the row moves to ``retrying``
+        before the next attempt is published, and the ledger's attempts
+        (which count lost workers too) decide when it is the last."""
+        claim: ledger.Claim | None = self.request.get(CLAIM)
+        if claim is None:
+            raise super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
+        if claim.attempts >= claim.max_attempts:
+            raise exc or Retry("retry")  # the last attempt failed: on_failure records it
+        when = eta or utcnow() + timedelta(seconds=countdown or 0)
+        job_id = str(self.request.id)
+        ledger.retrying(job_id, repr(exc), when)
+        outbox.send_owed(self.app, [job_id])
+        raise Retry(exc=exc, when=when)
 
     def after_return(
         self,
@@ -103,16 +175,24 @@ class SqlAlchemyTask(celery.Task[Any, Any]):
         kwargs: Mapping[str, Any],
         einfo: ExceptionInfo,
     ) -> None:
-        """Record the failure as a dead letter."""
-        record_dead_letter(
-            task_name=self.name,
-            task_id=task_id,
-            reason="failed",
-            arguments={"args": list(args or ()), "kwargs": dict(kwargs or {})},
-            exception=exc,
-            traceback=str(einfo.traceback) if einfo else None,
-            attempts=(self.request.retries or 0) + 1,
-        )
+        """Record the failure in the ledger (the job's row ends ``failed``)."""
+        self._record_failure(repr(exc), str(einfo.traceback) if einfo else None)
+
+    def _record_failure(self, error: str, traceback: str | None) -> None:
+        claim: ledger.Claim | None = self.request.get(CLAIM)
+        try:
+            ledger.record_failure(
+                job_id=str(self.request.id),
+                name=self.name,
+                error=error,
+                traceback=traceback,
+                args=list(self.request.args or ()),
+                kwargs=dict(self.request.kwargs or {}),
+                attempts=claim.attempts if claim else (self.request.retries or 0) + 1,
+            )
+        except Exception:
+            logger.exception("could not record the failure of %s[%s]", self.name, self.request.id)
+        logger.warning("%s[%s] failed: %s", self.name, self.request.id, error)
 
     def apply_async(  # type: ignore[override]
         self,
@@ -124,63 +204,74 @@ class SqlAlchemyTask(celery.Task[Any, Any]):
         check_arguments(self.name, args, kwargs)
         check_countdown(self.app, options)
         if self.app.conf.task_always_eager:
-            _check_json(self.name, args, kwargs)
+            check_json(self.name, args, kwargs)
         try:
             return super().apply_async(tuple(args or ()), dict(kwargs or {}), **options)
         except EncodeError as exc:
-            raise TaskArgumentError(_argument_message(self.name, str(exc))) from exc
+            raise TaskArgumentError(argument_message(self.name, str(exc))) from exc
+
+    def apply_async_on_commit(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        session: orm.Session | None = None,
+        **options: Any,
+    ) -> str:
+        """Enqueue the job in ``session``'s transaction (default: the running
+        task's, else the web request's, else a transaction of its own).
+
+        The job's ledger row is written in that transaction: if it rolls back,
+        nothing is ever published; once it commits, the message is published
+        at once, or by the relay if that fails. ``countdown`` and ``eta`` are
+        honoured. Returns the job id (the Celery task id).
+        """
+        check_arguments(self.name, args, kwargs)
+        check_json(self.name, args, kwargs)
+        check_countdown(self.app, options)
+        policy = retry_policy_of(self)
+        max_attempts = policy.max_retries + 1 if policy else current_settings().max_attempts
+        session = session or outbox.callers_session()
+        with nullcontext(session) if session else session_scope() as target:
+            job_id = outbox.enqueue(
+                target,
+                self.name,
+                args or (),
+                kwargs or {},
+                celery_app=self.app,
+                max_attempts=max_attempts,
+                options=options,
+            )
+        return job_id
+
+    def delay_on_commit(self, *args: Any, **kwargs: Any) -> str:
+        """``apply_async_on_commit(args, kwargs)``: the job runs if and only if
+        the caller's transaction commits."""
+        return self.apply_async_on_commit(args, kwargs)
 
 
-def _argument_message(task_name: str, problem: str) -> str:
-    return (
-        f"{task_name}: {problem}. Task arguments must be JSON values "
-        "(ids, strings, numbers, lists, dicts): pass the object's id "
-        "and load it inside the task."
+def shared_task(**options: Any) -> Callable[[Callable[..., Any]], SqlAlchemyTask]:
+    """Celery's ``shared_task`` on :class:`SqlAlchemyTask` (so ``delay_on_commit``
+    and the rest type-check): ``@shared_task(name="app.tasks.send_welcome")``."""
+    return cast(
+        "Callable[[Callable[..., Any]], SqlAlchemyTask]",
+        celery.shared_task(base=SqlAlchemyTask, **options),
     )
 
 
-_CIRCULAR = object()
-"""What :func:`_walk` yields for a container found inside itself."""
+class JobRequest(Request):
+    """The worker's request for a proj task: when a prefork child dies running
+    a ledger job, the row goes back to ``retrying`` (the message is requeued),
+    or ends ``failed`` once its attempts are used up (the message is dropped),
+    so a job that kills its worker every time stops instead of looping."""
 
-
-def _walk(value: Any, containers: frozenset[int] = frozenset()) -> Iterator[Any]:
-    if id(value) in containers:
-        yield _CIRCULAR
-        return
-    yield value
-    if isinstance(value, Mapping):
-        items: Iterable[Any] = value.values()
-    elif isinstance(value, (list, tuple, set, frozenset)):
-        items = value
-    else:
-        return
-    inside = containers | {id(value)}
-    for item in items:
-        yield from _walk(item, inside)
-
-
-def check_arguments(
-    task_name: str, args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None
-) -> None:
-    """Raise :class:`TaskArgumentError` if an argument is an ORM object, or
-    contains itself (which no serializer can write)."""
-    for value in _walk([args or (), kwargs or {}]):
-        if value is _CIRCULAR:
-            raise TaskArgumentError(_argument_message(task_name, "an argument contains itself"))
-        if hasattr(value, "_sa_instance_state"):
-            try:
-                identity = inspect(value).identity
-            except NoInspectionAvailable:  # pragma: no cover - defensive
-                identity = None
-            name = type(value).__name__
-            hint = f" (id {identity[0]!r})" if identity and len(identity) == 1 else ""
-            raise TaskArgumentError(_argument_message(task_name, f"got a {name} object{hint}"))
-
-
-def _check_json(
-    task_name: str, args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None
-) -> None:
-    try:
-        dumps([args or (), kwargs or {}])
-    except (TypeError, ValueError) as exc:
-        raise TaskArgumentError(_argument_message(task_name, str(exc))) from exc
+    def on_failure(
+        self, exc_info: ExceptionInfo, send_failed_event: bool = True, return_ok: bool = False
+    ) -> None:
+        exc = getattr(exc_info.exception, "exc", exc_info.exception)
+        lost = isinstance(exc, WorkerLostError) and self.request_dict.get(outbox.JOB_HEADER)
+        if lost and ledger.worker_lost(self.id, repr(exc)) == ledger.State.FAILED:
+            logger.error("%s[%s]: worker lost on its last attempt; failed", self.name, self.id)
+            self.reject(requeue=False)
+            return
+        super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)

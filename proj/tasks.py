@@ -10,19 +10,22 @@ import os
 from datetime import timedelta
 from typing import Any
 
-from celery import shared_task
 from celery.utils.log import get_task_logger
 from sqlalchemy import delete, func, select
 
 from proj.config import current_settings
 from proj.db import Session, utcnow, worker_engine
-from proj.deadletter import DeadLetter
+from proj.ledger import FINISHED, Job, State
 from proj.mail import send_mail
 from proj.models import Invoice, User
 from proj.payments import default_gateway
 from proj.retry import TRANSIENT_ERRORS, retry_on
+from proj.task import SqlAlchemyTask, shared_task
 
 logger = get_task_logger(__name__)
+
+REPORT_CHUNK = 100
+"""Invoices between two progress reports."""
 
 
 @shared_task(name="proj.tasks.send_welcome")
@@ -65,14 +68,35 @@ def charge_invoice(invoice_id: int) -> str | None:
     return receipt.charge_id
 
 
+@shared_task(name="proj.tasks.generate_report", bind=True)
+@retry_on(TRANSIENT_ERRORS)
+def generate_report(self: SqlAlchemyTask, user_id: int) -> dict[str, int] | None:
+    """Sum up a user's invoices, reporting progress as it goes."""
+    if Session.get(User, user_id) is None:
+        logger.warning("generate_report: no user with id %r; nothing to report", user_id)
+        return None
+    total = _count(select(func.count(Invoice.id)).where(Invoice.user_id == user_id))
+    report = {"user_id": user_id, "invoices": 0, "charged": 0, "total_cents": 0, "charged_cents": 0}
+    query = select(Invoice).where(Invoice.user_id == user_id).order_by(Invoice.id)
+    for invoice in Session.scalars(query.execution_options(yield_per=REPORT_CHUNK)):
+        report["invoices"] += 1
+        report["total_cents"] += invoice.amount_cents
+        if invoice.status == "charged":
+            report["charged"] += 1
+            report["charged_cents"] += invoice.amount_cents
+        if report["invoices"] % REPORT_CHUNK == 0:
+            self.set_progress(100.0 * report["invoices"] / total)
+    return report
+
+
 @shared_task(name="proj.tasks.cleanup_expired")
 @retry_on(TRANSIENT_ERRORS)
 def cleanup_expired() -> int:
-    """Delete dead letters older than the retention period; return how many."""
+    """Delete finished jobs older than the retention period; return how many."""
     cutoff = utcnow() - timedelta(days=current_settings().retention_days)
-    result = Session.execute(delete(DeadLetter).where(DeadLetter.failed_at < cutoff))
+    result = Session.execute(delete(Job).where(Job.state.in_(FINISHED), Job.finished_at < cutoff))
     deleted = int(getattr(result, "rowcount", 0) or 0)
-    logger.info("cleanup_expired: deleted %d dead letters before %s", deleted, cutoff)
+    logger.info("cleanup_expired: deleted %d jobs finished before %s", deleted, cutoff)
     return deleted
 
 
@@ -85,8 +109,8 @@ def send_digest() -> dict[str, int]:
     counts = {
         "signups": _count(select(func.count(User.id)).where(User.created_at >= since)),
         "charges": _count(select(func.count(Invoice.id)).where(Invoice.charged_at >= since)),
-        "dead_letters": _count(
-            select(func.count(DeadLetter.id)).where(DeadLetter.failed_at >= since)
+        "failed_jobs": _count(
+            select(func.count(Job.id)).where(Job.state == State.FAILED, Job.finished_at >= since)
         ),
     }
     lines = "".join(f"{name}: {value}\n" for name, value in counts.items())
@@ -100,13 +124,15 @@ def _count(query: Any) -> int:
 
 @shared_task(name="proj.tasks.pool_status")
 def pool_status() -> dict[str, Any]:
-    """Which process answered and how many of its worker connections are out.
+    """Which process answered, and how many of its worker connections are out
+    (``checked_out``) and idle in its pool (``checked_in``).
 
-    Uses no session itself, so the count is what earlier runs left behind.
+    Uses no session itself, so the counts are what earlier runs left behind.
     """
     pool: Any = worker_engine().pool
     return {
         "pid": os.getpid(),
         "checked_out": pool.checkedout() if hasattr(pool, "checkedout") else 0,
+        "checked_in": pool.checkedin() if hasattr(pool, "checkedin") else 0,
         "status": pool.status(),
     }

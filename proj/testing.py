@@ -20,10 +20,13 @@ from typing import Any, TypeVar
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 from celery.worker import WorkController, state
+from sqlalchemy import select
 
 from proj import db
 from proj.celery import create_app
 from proj.config import Settings
+from proj.db import session_scope
+from proj.ledger import Job, State
 
 T = TypeVar("T")
 
@@ -69,6 +72,22 @@ def checked_out() -> int:
     engine = db.existing_worker_engine()
     pool: Any = engine.pool if engine is not None else None
     return int(pool.checkedout()) if hasattr(pool, "checkedout") else 0
+
+
+def failed_jobs(job_id: str) -> list[Job]:
+    """The ledger's ``failed`` row for ``job_id``, if there is one (detached)."""
+    with session_scope() as session:
+        query = select(Job).where(Job.id == job_id, Job.state == State.FAILED)
+        found = list(session.scalars(query))
+        session.expunge_all()
+        return found
+
+
+def failed_job(job_id: str, *, timeout: float = 30.0) -> Job:
+    """The ``failed`` row of ``job_id``, once written (Celery reports a task's
+    FAILURE before it calls ``on_failure``, which writes the row)."""
+    [job] = wait_for(lambda: failed_jobs(job_id), timeout=timeout)
+    return job
 
 
 def wait_for(condition: Callable[[], T], *, timeout: float = 30.0, interval: float = 0.05) -> T:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine, pool
 
-import proj.deadletter
+import proj.ledger
 import proj.models
 import proj.payments  # noqa: F401  (their tables belong to Base.metadata)
 from proj.db import Base

@@ -6,14 +6,12 @@ import logging
 import re
 from typing import Any
 
-from celery import Task
 from flask import Blueprint, Response, jsonify, request, url_for
 from sqlalchemy.exc import IntegrityError
 from werkzeug.exceptions import BadRequest
 
-from proj.deadletter import record_dead_letter
 from proj.models import MAX_ID, Invoice, User
-from proj.tasks import charge_invoice, send_welcome
+from proj.tasks import charge_invoice, generate_report, send_welcome
 from proj.web.errors import ApiError
 from proj.web.extensions import db
 
@@ -60,22 +58,6 @@ def get_or_404(model: type[User] | type[Invoice], ident: int) -> Any:
     return found
 
 
-def enqueue(task: Task[Any, Any], *args: Any) -> str | None:
-    """Publish ``task`` after the commit; if the broker cannot take it, keep a
-    dead letter so the job can be found and sent again, and answer anyway."""
-    try:
-        return str(task.delay(*args).id)
-    except Exception as exc:
-        record_dead_letter(
-            task_name=task.name,
-            task_id=None,
-            reason="unpublished",
-            arguments={"args": list(args), "kwargs": {}},
-            exception=exc,
-        )
-        return None
-
-
 @api.post("/users")
 def create_user() -> tuple[Response, int, dict[str, str]]:
     data = json_object()
@@ -87,11 +69,12 @@ def create_user() -> tuple[Response, int, dict[str, str]]:
     user = User(email=email.strip().lower())
     db.session.add(user)
     try:
-        db.session.commit()
+        db.session.flush()
     except IntegrityError:
         db.session.rollback()
         raise ApiError(409, "conflict", f"{user.email} is already signed up") from None
-    enqueue(send_welcome, user.id)
+    send_welcome.delay_on_commit(user.id)
+    db.session.commit()
     location = url_for("api.get_user", user_id=user.id)
     return jsonify(user.to_json()), 201, {"Location": location}
 
@@ -121,10 +104,24 @@ def get_invoice(invoice_id: int) -> Response:
 
 
 @api.post("/invoices/<int:invoice_id>/charge")
-def charge(invoice_id: int) -> tuple[Response, int]:
+def charge(invoice_id: int) -> tuple[Response, int, dict[str, str]]:
     invoice = get_or_404(Invoice, invoice_id)
-    db.session.commit()  # end the read before handing the work on
-    job_id = enqueue(charge_invoice, invoice.id)
-    if job_id is None:
-        raise ApiError(503, "broker_unavailable", "the charge could not be queued; try again")
-    return jsonify(job_id=job_id), 202
+    job_id = charge_invoice.delay_on_commit(invoice.id)
+    db.session.commit()
+    return accepted(job_id)
+
+
+@api.post("/reports")
+def create_report() -> tuple[Response, int, dict[str, str]]:
+    data = json_object()
+    user_id = positive_int(data, "user_id", MAX_ID)
+    if db.session.get(User, user_id) is None:
+        raise invalid({"user_id": f"no user with id {user_id}"})
+    job_id = generate_report.delay_on_commit(user_id)
+    db.session.commit()
+    return accepted(job_id)
+
+
+def accepted(job_id: str) -> tuple[Response, int, dict[str, str]]:
+    """202 with the job's id, and where to follow it."""
+    return jsonify(job_id=job_id), 202, {"Location": url_for("jobs.get_job", job_id=job_id)}

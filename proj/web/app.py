@@ -14,6 +14,7 @@ from proj.db import engine_options, make_sqlite_folder, prepare_engine
 from proj.web.api import api
 from proj.web.errors import error_response, register_error_handlers
 from proj.web.extensions import db
+from proj.web.jobs import jobs
 
 HEALTH_TIMEOUT = 2.0
 """Seconds the health check waits for the broker to answer."""
@@ -38,6 +39,7 @@ def create_app(settings: Settings | None = None, celery_app: Celery | None = Non
     with app.app_context():
         prepare_engine(db.engine, role="web")
     app.register_blueprint(api)
+    app.register_blueprint(jobs)
     register_error_handlers(app)
     app.add_url_rule("/", view_func=index)
     app.add_url_rule("/healthz", view_func=healthz)

@@ -14,7 +14,8 @@ from sqlalchemy import select
 
 import proj.testing
 from proj.db import session_scope
-from proj.deadletter import DeadLetter
+from proj.deadletter import UNRUNNABLE
+from proj.ledger import Job, State
 from proj.models import User
 from proj.tasks import send_welcome
 
@@ -63,20 +64,22 @@ def task_headers(task: str, task_id: str) -> dict[str, Any]:
 
 
 def letters(task_ids: list[str], marker: str) -> dict[str, tuple[str, str]]:
-    """(reason, task name) of each dead letter for ``task_ids``, and of those
-    without a task id whose body holds ``marker`` (keyed by ``marker``)."""
+    """(reason, task name) of each failed job recorded for ``task_ids``, and of
+    those without a task id whose message holds ``marker`` (keyed by ``marker``)."""
     with session_scope() as session:
         rows = session.scalars(
-            select(DeadLetter).where(
-                DeadLetter.task_id.in_(task_ids) | DeadLetter.task_id.is_(None)
+            select(Job).where(
+                Job.state == State.FAILED,
+                Job.id.in_(task_ids) | Job.id.like("dead-letter-%"),
             )
         ).all()
         found: dict[str, tuple[str, str]] = {}
         for row in rows:
-            key = row.task_id or (marker if marker in str(row.arguments) else None)
+            message = (row.options or {}).get(UNRUNNABLE, {})
+            key = row.id if row.id in task_ids else (marker if marker in str(message) else None)
             if key is not None:
                 assert key not in found, f"{key} recorded twice"
-                found[key] = (row.reason, row.task_name)
+                found[key] = (message.get("reason"), row.name)
         return found
 
 

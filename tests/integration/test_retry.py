@@ -18,7 +18,7 @@ from sqlalchemy import event, select, text
 
 import proj.testing
 from proj.db import Session, session_scope
-from proj.deadletter import DeadLetter
+from proj.ledger import Job
 from proj.models import MAX_ID, User
 from proj.retry import TRANSIENT_ERRORS, retry_on
 from proj.task import SqlAlchemyTask
@@ -76,18 +76,12 @@ def work_rows(email: str) -> list[str]:
         return list(session.scalars(select(User.email).where(User.email.like(f"work%.{email}"))))
 
 
-def dead_letters(task_id: str) -> list[DeadLetter]:
-    with session_scope() as session:
-        letters = session.scalars(select(DeadLetter).filter_by(task_id=task_id)).all()
-        session.expunge_all()
-        return list(letters)
+def dead_letters(task_id: str) -> list[Job]:
+    return proj.testing.failed_jobs(task_id)
 
 
-def dead_letter(task_id: str) -> DeadLetter:
-    """The one dead letter of ``task_id``, once written (Celery reports FAILURE
-    before it calls ``on_failure``, which writes it)."""
-    [letter] = proj.testing.wait_for(lambda: dead_letters(task_id))
-    return letter
+def dead_letter(task_id: str) -> Job:
+    return proj.testing.failed_job(task_id)
 
 
 @shared_task(name="tests.retry.hiccups", bind=True, base=CountdownRecordingTask)
@@ -165,7 +159,7 @@ def test_named_error_backs_off_then_dead_letters(running: None) -> None:
     assert work_rows(email) == []
     letter = dead_letter(result.id)
     assert letter.attempts == 4
-    assert f"hiccup 3 of {email}" in letter.exception
+    assert f"hiccup 3 of {email}" in letter.error
 
 
 @pytest.mark.parametrize("duplicate", [False, True], ids=["ValueError", "IntegrityError"])
@@ -183,7 +177,7 @@ def test_unnamed_error_fails_at_once(running: None, duplicate: bool) -> None:
     assert result.state == "FAILURE"
     letter = dead_letter(result.id)
     assert letter.attempts == 1
-    assert ("IntegrityError" if duplicate else "ValueError") in letter.exception
+    assert ("IntegrityError" if duplicate else "ValueError") in letter.error
     assert [name for name, _ in attempts(email)] == ["attempt0"]
 
 

@@ -21,8 +21,8 @@ from sqlalchemy.util import ScopedRegistry
 
 import proj.testing
 from proj.db import Session, session_scope
-from proj.deadletter import DeadLetter
 from proj.errors import TaskArgumentError
+from proj.ledger import Job
 from proj.models import User
 from proj.retry import retry_on
 from proj.web.extensions import db as web_db
@@ -55,18 +55,12 @@ def task_sessions() -> int:
     return len(cast(ScopedRegistry[Any], Session.registry).registry)
 
 
-def dead_letters(task_id: str) -> list[DeadLetter]:
-    with session_scope() as session:
-        letters = session.scalars(select(DeadLetter).filter_by(task_id=task_id)).all()
-        session.expunge_all()
-        return list(letters)
+def dead_letters(task_id: str) -> list[Job]:
+    return proj.testing.failed_jobs(task_id)
 
 
-def dead_letter(task_id: str) -> DeadLetter:
-    """The one dead letter of ``task_id``, once written (Celery reports FAILURE
-    before it calls ``on_failure``, which writes it)."""
-    [letter] = proj.testing.wait_for(lambda: dead_letters(task_id))
-    return letter
+def dead_letter(task_id: str) -> Job:
+    return proj.testing.failed_job(task_id)
 
 
 @shared_task(name="tests.session.outcome", bind=True)
@@ -241,7 +235,7 @@ def test_failed_commit_fails_the_task(running: str) -> None:
 
     assert result.state == "FAILURE"
     letter = dead_letter(result.id)
-    assert "IntegrityError" in letter.exception
+    assert "IntegrityError" in letter.error
     assert committed(new, taken) == {taken}
 
 

@@ -14,7 +14,7 @@ def test_defaults_are_embedded_under_the_data_folder(tmp_path: Path) -> None:
     settings = load_settings({"PROJ_DATA_DIR": str(tmp_path)})
     assert settings.embedded
     assert settings.database_url == f"sqlite:///{tmp_path}/proj.sqlite3"
-    assert settings.result_backend == f"db+sqlite:///{tmp_path}/proj.sqlite3"
+    assert settings.result_backend == f"db+sqlite:///{tmp_path}/results.sqlite3"
     assert settings.mail_url == f"file://{tmp_path}/mail"
     conf = settings.celery_connection()
     assert conf["broker_url"] == f"sqlite:///{tmp_path}/broker.sqlite3"
@@ -41,11 +41,11 @@ def test_servers_come_from_the_environment(tmp_path: Path) -> None:
     assert conf["broker_transport_options"] == {"visibility_timeout": 900.0}
 
 
-def test_rabbitmq_needs_no_transport_options(tmp_path: Path) -> None:
+def test_rabbitmq_confirms_every_publish(tmp_path: Path) -> None:
     settings = load_settings(
         {"PROJ_DATA_DIR": str(tmp_path), "CELERY_BROKER_URL": "amqp://guest@rabbit//"}
     )
-    assert settings.celery_connection()["broker_transport_options"] == {}
+    assert settings.celery_connection()["broker_transport_options"] == {"confirm_publish": True}
 
 
 @pytest.mark.parametrize(
