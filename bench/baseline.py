@@ -15,13 +15,14 @@ from celery import Celery, Task
 from sqlalchemy import create_engine
 from sqlalchemy.orm import scoped_session, sessionmaker
 
-from bench import workload
+from bench import stats, workload
 
 app = Celery("baseline", broker=os.environ["CELERY_BROKER_URL"])
 
 engine = create_engine(os.environ["DATABASE_URL"], pool_size=5)
 Session = scoped_session(sessionmaker(bind=engine))
 workload.announce_ready()
+stats.count_in_worker()
 
 
 class DatabaseTask(Task):  # type: ignore[type-arg]

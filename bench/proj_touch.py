@@ -6,10 +6,11 @@ import time
 
 from celery import shared_task
 
-from bench import workload
+from bench import stats, workload
 from proj.db import Session
 
 workload.announce_ready()
+stats.count_in_worker()
 
 
 @shared_task(name="bench.touch", ignore_result=True)

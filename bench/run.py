@@ -1,10 +1,20 @@
 """Run the benchmark: ``python -m bench.run`` (from the repository root).
 
 For each stack (PostgreSQL + RabbitMQ, PostgreSQL + Redis, embedded SQLite)
-and each variant (plain Celery baseline, proj), a ``celery worker -P prefork
--c 2`` subprocess drains the workload. Figures are ratios against the baseline
-measured in the same run; every run also checks that each user's counter
-equals the tasks sent to it. Writes a Markdown table to ``bench/results/``.
+and each variant, a ``celery worker -P prefork -c 2`` subprocess drains the
+workload (:mod:`bench.workload`):
+
+- ``baseline``: plain Celery, the classic session recipe, ``delay()``;
+- ``proj``: the same task on ``SqlAlchemyTask``, ``delay()``;
+- ``proj-full``: ``delay_on_commit`` through the ledger (claims, late acks,
+  relay in the worker, beat running the reconciler). On SQLite this is the
+  embedded setup.
+
+Beside them, in the same run: the relay's publish rate with the fast path off,
+and a raw kombu publish and consume loop with no database. Figures are ratios
+against those measured in the same run; every run also checks that each
+user's counter equals the tasks sent to it. Writes a Markdown table to
+``bench/results/``.
 """
 
 from __future__ import annotations
@@ -18,23 +28,43 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, text
+from kombu import Connection, Consumer, Exchange, Producer, Queue
+from sqlalchemy import Engine, create_engine, delete, insert, text
 
-from bench import workload
-from proj import scratch
+from bench import stats, workload
+from proj import db, scratch
+from proj.celery import create_app
+from proj.config import load_settings
+from proj.ledger import Job, State
 from proj.migrations import upgrade
+from proj.relay import make_outbox
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKER = {
-    "baseline": ["-A", "bench.baseline", "worker"],
-    "proj": ["-A", "proj", "worker", "--include", "bench.proj_touch"],
+WORKER_OPTIONS = [
+    "-P",
+    "prefork",
+    "-c",
+    "2",
+    "--without-heartbeat",
+    "--without-mingle",
+    "--without-gossip",
+    "--loglevel",
+    "WARNING",
+]
+APP = {"baseline": ["-A", "bench.baseline"], "proj": ["-A", "proj"], "proj-full": ["-A", "proj"]}
+INCLUDE = {
+    "baseline": [],
+    "proj": ["--include", "bench.proj_touch"],
+    "proj-full": ["--include", "bench.proj_touch"],
 }
+LATENCY_TASKS = 200
 
 
 @dataclass
@@ -45,6 +75,10 @@ class Figures:
     drain_rates: list[float] = field(default_factory=list)
     latency_p50: float = 0.0
     latency_p99: float = 0.0
+    statements: float = 0.0
+    """Worker-side SQL statements per task."""
+    commits: float = 0.0
+    enqueue_statements: float = 0.0
     connections_at_rest: int | None = None
     correct: bool = True
 
@@ -54,46 +88,57 @@ class Figures:
 
 
 @contextmanager
-def worker(variant: str, env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    ready = log.with_suffix(".ready")
+def process(command: list[str], env: dict[str, str], log: Path) -> Iterator[None]:
+    with log.open("wb") as out:
+        child = subprocess.Popen(command, env=env, cwd=ROOT, stdout=out, stderr=out)
+    try:
+        yield
+    finally:
+        child.send_signal(signal.SIGTERM)
+        try:
+            child.wait(60)
+        except subprocess.TimeoutExpired:
+            child.kill()
+
+
+@contextmanager
+def worker(variant: str, env: dict[str, str], folder: Path) -> Iterator[None]:
+    ready = folder / f"{variant}.ready"
     ready.unlink(missing_ok=True)
     env = {**env, "BENCH_READY_FILE": str(ready)}
+    celery = [sys.executable, "-m", "celery", *APP[variant]]
     command = [
-        sys.executable,
-        "-m",
-        "celery",
-        *WORKER[variant],
-        "-P",
-        "prefork",
-        "-c",
-        "2",
-        "--without-heartbeat",
-        "--without-mingle",
-        "--without-gossip",
-        "--loglevel",
-        "WARNING",
+        *celery,
+        "worker",
+        *INCLUDE[variant],
+        *WORKER_OPTIONS,
         "-n",
-        f"bench-{variant}-{os.getpid()}@%h",
+        f"bench-{variant}-{uuid.uuid4().hex[:6]}@%h",
     ]
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=out, stderr=out)
-    try:
+    with ExitStack() as running:
+        running.enter_context(process(command, env, folder / f"{variant}.log"))
+        if variant == "proj-full":
+            beat = [
+                *celery,
+                "beat",
+                "--loglevel",
+                "WARNING",
+                "-s",
+                str(folder / "celerybeat-schedule"),
+            ]
+            running.enter_context(process(beat, env, folder / "beat.log"))
         deadline = time.monotonic() + 60
         while not ready.exists():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{variant} worker did not start:\n{log.read_text()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError((folder / f"{variant}.log").read_text())
             time.sleep(0.1)
         time.sleep(1)  # let the pool's children finish starting
-        yield process
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        yield
 
 
-def enqueue(variant: str, count: int, env: dict[str, str], interval: float = 0.0) -> float:
+def enqueue(
+    variant: str, count: int, env: dict[str, str], interval: float = 0.0
+) -> dict[str, float]:
     done = subprocess.run(
         [sys.executable, "-m", "bench.enqueue", variant, str(count), str(interval)],
         env=env,
@@ -102,8 +147,8 @@ def enqueue(variant: str, count: int, env: dict[str, str], interval: float = 0.0
         text=True,
         check=True,
     )
-    report = json.loads(done.stdout.strip().splitlines()[-1])
-    return float(report["count"] / report["seconds"])
+    report: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    return report
 
 
 def wait_drained(engine: Engine, count: int, timeout: float = 600) -> None:
@@ -119,7 +164,7 @@ def expected(count: int) -> dict[int, int]:
     return {u: base + (1 if u <= extra else 0) for u in range(1, workload.USERS + 1)}
 
 
-def worker_connections(engine: Engine) -> int | None:
+def connections(engine: Engine) -> int | None:
     if engine.dialect.name != "postgresql":
         return None
     with engine.connect() as connection:
@@ -134,34 +179,123 @@ def worker_connections(engine: Engine) -> int | None:
 
 
 def measure(
-    stack: str, variant: str, env: dict[str, str], engine: Engine, tasks: int, runs: int, log: Path
+    stack: str,
+    variant: str,
+    env: dict[str, str],
+    engine: Engine,
+    tasks: int,
+    runs: int,
+    folder: Path,
 ) -> Figures:
     figures = Figures(stack, variant)
-    with worker(variant, env, log):
-        for _ in range(runs):
-            workload.clear(engine)
-            figures.enqueue_rates.append(enqueue(variant, tasks, env))
-            wait_drained(engine, tasks)
-            figures.drain_rates.append(tasks / workload.drain_seconds(engine))
-            figures.correct &= workload.touches(engine) == expected(tasks)
+    stats_dir = folder / f"stats-{variant}"
+    stats_dir.mkdir()
+    env = {**env, "BENCH_STATS_DIR": str(stats_dir)}
+    enqueued = []
+    for _ in range(runs):
+        # Enqueue into an idle queue, then drain it: neither rate caps the other.
         workload.clear(engine)
-        enqueue(variant, 200, env, interval=0.02)
-        wait_drained(engine, 200)
-        lat = workload.latencies(engine)
-        figures.latency_p50 = statistics.median(lat)
-        figures.latency_p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
-        figures.correct &= workload.touches(engine) == expected(200)
+        report = enqueue(variant, tasks, env)
+        enqueued.append(report)
+        figures.enqueue_rates.append(report["count"] / report["seconds"])
+        with worker(variant, env, folder):
+            wait_drained(engine, tasks)
+        figures.drain_rates.append(tasks / workload.drain_seconds(engine))
+        figures.correct &= workload.touches(engine) == expected(tasks)
+    with worker(variant, env, folder):
+        workload.clear(engine)
+        enqueue(variant, LATENCY_TASKS, env, interval=0.02)
+        wait_drained(engine, LATENCY_TASKS)
+        latencies = workload.latencies(engine)
+        figures.latency_p50 = statistics.median(latencies)
+        figures.latency_p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+        figures.correct &= workload.touches(engine) == expected(LATENCY_TASKS)
+        time.sleep(2)
+        figures.connections_at_rest = connections(engine)
+    done = stats.collected(stats_dir)
+    ran = runs * tasks + LATENCY_TASKS
+    figures.statements = done["statements"] / ran
+    figures.commits = done["commits"] / ran
+    figures.enqueue_statements = sum(r.get("statements", 0) for r in enqueued) / (runs * tasks)
+    if engine.dialect.name == "postgresql":
         time.sleep(1)
-        figures.connections_at_rest = worker_connections(engine)
+        figures.correct &= connections(engine) == 0  # the worker left nothing behind
     return figures
+
+
+def relay_rate(env: dict[str, str], count: int) -> float:
+    """Jobs a second the relay publishes, with the fast path off."""
+    settings = load_settings({**env, "PROJ_OUTBOX_FAST_PATH": "0"})
+    db.configure(settings)
+    celery_app = create_app(settings)
+    queue = f"bench-relay-{uuid.uuid4().hex[:8]}"
+    outbox = make_outbox(celery_app, settings)
+    rows = [
+        {
+            "id": str(uuid.uuid4()),
+            "name": "bench.touch",
+            "args": [0, 0.0],
+            "kwargs": {},
+            "options": {"queue": queue},
+            "state": State.QUEUED,
+            "attempts": 0,
+            "max_attempts": 1,
+        }
+        for _ in range(count)
+    ]
+    with db.worker_engine().begin() as connection:
+        connection.execute(insert(Job), rows)
+    started = time.perf_counter()
+    while outbox.relay_once():
+        pass
+    seconds = time.perf_counter() - started
+    with db.worker_engine().begin() as connection:
+        connection.execute(delete(Job).where(Job.id.in_([r["id"] for r in rows])))
+    with celery_app.connection_for_write() as connection:
+        Queue(queue, channel=connection.default_channel).delete()
+    outbox.engine.dispose()
+    return count / seconds
+
+
+def raw_broker(broker_url: str, count: int) -> tuple[float, float]:
+    """Messages a second through kombu alone: (publish, consume)."""
+    options = {"confirm_publish": True} if broker_url.startswith("amqp") else {}
+    exchange = Exchange("bench-raw", type="direct")
+    queue = Queue(f"bench-raw-{uuid.uuid4().hex[:8]}", exchange, routing_key="raw")
+    body = {"args": [1, time.time()], "kwargs": {}}
+    with Connection(broker_url, transport_options=options) as connection:
+        producer = Producer(connection.default_channel, exchange=exchange, serializer="json")
+        queue(connection.default_channel).declare()
+        started = time.perf_counter()
+        for _ in range(count):
+            producer.publish(body, routing_key="raw")
+        publish = count / (time.perf_counter() - started)
+        received = 0
+
+        def on_message(_: object, message: object) -> None:
+            nonlocal received
+            received += 1
+            message.ack()  # type: ignore[attr-defined]
+
+        started = time.perf_counter()
+        with Consumer(
+            connection.default_channel, [queue], callbacks=[on_message], accept=["json"]
+        ) as consumer:
+            consumer.qos(prefetch_count=100)
+            while received < count:
+                connection.drain_events(timeout=10)
+        consume = count / (time.perf_counter() - started)
+        queue(connection.default_channel).delete()
+    return publish, consume
 
 
 def table(results: list[Figures]) -> str:
     baseline = {f.stack: f for f in results if f.variant == "baseline"}
     lines = [
-        "| stack | variant | enqueue/s | drain tasks/s (min–max) | × baseline drain "
-        "| latency p50 / p99 ms | connections at rest | counters correct |",
-        "|---|---|---|---|---|---|---|---|",
+        "| stack | variant | enqueue/s | drain tasks/s (min–max) | × baseline | "
+        "latency p50 / p99 ms | SQL statements / commits per task (worker) | "
+        "SQL per enqueue | connections at rest | counters correct |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for f in results:
         base = baseline.get(f.stack)
@@ -170,6 +304,7 @@ def table(results: list[Figures]) -> str:
             f"| {f.stack} | {f.variant} | {statistics.median(f.enqueue_rates):.0f} "
             f"| {f.drain:.0f} ({min(f.drain_rates):.0f}–{max(f.drain_rates):.0f}) | {ratio} "
             f"| {f.latency_p50:.1f} / {f.latency_p99:.1f} "
+            f"| {f.statements:.1f} / {f.commits:.1f} | {f.enqueue_statements:.1f} "
             f"| {'—' if f.connections_at_rest is None else f.connections_at_rest} "
             f"| {'yes' if f.correct else 'NO'} |"
         )
@@ -180,33 +315,55 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tasks", type=int, default=3000)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--relay-jobs", type=int, default=5000)
     parser.add_argument("--stacks", default=",".join(scratch.STACKS))
     options = parser.parse_args()
     results: list[Figures] = []
+    limits: list[str] = []
     for stack in options.stacks.split(","):
         problem = scratch.missing_services(stack)
         if problem:
             print(f"skipping {stack}: {problem}", file=sys.stderr)
             continue
-        with tempfile.TemporaryDirectory() as folder, scratch.stack(stack, Path(folder)) as env:
-            env = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
-            database_url = env.get("DATABASE_URL", f"sqlite:///{folder}/proj.sqlite3")
-            env["DATABASE_URL"] = database_url
-            upgrade(database_url)
-            engine = create_engine(database_url)
+        with tempfile.TemporaryDirectory() as name, scratch.stack(stack, Path(name)) as env:
+            folder = Path(name)
+            settings = load_settings(env)
+            env = {
+                **os.environ,
+                **env,
+                "PYTHONPATH": str(ROOT),
+                "DATABASE_URL": settings.database_url,
+                "PROJ_RECONCILE_INTERVAL": "5",
+            }
+            upgrade(settings.database_url)
+            engine = create_engine(settings.database_url)
             workload.reset(engine)
-            variants = ["proj"] if stack == "sqlite" else ["baseline", "proj"]
+            variants = ["proj-full"] if stack == "sqlite" else ["baseline", "proj", "proj-full"]
             for variant in variants:
-                log = Path(folder) / f"{variant}.log"
-                figures = measure(stack, variant, env, engine, options.tasks, options.runs, log)
+                figures = measure(stack, variant, env, engine, options.tasks, options.runs, folder)
                 print(f"{stack} {variant}: {figures.drain:.0f} tasks/s", file=sys.stderr)
                 results.append(figures)
+            relay = relay_rate(env, options.relay_jobs)
+            broker = settings.celery_connection()["broker_url"]
+            raw = raw_broker(broker, options.relay_jobs) if stack != "sqlite" else None
+            limits.append(
+                f"| {stack} | {relay:.0f} | "
+                + (
+                    f"{raw[0]:.0f} | {raw[1]:.0f} | {relay / raw[0]:.2f} |"
+                    if raw
+                    else "— | — | — |"
+                )
+            )
             engine.dispose()
+            db.configure(load_settings({"PROJ_DATA_DIR": name}))
     report = (
         f"# Benchmark {datetime.now(UTC):%Y-%m-%d %H:%M} UTC\n\n"
-        f"`python -m bench.run --tasks {options.tasks} --runs {options.runs}`; "
-        f"worker `celery worker -P prefork -c 2`; drain is the median of {options.runs} runs.\n\n"
-        f"{table(results)}\n"
+        f"`python -m bench.run --tasks {options.tasks} --runs {options.runs}`; worker "
+        f"`celery worker -P prefork -c 2`; drain is the median of {options.runs} runs, "
+        "first start to last commit; latency is enqueue to start, 200 tasks 20 ms apart.\n\n"
+        f"{table(results)}\n\n"
+        "| stack | relay jobs/s (fast path off) | raw kombu publish/s | raw kombu consume/s "
+        "| relay × raw publish |\n|---|---|---|---|---|\n" + "\n".join(limits) + "\n"
     )
     out = ROOT / "bench" / "results" / f"{datetime.now(UTC):%Y%m%d-%H%M}.md"
     out.write_text(report)
