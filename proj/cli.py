@@ -105,16 +105,19 @@ def _commands(host: str, port: int) -> dict[str, list[str]]:
     }
 
 
-def _wait_for_port(host: str, port: int, processes: dict[str, subprocess.Popen[bytes]]) -> None:
+def _wait_for_port(host: str, port: int, processes: dict[str, subprocess.Popen[bytes]]) -> bool:
+    """True once something answers on ``port``; False if a process exits or
+    a minute passes first."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if any(p.poll() is not None for p in processes.values()):
-            return
+            return False
         try:
             socket.create_connection((host, port), timeout=0.5).close()
-            return
+            return True
         except OSError:
             time.sleep(0.1)
+    return False
 
 
 def _stop(processes: dict[str, subprocess.Popen[bytes]]) -> None:
@@ -153,14 +156,18 @@ def run(host: str, port: int) -> None:
     try:
         for name, command in _commands(host, port).items():
             processes[name] = subprocess.Popen(command)
-        _wait_for_port(host, port, processes)
-        click.echo(
-            f"\nproj is running: open http://{host}:{port}/\n"
-            f"  sign up:  curl -X POST -H 'Content-Type: application/json' "
-            f'-d \'{{"email": "ada@example.com"}}\' http://{host}:{port}/api/users\n'
-            f"  mail:     {settings.mail_url}\n"
-            "Press Ctrl-C to stop.\n"
-        )
+        if _wait_for_port(host, port, processes):
+            click.echo(
+                f"\nproj is running: open http://{host}:{port}/\n"
+                f"  sign up:  curl -X POST -H 'Content-Type: application/json' "
+                f'-d \'{{"email": "ada@example.com"}}\' http://{host}:{port}/api/users\n'
+                f"  mail:     {settings.mail_url}\n"
+                "Press Ctrl-C to stop.\n"
+            )
+        elif all(p.poll() is None for p in processes.values()):
+            click.echo(
+                f"proj: nothing answers on {host}:{port} yet; see the output above", err=True
+            )
         while all(p.poll() is None for p in processes.values()):
             time.sleep(0.5)
         failed = [name for name, p in processes.items() if p.poll() is not None]

@@ -1,0 +1,181 @@
+"""The real commands as subprocesses, for the end-to-end tier.
+
+A :class:`Command` writes its output to a log file; tests wait for readiness
+and effects by polling it, and :meth:`Command.stop` ends it however a test ends
+(a signal, then SIGKILL for it and any child that outlives it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import psutil
+
+from proj.testing import wait_for
+
+T = TypeVar("T")
+
+E2E_DIR = Path(__file__).parent
+BIN = Path(sys.executable).parent
+"""The virtualenv's scripts (``proj``, ``celery``, ``flask``)."""
+
+WORKER_OPTIONS = (
+    "--pool=prefork",
+    "--concurrency=2",
+    "--without-heartbeat",
+    "--without-mingle",
+    "--without-gossip",
+    "--loglevel=INFO",
+)
+
+
+class Command:
+    """A running command, its output going to ``log``."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log: Path, cwd: Path):
+        self.name = name
+        self.log = log
+        with log.open("wb") as out:
+            self.popen = subprocess.Popen(
+                args,
+                env=env,
+                cwd=cwd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                # A group of its own: a Ctrl-C meant for pytest does not reach
+                # it, and a test can send one to the whole group.
+                start_new_session=True,
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def output(self, since: int = 0) -> str:
+        """What the command has written so far (from byte ``since`` on)."""
+        with self.log.open("rb") as log:
+            log.seek(since)
+            return log.read().decode("utf-8", errors="replace")
+
+    def size(self) -> int:
+        """Bytes written so far (an offset for :meth:`output`)."""
+        return self.log.stat().st_size
+
+    def wait_for_output(
+        self, text: str | re.Pattern[str], *, count: int = 1, since: int = 0, timeout: float = 90.0
+    ) -> None:
+        """Wait until ``text`` (a string or a pattern) appears ``count`` times;
+        fail with the log if the command exits first or time runs out."""
+
+        def seen() -> int:
+            output = self.output(since)
+            return output.count(text) if isinstance(text, str) else len(text.findall(output))
+
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: seen() >= count or self.popen.poll() is not None, timeout=timeout)
+        if seen() < count:
+            raise AssertionError(
+                f"{self.name}: {text!r} not {count} times in its output "
+                f"(exit code {self.popen.poll()}):\n{self.output(since)[-5000:]}"
+            )
+
+    def until(self, condition: Callable[[], T], *, timeout: float = 30.0) -> T:
+        """:func:`~proj.testing.wait_for` ``condition``, failing with this
+        command's log (where the reason usually is)."""
+        try:
+            return wait_for(condition, timeout=timeout)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; {self.name}'s output:\n{self.output()[-5000:]}") from None
+
+    def children(self) -> list[psutil.Process]:
+        """Its living descendants."""
+        try:
+            return psutil.Process(self.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        """Send ``sig``, wait, then kill it and whatever it left; its exit code."""
+        family = self.children()
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+        try:
+            self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+        _, alive = psutil.wait_procs(family, timeout=10)
+        for process in alive:
+            process.kill()
+        psutil.wait_procs(alive, timeout=10)
+        return self.popen.returncode
+
+
+class Commands:
+    """Starts commands with their logs in ``folder``; :meth:`stop_all` ends them."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.started: list[Command] = []
+
+    def start(self, name: str, *args: str, env: dict[str, str], cwd: Path | None = None) -> Command:
+        log = self.folder / f"{name}.log"
+        if log.exists():
+            log = self.folder / f"{name}-{len(self.started)}.log"
+        command = Command(name, list(args), env, log, cwd or self.folder)
+        self.started.append(command)
+        return command
+
+    def celery(self, name: str, *args: str, env: dict[str, str]) -> Command:
+        """``celery -A proj <args>``."""
+        return self.start(name, sys.executable, "-m", "celery", "-A", "proj", *args, env=env)
+
+    def worker(self, env: dict[str, str]) -> Command:
+        """A prefork worker with two children and the test tasks, once it is ready."""
+        node = f"e2e-{uuid.uuid4().hex[:8]}@%h"
+        worker = self.celery(
+            "worker",
+            "worker",
+            *WORKER_OPTIONS,
+            "-n",
+            node,
+            "--include=e2e_tasks",
+            env=e2e_env(env),
+        )
+        worker.wait_for_output("ready.")
+        return worker
+
+    def stop_all(self) -> None:
+        """Stop every command started (all of them, even if one fails to stop)."""
+        problems = []
+        for command in reversed(self.started):
+            try:
+                command.stop()
+            except Exception as exc:
+                problems.append(exc)
+        if problems:
+            raise problems[0]
+
+
+def e2e_env(base: dict[str, str]) -> dict[str, str]:
+    """``base`` with the test tasks importable (``--include e2e_tasks``)."""
+    path = os.pathsep.join(p for p in (str(E2E_DIR), base.get("PYTHONPATH")) if p)
+    return {**base, "PYTHONPATH": path}
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

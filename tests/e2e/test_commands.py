@@ -1,0 +1,189 @@
+"""The commands README names, run as written: ``proj db upgrade``, ``proj run``
+(README's first command), the start-up refusal of ``celery -A proj worker`` and
+``beat``, and docker-compose.yml's services."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psutil
+import psycopg2
+import pytest
+import yaml
+from alembic.script import ScriptDirectory
+from sqlalchemy import create_engine, inspect, text
+from subprocesses import BIN, WORKER_OPTIONS, Commands, free_port
+
+from proj.config import DEFAULTS
+from proj.migrations import alembic_config
+
+if TYPE_CHECKING:
+    from conftest import Stack
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+TABLES = {"users", "invoices", "gateway_charges", "alembic_version"}
+PG_ADMIN = {"host": "127.0.0.1", "port": 5432, "user": "postgres", "dbname": "postgres"}
+
+
+def readme() -> str:
+    return (ROOT / "README.md").read_text()
+
+
+def readme_first_block() -> list[str]:
+    """The lines of README's first fenced code block."""
+    return readme().split("```")[1].splitlines()[1:]
+
+
+def readme_commands_table() -> list[str]:
+    """The commands README's "Commands" section lists."""
+    section = readme().split("## Commands", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^\| `([^`]+)` \|", section, re.MULTILINE)
+
+
+def clean_env() -> dict[str, str]:
+    """This environment without any proj, database or Celery setting."""
+    prefixes = ("PROJ_", "DATABASE_", "CELERY_")
+    return {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+
+
+def proj_db_upgrade(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "proj"), "db", "upgrade"], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_db_upgrade_twice_on_a_fresh_database(stack: Stack, tmp_path: Path) -> None:
+    """``proj db upgrade`` creates proj's tables in an empty database, and
+    running it again succeeds and changes nothing."""
+    env = stack.process_env(PROJ_DATA_DIR=str(tmp_path / "data"))
+    name = f"proj_e2e_{uuid.uuid4().hex[:10]}"
+    url = f"sqlite:///{tmp_path / 'data' / 'proj.sqlite3'}"
+    if stack.on_postgres:
+        admin = psycopg2.connect(**PG_ADMIN)
+        admin.autocommit = True
+        with admin.cursor() as cursor:
+            cursor.execute(f'CREATE DATABASE "{name}"')
+        url = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
+        env["DATABASE_URL"] = url
+    head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+    engine = create_engine(url)
+    try:
+        for _ in range(2):
+            done = proj_db_upgrade(env)
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert "is up to date" in done.stdout
+            assert set(inspect(engine).get_table_names()) >= TABLES
+            with engine.connect() as connection:
+                versions = connection.execute(text("SELECT version_num FROM alembic_version"))
+                assert versions.scalars().all() == [head]
+            engine.dispose()
+    finally:
+        engine.dispose()
+        if stack.on_postgres:
+            with admin.cursor() as cursor:
+                cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            admin.close()
+
+
+def http(method: str, url: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+    """A real HTTP request (no proxy); the status and the JSON answer."""
+    request = urllib.request.Request(
+        url,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method=method,
+    )
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(request, timeout=30) as response:
+        return response.status, json.load(response)
+
+
+@pytest.mark.parametrize("ctrl_c", ["proj", "process-group"])
+def test_readme_first_command_runs_proj(commands: Commands, tmp_path: Path, ctrl_c: str) -> None:
+    """README's first command installs what CI installs and runs ``proj run``,
+    which, with nothing configured, serves the API, welcomes a new user by mail
+    into ./proj-data/mail, and stops web, worker and beat on Ctrl-C, whether
+    the signal reaches proj alone (as from ``kill -INT``) or its whole process
+    group (as from a terminal)."""
+    run_line, test_line = readme_first_block()[:2]
+    install, run = run_line.rsplit(" && ", 1)
+    assert install == test_line.rsplit(" && ", 1)[0]
+    assert run.endswith("proj run")
+
+    port = free_port()
+    proj = commands.start(
+        "proj", str(BIN / "proj"), "run", "--port", str(port), env=clean_env(), cwd=tmp_path
+    )
+    url = f"http://127.0.0.1:{port}/"
+    proj.wait_for_output(f"proj is running: open {url}")
+    address = f"ada-{uuid.uuid4().hex[:8]}@example.com"
+    status, user = http("POST", f"{url}api/users", {"email": address})
+    assert status == 201
+
+    mail = tmp_path / "proj-data" / "mail"
+    proj.until(lambda: any(address in p.read_text() for p in mail.glob("*.eml")))
+    proj.until(lambda: http("GET", f"{url}api/users/{user['id']}")[1]["welcomed_at"])
+
+    assert not re.findall(r"Traceback|dead letter", proj.output()), proj.output()
+    family = proj.children()
+    names = " ".join(" ".join(process.cmdline()) for process in family)
+    assert all(part in names for part in ("flask", "proj.web", "worker", "beat")), names
+    if ctrl_c == "proj":
+        proj.popen.send_signal(signal.SIGINT)
+    else:
+        os.killpg(proj.pid, signal.SIGINT)
+    assert proj.popen.wait(timeout=90) == 0, proj.output()
+    _, alive = psutil.wait_procs(family, timeout=30)
+    assert alive == []
+    assert "proj: stopped" in proj.output()
+    assert "did not stop in time" not in proj.output()
+
+
+def test_worker_and_beat_refuse_a_short_visibility_timeout(
+    stack: Stack, commands: Commands, tmp_path: Path
+) -> None:
+    """On Redis, ``celery -A proj worker`` and ``beat`` refuse to start when
+    the visibility timeout is shorter than a retry countdown (600 s for the
+    reference tasks): they exit non-zero, naming the setting."""
+    if not stack.env.get("CELERY_BROKER_URL", "").startswith("redis"):
+        pytest.skip("the visibility timeout is a Redis setting")
+    env = stack.process_env(PROJ_VISIBILITY_TIMEOUT="5")
+    worker = commands.celery("worker", "worker", *WORKER_OPTIONS, env=env)
+    beat = commands.celery("beat", "beat", f"--schedule={tmp_path / 'schedule'}", env=env)
+    for command in (worker, beat):
+        assert command.popen.wait(timeout=90) != 0, command.output()
+        output = command.output()
+        assert "Redis redelivers unacknowledged messages after 5 s" in output
+        assert "PROJ_VISIBILITY_TIMEOUT" in output
+    assert "ready." not in worker.output()
+    assert "Sending due task" not in beat.output()
+
+
+def test_docker_compose_runs_the_readme_commands() -> None:
+    """docker-compose.yml's services run the commands README's table names,
+    with settings proj reads."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    table = readme_commands_table()
+    expected = {
+        "migrate": "proj db upgrade",
+        "web": "flask --app proj.web run",
+        "worker": "celery -A proj worker",
+        "beat": "celery -A proj beat",
+    }
+    for service, command in expected.items():
+        assert command in table
+        given = compose["services"][service]["command"]
+        words = shlex.split(given) if isinstance(given, str) else list(given)
+        assert words[: len(command.split())] == command.split(), service
+        assert set(compose["services"][service]["environment"]) <= set(DEFAULTS), service
