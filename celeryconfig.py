@@ -25,6 +25,10 @@ task_reject_on_worker_lost = True
 # One message at a time a process: a long task does not hold others hostage.
 worker_prefetch_multiplier = 1
 
+# A killed child's result is not coming: give up waiting for it sooner than
+# Celery's 10 s (the ledger makes a late result harmless either way).
+worker_lost_wait = 2
+
 task_track_started = True
 result_extended = True
 broker_connection_retry_on_startup = True

@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import click
@@ -16,6 +17,7 @@ from proj.config import current_settings
 from proj.db import worker_engine
 from proj.errors import ConfigurationError
 from proj.migrations import upgrade as upgrade_database
+from proj.relay import make_outbox
 from proj.safety import check_configuration
 
 STOP_TIMEOUT = 20.0
@@ -38,6 +40,22 @@ def upgrade() -> None:
     upgrade_database()
     url = make_url(current_settings().database_url)
     click.echo(f"database {url.render_as_string(hide_password=True)} is up to date")
+
+
+@main.command()
+def relay() -> None:
+    """Publish committed jobs the fast path missed, until Ctrl-C or SIGTERM."""
+    from proj.celery import app as celery_app
+
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    outbox = make_outbox(celery_app)
+    database = outbox.engine.url.render_as_string(hide_password=True)
+    click.echo(f"proj relay: publishing the jobs {database} owes the broker")
+    outbox.relay(stop)
+    outbox.engine.dispose()
+    click.echo(f"proj relay: stopped after publishing {outbox.published} jobs")
 
 
 def _hide_password(url: str) -> str:
