@@ -184,15 +184,18 @@ def retrying(job_id: str, error: str, available_at: datetime) -> None:
         )
 
 
-def worker_lost(job_id: str, error: str) -> State | None:
+def worker_lost(job_id: str, error: str, worker: str | None = None) -> State | None:
     """The worker running the job died: back to ``retrying`` (its message is
-    requeued), or ``failed`` if that was its last attempt. Returns the new
-    state, or None if the job was not running."""
+    requeued), or ``failed`` if that was its last attempt. Given ``worker``
+    (``hostname:pid``, as :func:`claim` records it), only if that process was
+    the one running it: a duplicate delivery lost elsewhere leaves the run in
+    progress alone. Returns the new state, or None if nothing changed."""
     final = Job.attempts >= Job.max_attempts
+    owner = () if worker is None else (Job.worker == worker,)
     with session_scope() as session:
         state = session.scalar(
             update(Job)
-            .where(Job.id == job_id, Job.state == State.RUNNING)
+            .where(Job.id == job_id, Job.state == State.RUNNING, *owner)
             .values(
                 state=case((final, State.FAILED), else_=State.RETRYING),
                 finished_at=case((final, utcnow()), else_=None),

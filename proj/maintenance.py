@@ -5,6 +5,8 @@ what a dead worker held."""
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from datetime import timedelta
 from typing import Any
 
@@ -13,39 +15,65 @@ from sqlalchemy import select, update
 
 from proj.config import current_settings
 from proj.db import Session, utcnow
-from proj.ledger import Job, State
+from proj.ledger import CLAIMABLE, Job, State
 
 logger = logging.getLogger(__name__)
 
 
 def queue_is_empty(celery_app: Celery, queue: str) -> bool:
-    """True when ``queue`` holds no message ready for delivery."""
+    """True when ``queue`` holds no message ready for delivery (a queue the
+    broker does not have, as Redis has none once its list is empty, is empty)."""
     with celery_app.connection_for_read() as connection:
         channel: Any = connection.default_channel
-        declared = channel.queue_declare(queue=queue, passive=True)
+        try:
+            declared = channel.queue_declare(queue=queue, passive=True)
+        except connection.channel_errors:
+            return True
         return int(declared.message_count) == 0
 
 
-def live_workers(celery_app: Celery) -> set[str]:
-    """The node names of the workers that answer a ping."""
+def live_workers(celery_app: Celery) -> set[str] | None:
+    """The node names of the workers that answer a ping; None when the broker
+    cannot broadcast (the embedded SQLite one), so nobody could answer."""
+    with celery_app.connection_for_read() as connection:
+        if "fanout" not in connection.transport.implements.exchange_type:
+            return None
     replies = celery_app.control.ping(timeout=1.0) or []
     return {name for reply in replies for name in reply}
+
+
+def worker_is_gone(worker: str | None, alive: set[str] | None) -> bool:
+    """True when the worker ``node:pid`` is known to be gone: it does not answer
+    a ping or, where nothing can be pinged, its process on this machine has ended.
+    A worker on another machine that cannot be pinged is presumed alive."""
+    node, _, pid = (worker or "").rpartition(":")
+    if alive is not None:
+        return node not in alive
+    if node.partition("@")[2] != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def reconcile(celery_app: Celery, stale_after: float) -> dict[str, int]:
     """Hand the relay jobs that were lost, in the task session's transaction.
 
-    - ``queued`` jobs published more than ``stale_after`` seconds ago, due
-      since then, never started, whose queue is empty: the broker lost them
-      (as Redis does when it restarts without persistence);
+    - ``queued`` or ``retrying`` jobs published more than ``stale_after``
+      seconds ago, due since then, not started since, whose queue is empty:
+      the broker lost them (as Redis does when it restarts without persistence);
     - ``running`` jobs started more than ``stale_after`` seconds ago on a worker
-      that no longer answers: they go back to ``retrying``.
+      that is gone (see :func:`worker_is_gone`): they go back to ``retrying``.
     """
     cutoff = utcnow() - timedelta(seconds=stale_after)
     default_queue = celery_app.conf.task_default_queue
     lost = Session.execute(
         select(Job.id, Job.options).where(
-            Job.state == State.QUEUED,
+            Job.state.in_(CLAIMABLE),
             Job.published_at < cutoff,
             Job.available_at < cutoff,
         )
@@ -58,16 +86,18 @@ def reconcile(celery_app: Celery, stale_after: float) -> dict[str, int]:
         if ((options or {}).get("queue") or default_queue) in empty
     ]
     if resend:
-        Session.execute(update(Job).where(Job.id.in_(resend)).values(published_at=None))
+        Session.execute(
+            update(Job)
+            .where(Job.id.in_(resend), Job.state.in_(CLAIMABLE), Job.published_at < cutoff)
+            .values(published_at=None)
+        )
     running = Session.execute(
         select(Job.id, Job.worker).where(Job.state == State.RUNNING, Job.started_at < cutoff)
     ).all()
     abandoned: list[str] = []
     if running:
         alive = live_workers(celery_app)
-        abandoned = [
-            job_id for job_id, worker in running if (worker or "").rsplit(":", 1)[0] not in alive
-        ]
+        abandoned = [job_id for job_id, worker in running if worker_is_gone(worker, alive)]
     if abandoned:
         Session.execute(
             update(Job)

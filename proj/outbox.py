@@ -36,8 +36,11 @@ logger = logging.getLogger(__name__)
 JOB_HEADER = "proj_job"
 """Message header marking a job that has a ledger row."""
 NOTIFY_CHANNEL = "proj_jobs"
+STOP_CHECK = 0.25
+"""Seconds a waiting relay may take to notice it is asked to stop."""
 PENDING = "proj.outbox.pending"
-"""``session.info`` key: jobs to publish when the session's transaction commits."""
+"""``session.info`` key: jobs to publish when the session's transaction commits,
+each with the savepoint it was enqueued in."""
 
 SessionFinder = Callable[[], orm.Session | None]
 _session_finders: list[SessionFinder] = []
@@ -110,8 +113,7 @@ def enqueue(
         available_at=available_at,
     )
     session.add(job)
-    if current_settings().outbox_fast_path:
-        session.info.setdefault(PENDING, []).append((celery_app, _message(job)))
+    _publish_on_commit(session, celery_app, job)
     return job_id
 
 
@@ -133,9 +135,19 @@ def requeue(session: orm.Session, job: Job, celery_app: Celery) -> bool:
     )
     if getattr(done, "rowcount", 0) != 1:
         return False
-    if current_settings().outbox_fast_path:
-        session.info.setdefault(PENDING, []).append((celery_app, _message(job)))
+    _publish_on_commit(session, celery_app, job)
     return True
+
+
+def _publish_on_commit(session: orm.Session, celery_app: Celery, job: Job) -> None:
+    """Have the fast path publish ``job`` when ``session``'s transaction commits.
+
+    The job belongs to the innermost savepoint in progress, if any: rolling
+    that savepoint back drops it, releasing it does not publish it.
+    """
+    if current_settings().outbox_fast_path:
+        owner = session.get_nested_transaction()
+        session.info.setdefault(PENDING, []).append((celery_app, _message(job), owner))
 
 
 def _message(job: Job) -> dict[str, Any]:
@@ -182,11 +194,13 @@ def _mark_published(connection: Connection, job_ids: Sequence[str]) -> None:
 
 @event.listens_for(orm.Session, "after_commit")
 def _publish_after_commit(session: orm.Session) -> None:
+    if session.in_nested_transaction():
+        return  # a savepoint was released: nothing is committed yet
     pending = session.info.pop(PENDING, None)
     if not pending:
         return
     published: list[str] = []
-    for celery_app, message in pending:
+    for celery_app, message, _ in pending:
         try:
             send(celery_app, message, retry=False)
         except Exception as exc:
@@ -211,9 +225,32 @@ def _publish_after_commit(session: orm.Session) -> None:
             )
 
 
-@event.listens_for(orm.Session, "after_rollback")
-def _forget_after_rollback(session: orm.Session) -> None:
-    session.info.pop(PENDING, None)
+@event.listens_for(orm.Session, "after_soft_rollback")
+def _forget_after_rollback(session: orm.Session, previous: orm.SessionTransaction) -> None:
+    pending = session.info.get(PENDING)
+    if pending:
+        kept = [item for item in pending if not _within(item[2], previous)]
+        session.info[PENDING] = kept
+
+
+@event.listens_for(orm.Session, "after_transaction_end")
+def _forget_unfinished(session: orm.Session, transaction: orm.SessionTransaction) -> None:
+    # The session's transaction ended without a commit (closed, or rolled
+    # back): whatever it enqueued was never written.
+    if transaction.parent is None and not transaction.nested:
+        session.info.pop(PENDING, None)
+
+
+def _within(owner: orm.SessionTransaction | None, ended: orm.SessionTransaction) -> bool:
+    """True if a job enqueued in ``owner`` (None: outside any savepoint) goes
+    with ``ended``, the transaction or savepoint that was rolled back."""
+    if ended.parent is None and not ended.nested:
+        return True
+    while owner is not None:
+        if owner is ended:
+            return True
+        owner = owner.parent
+    return False
 
 
 def publish_owed(
@@ -291,7 +328,7 @@ class Outbox:
     def relay(self, stop: threading.Event) -> None:
         """Publish owed jobs until ``stop`` is set: at once when notified (on
         PostgreSQL), and every ``poll_interval`` seconds in any case."""
-        with self._notifications() as wait:
+        with self._notifications(stop) as wait:
             while not stop.is_set():
                 try:
                     while self.relay_once() and not stop.is_set():
@@ -303,32 +340,42 @@ class Outbox:
                 wait(self.poll_interval)
 
     @contextmanager
-    def _notifications(self) -> Iterator[Callable[[float], None]]:
-        """A ``wait(timeout)`` that returns early on a NOTIFY; it listens again
-        after the listening connection is lost (a NOTIFY sent meanwhile is
-        lost, which the polling covers)."""
+    def _notifications(self, stop: threading.Event) -> Iterator[Callable[[float], object]]:
+        """A ``wait(timeout)`` that returns early on a NOTIFY (on PostgreSQL)
+        or once ``stop`` is set. It listens again after the listening
+        connection is lost (a NOTIFY sent meanwhile is lost; polling covers it)."""
         if self.engine.dialect.name != "postgresql":
-            yield time.sleep
+            yield stop.wait
             return
         listener: list[Any] = []
 
         def wait(timeout: float) -> None:
+            deadline = time.monotonic() + timeout
             try:
                 if not listener:
+                    # Out of the pool: autocommit must not follow the
+                    # connection back to a publishing transaction.
                     connection = self.engine.raw_connection()
-                    connection.driver_connection.autocommit = True  # type: ignore[union-attr]
-                    connection.cursor().execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    connection.detach()
                     listener.append(connection)
-                raw = listener[0].driver_connection
-                if select_module.select([raw], [], [], timeout)[0]:
-                    raw.poll()
-                    raw.notifies.clear()
+                    connection.dbapi_connection.autocommit = True  # type: ignore[union-attr]
+                    connection.cursor().execute(f"LISTEN {NOTIFY_CHANNEL}")
+                raw: Any = listener[0].dbapi_connection
+                while not stop.is_set():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return
+                    if select_module.select([raw], [], [], min(left, STOP_CHECK))[0]:
+                        raw.poll()
+                        if raw.notifies:
+                            raw.notifies.clear()
+                            return
             except Exception as exc:
                 logger.warning("relay: lost the LISTEN connection (%s); listening again", exc)
                 for connection in listener:
                     connection.invalidate()
                 listener.clear()
-                time.sleep(min(timeout, 1.0))
+                stop.wait(min(timeout, 1.0))
 
         try:
             yield wait

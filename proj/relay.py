@@ -15,8 +15,8 @@ from proj.outbox import Outbox
 
 logger = logging.getLogger(__name__)
 
-RELAY_POOL_SIZE = 2
-"""Connections a relay holds: one listening, one publishing."""
+RELAY_POOL_SIZE = 1
+"""Connections in a relay's pool (publishing); the listening one is its own."""
 
 
 def make_outbox(celery_app: Celery, settings: Settings | None = None) -> Outbox:
@@ -43,6 +43,7 @@ class RelayStep(bootsteps.StartStopStep):
     def start(self, worker: Any) -> None:
         if not current_settings().relay_in_worker:
             return
+        self.stopping.clear()
         self.outbox = make_outbox(worker.app)
         self.thread = threading.Thread(
             target=self.outbox.relay, args=(self.stopping,), name="proj-relay", daemon=True
@@ -53,5 +54,12 @@ class RelayStep(bootsteps.StartStopStep):
         self.stopping.set()
         if self.thread is not None:
             self.thread.join(timeout=10)
+            self.thread = None
         if self.outbox is not None:
             self.outbox.engine.dispose()
+            self.outbox = None
+
+    def terminate(self, worker: Any) -> None:
+        # A cold shutdown (and an in-process worker's stop) terminates steps
+        # instead of stopping them; the relay thread must end either way.
+        self.stop(worker)

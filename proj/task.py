@@ -180,6 +180,17 @@ class SqlAlchemyTask(celery.Task[Any, Any]):
 
     def _record_failure(self, error: str, traceback: str | None) -> None:
         claim: ledger.Claim | None = self.request.get(CLAIM)
+        if claim is None and self.request.get(outbox.JOB_HEADER):
+            # This delivery failed before it claimed the job (the claim itself
+            # failed): the job may be running elsewhere, or waiting, and is
+            # not this delivery's to fail. The reconciler sends a waiting one again.
+            logger.error(
+                "%s[%s]: delivery failed before claiming the job (%s); the job is left as it is",
+                self.name,
+                self.request.id,
+                error,
+            )
+            return
         try:
             ledger.record_failure(
                 job_id=str(self.request.id),
@@ -270,7 +281,10 @@ class JobRequest(Request):
     ) -> None:
         exc = getattr(exc_info.exception, "exc", exc_info.exception)
         lost = isinstance(exc, WorkerLostError) and self.request_dict.get(outbox.JOB_HEADER)
-        if lost and ledger.worker_lost(self.id, repr(exc)) == ledger.State.FAILED:
+        # The child that died, named as its claim named it (unknown if the
+        # worker never heard the child accept the task: then any run).
+        worker = f"{self.hostname}:{self.worker_pid}" if self.worker_pid else None
+        if lost and ledger.worker_lost(self.id, repr(exc), worker) == ledger.State.FAILED:
             logger.error("%s[%s]: worker lost on its last attempt; failed", self.name, self.id)
             self.reject(requeue=False)
             return

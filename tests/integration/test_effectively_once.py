@@ -1,0 +1,367 @@
+"""Effectively once on real workers and brokers: a message delivered many times
+takes effect once and the others are logged skips, a job's state only moves
+forward, the reconciler hands back what the broker or a dead worker lost,
+and periodic runs are deduplicated per schedule slot."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from logging.handlers import BufferingHandler
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from celery import Celery
+from celery.beat import ScheduleEntry
+from celery.schedules import crontab
+from celery.worker import WorkController
+from kombu import Exchange, Queue
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+
+import proj.testing
+from proj import outbox
+from proj.beat import LedgerScheduler, slot_job_id
+from proj.db import Session, session_scope, utcnow
+from proj.ledger import Job, State
+from proj.maintenance import reconcile_jobs
+from proj.models import Invoice, User
+from proj.relay import make_outbox
+from proj.retry import retry_on
+from proj.task import SqlAlchemyTask, shared_task
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from conftest import Stack
+
+RUNNING: dict[str, threading.Event] = {}
+RELEASE: dict[str, threading.Event] = {}
+LONG_AGO = timedelta(hours=1)
+FORWARD = {State.QUEUED: 0, State.RETRYING: 0, State.RUNNING: 1, State.SUCCEEDED: 2}
+
+
+@shared_task(name="tests.once.record")
+def record(user_id: int, key: str | None = None) -> int:
+    """The effect: one invoice for ``user_id``; with ``key``, first say it is
+    running and wait to be released (holding no lock, which on SQLite would
+    stop every other writer)."""
+    if key is not None:
+        RUNNING[key].set()
+        RELEASE[key].wait(timeout=60)
+    Session.add(Invoice(user_id=user_id, amount_cents=1))
+    return user_id
+
+
+@contextmanager
+def worker(celery_app: Celery, **options: Any) -> Iterator[WorkController]:
+    """``proj.testing.worker``, once its remote control answers: stopping it
+    wakes it through that, and a wake-up sent before it listens is lost."""
+    with proj.testing.worker(celery_app, **options) as running:
+        with celery_app.connection_for_read() as connection:
+            broadcasts = "fanout" in connection.transport.implements.exchange_type
+        if broadcasts:
+            hostname = str(running.hostname)
+            proj.testing.wait_for(
+                lambda: celery_app.control.ping(destination=[hostname], timeout=0.5)
+            )
+        yield running
+
+
+class Hiccup(Exception):
+    """A made-up error ``hiccups`` names in ``retry_on``."""
+
+
+@shared_task(name="tests.once.hiccups", bind=True)
+@retry_on(Hiccup, max_retries=2, backoff=0.3, max_backoff=0.3, jitter=False)
+def hiccups(self: SqlAlchemyTask, user_id: int, failures: int) -> int:
+    """Raise the named error on the first ``failures`` attempts; then the effect."""
+    if self.request.retries < failures:
+        raise Hiccup(f"hiccup on attempt {self.request.retries + 1}")
+    Session.add(Invoice(user_id=user_id, amount_cents=1))
+    return user_id
+
+
+def new_user() -> int:
+    with session_scope() as session:
+        user = User(email=f"once-{uuid.uuid4().hex}@example.com")
+        session.add(user)
+        session.flush()
+        return user.id
+
+
+def effects(user_id: int) -> int:
+    with session_scope() as session:
+        return int(session.scalar(select(func.count(Invoice.id)).filter_by(user_id=user_id)) or 0)
+
+
+def job(job_id: str) -> Job:
+    """The job's row as it is now (detached)."""
+    with session_scope() as session:
+        found = session.get(Job, job_id)
+        assert found is not None, f"no ledger row for {job_id}"
+        session.expunge(found)
+        return found
+
+
+def insert_job(user_id: int, **values: Any) -> str:
+    """A ledger row for ``record(user_id)``, with ``values`` set."""
+    job_id = str(uuid.uuid4())
+    with session_scope() as session:
+        row = Job(id=job_id, name=record.name, args=[user_id], kwargs={}, options={})
+        row.max_attempts = 3
+        for name, value in values.items():
+            setattr(row, name, value)
+        session.add(row)
+    return job_id
+
+
+def message(job_id: str) -> dict[str, Any]:
+    row = job(job_id)
+    return {
+        "id": row.id,
+        "name": row.name,
+        "args": row.args,
+        "kwargs": row.kwargs,
+        "options": row.options,
+        "retries": 0,
+    }
+
+
+def queue_size(celery_app: Celery, queue: str) -> int:
+    """Messages ready in ``queue`` (declared if missing, as Celery declares it)."""
+    with celery_app.connection_for_write() as connection:
+        bound = Queue(queue, Exchange(queue), routing_key=queue)(connection.default_channel)
+        bound.declare()
+        return int(bound.queue_declare().message_count)
+
+
+@pytest.fixture
+def task_log() -> Iterator[BufferingHandler]:
+    """What ``proj.task`` logs, from INFO up (the worker sets the root level to WARNING)."""
+    handler = BufferingHandler(capacity=10_000)
+    logger = logging.getLogger("proj.task")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def skips(handler: BufferingHandler, job_id: str) -> int:
+    return sum(
+        1
+        for r in list(handler.buffer)
+        if job_id in r.getMessage() and "skipping this delivery" in r.getMessage()
+    )
+
+
+def test_five_deliveries_one_effect_four_skips(purged: Celery, task_log: BufferingHandler) -> None:
+    """The same message delivered 5 times to 4 worker threads: one run takes
+    effect, the four others are acknowledged and logged as skips (while it
+    runs and after), and the row's state only moves forward."""
+    user_id = new_user()
+    key = uuid.uuid4().hex
+    RUNNING[key], RELEASE[key] = threading.Event(), threading.Event()
+    job_id = insert_job(user_id, kwargs={"key": key}, published_at=utcnow())
+    states: list[str] = []
+    watching = threading.Event()
+
+    def watch() -> None:
+        while not watching.is_set():
+            state = job(job_id).state
+            if not states or states[-1] != state:
+                states.append(state)
+            watching.wait(0.005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with worker(purged, pool="threads", concurrency=4):
+            for _ in range(5):
+                outbox.send(purged, message(job_id))
+            assert RUNNING[key].wait(timeout=30)
+            proj.testing.wait_for(lambda: skips(task_log, job_id) >= 4, timeout=60)
+            RELEASE[key].set()
+            proj.testing.wait_for(lambda: job(job_id).state == State.SUCCEEDED)
+            proj.testing.wait_for(lambda: queue_size(purged, "celery") == 0)
+    finally:
+        RELEASE[key].set()
+        watching.set()
+        watcher.join()
+
+    assert effects(user_id) == 1
+    assert skips(task_log, job_id) == 4
+    done = job(job_id)
+    assert (done.attempts, done.result) == (1, user_id)
+    assert states[0] == State.QUEUED and states[-1] == State.SUCCEEDED and State.RUNNING in states
+    ranks = [FORWARD[State(state)] for state in states]
+    assert ranks == sorted(ranks), states
+
+
+@pytest.mark.parametrize(
+    ("failures", "state", "effect"), [(2, State.SUCCEEDED, 1), (5, State.FAILED, 0)]
+)
+def test_ledger_counts_retries_up_to_the_maximum(
+    purged: Celery, failures: int, state: State, effect: int
+) -> None:
+    """A job retried on a named error goes through ``retrying`` and runs again
+    under the same id; its ledger attempts count every run, and after its
+    maximum (3 here) it ends ``failed`` with the error instead of retrying."""
+    user_id = new_user()
+    job_id = hiccups.apply_async_on_commit((user_id, failures))
+    seen: set[str] = set()
+
+    def finished() -> bool:
+        seen.add(job(job_id).state)
+        return job(job_id).state in (State.SUCCEEDED, State.FAILED)
+
+    with worker(purged):
+        proj.testing.wait_for(finished, interval=0.01)
+    done = job(job_id)
+    assert (done.state, done.attempts, done.max_attempts) == (state, 3, 3)
+    assert effects(user_id) == effect
+    assert State.RETRYING in seen
+    if state == State.FAILED:
+        assert "hiccup on attempt 3" in (done.error or "")
+    else:
+        assert done.error is None and done.result == user_id
+
+
+def dead_pid() -> int:
+    """The id of a process that has ended."""
+    ended = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return int(ended.stdout)
+
+
+def publish_owed(stack: Stack, celery_app: Celery) -> int:
+    """What one relay pass with no grace publishes."""
+    relay = make_outbox(celery_app, replace(stack.settings, relay_grace=0.0))
+    try:
+        return relay.relay_once()
+    finally:
+        relay.engine.dispose()
+
+
+@pytest.mark.parametrize("state", [State.QUEUED, State.RETRYING])
+def test_reconciler_sends_a_lost_message_again(stack: Stack, purged: Celery, state: State) -> None:
+    """A waiting job published long ago whose message the broker lost (its
+    queue is empty) is handed back to the relay, and then runs once."""
+    user_id = new_user()
+    job_id = record.apply_async_on_commit((user_id,))
+    proj.testing.wait_for(lambda: job(job_id).published_at is not None)
+    assert queue_size(purged, "celery") == 1
+    purged.control.purge()  # the broker loses it
+    with session_scope() as session:
+        past = utcnow() - LONG_AGO
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(state=state, created_at=past, available_at=past, published_at=past)
+        )
+
+    result = reconcile_jobs.apply().get()
+
+    assert result["resent"] >= 1
+    assert job(job_id).published_at is None
+    assert publish_owed(stack, purged) >= 1
+    with worker(purged):
+        proj.testing.wait_for(lambda: job(job_id).state == State.SUCCEEDED)
+    assert (effects(user_id), job(job_id).attempts) == (1, 1)
+
+
+def test_reconciler_takes_back_a_dead_workers_job(stack: Stack, purged: Celery) -> None:
+    """A job running for long on a worker that is gone goes back to
+    ``retrying`` and runs again; one running on a live worker is left alone."""
+    hostname = f"live-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
+    past = utcnow() - LONG_AGO
+    running = {"state": State.RUNNING, "attempts": 1, "started_at": past, "published_at": past}
+    lost_user, kept_user = new_user(), new_user()
+    lost = insert_job(lost_user, worker=f"gone@{socket.gethostname()}:{dead_pid()}", **running)
+    with worker(purged, hostname=hostname):
+        kept = insert_job(kept_user, worker=f"{hostname}:{os.getpid()}", **running)
+        result = reconcile_jobs.apply().get()
+        assert result["abandoned"] >= 1
+        assert job(kept).state == State.RUNNING
+        assert (job(lost).state, job(lost).published_at) == (State.RETRYING, None)
+        publish_owed(stack, purged)
+        proj.testing.wait_for(lambda: job(lost).state == State.SUCCEEDED)
+    assert (effects(lost_user), job(lost).attempts) == (1, 2)
+    assert (effects(kept_user), job(kept).state) == (0, State.RUNNING)
+    with session_scope() as session:  # leave nothing running behind
+        session.execute(update(Job).where(Job.id == kept).values(state=State.CANCELLED))
+
+
+def test_slot_job_id_is_per_task_and_slot() -> None:
+    """Two beats' copies of an entry get the same job id in one slot, and
+    different ids in different slots or for different tasks."""
+    every_minute = timedelta(minutes=1)
+    one = ScheduleEntry(name="a", task="tests.once.tick", schedule=every_minute)
+    other = ScheduleEntry(
+        name="b",
+        task="tests.once.tick",
+        schedule=every_minute,
+        last_run_at=datetime(2030, 1, 1, tzinfo=UTC),
+    )
+    start = datetime(2030, 1, 1, 12, 0, 5, tzinfo=UTC)
+    assert slot_job_id(one, start) == slot_job_id(other, start + timedelta(seconds=50))
+    assert slot_job_id(one, start) != slot_job_id(other, start + timedelta(seconds=60))
+    other_task = ScheduleEntry(name="c", task="tests.once.tock", schedule=every_minute)
+    assert slot_job_id(one, start) != slot_job_id(other_task, start)
+    cron = ScheduleEntry(name="d", task="tests.once.tick", schedule=crontab(minute="*"))
+    assert slot_job_id(cron, start) == slot_job_id(cron, start + timedelta(seconds=50))
+    assert slot_job_id(cron, start) != slot_job_id(cron, start + timedelta(minutes=1))
+
+
+def test_two_beats_send_one_run_per_slot(celery_app: Celery, tmp_path: Path) -> None:
+    """Two schedulers sending the same entry in the same slot make one ledger
+    row and one message; enqueuing that slot's id again is an IntegrityError."""
+    task = f"tests.once.tick.{uuid.uuid4().hex}"
+    queue = f"tests.once.{uuid.uuid4().hex}"
+    decade = timedelta(days=3650)  # the slot will not change during the test
+    beats = [
+        LedgerScheduler(app=celery_app, schedule_filename=str(tmp_path / f"beat{n}"), lazy=True)
+        for n in (1, 2)
+    ]
+    entries = [
+        ScheduleEntry(
+            name="tick", task=task, schedule=decade, options={"queue": queue}, app=celery_app
+        )
+        for _ in beats
+    ]
+
+    sent = [
+        beat.apply_async(entry, advance=False) for beat, entry in zip(beats, entries, strict=True)
+    ]
+
+    assert sent[0] is not None and sent[1] is None
+    job_id = sent[0].id
+    with pytest.raises(IntegrityError), session_scope() as session:
+        outbox.enqueue(
+            session,
+            task,
+            [],
+            {},
+            celery_app=celery_app,
+            max_attempts=1,
+            options={"queue": queue, "task_id": job_id},
+        )
+    with session_scope() as session:
+        assert session.scalar(select(func.count(Job.id)).where(Job.name == task)) == 1
+    assert job(job_id).published_at is not None
+    assert queue_size(celery_app, queue) == 1
