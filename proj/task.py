@@ -35,7 +35,7 @@ from proj.arguments import argument_message, check_arguments, check_json
 from proj.config import current_settings
 from proj.db import Session, in_task_run, session_scope, task_scope, utcnow
 from proj.errors import TaskArgumentError
-from proj.retry import retry_policy_of
+from proj.retry import TRANSIENT_ERRORS, retry_policy_of
 from proj.safety import check_countdown
 
 logger = logging.getLogger(__name__)
@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 _runs = itertools.count()
 SESSION_KEY = "proj_session_key"
 """Where a traced run leaves its session's key on the request, for ``after_return``."""
+CLAIM_BACKOFF_CAP = 60.0
+"""Most seconds a delivery waits before trying again to claim its job."""
 CLAIM = "proj_claim"
 """Where a run that claimed its ledger row keeps the :class:`~proj.ledger.Claim`."""
 
@@ -99,7 +101,19 @@ class SqlAlchemyTask(celery.Task[Any, Any]):
 
     def _claim(self) -> None:
         worker = f"{self.request.hostname}:{os.getpid()}"
-        claim = ledger.claim(Session(), str(self.request.id), worker)
+        try:
+            claim = ledger.claim(Session(), str(self.request.id), worker)
+        except Exception as exc:
+            if exc not in TRANSIENT_ERRORS:
+                raise
+            # The job is still waiting (nothing was claimed): deliver it again
+            # once the database answers.
+            Session.rollback()
+            raise self.retry(
+                exc=exc,
+                countdown=min(CLAIM_BACKOFF_CAP, 2.0**self.request.retries),
+                max_retries=None,
+            ) from exc
         if not claim.claimed:
             logger.info(
                 "%s[%s]: job is %s; skipping this delivery",

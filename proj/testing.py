@@ -59,11 +59,16 @@ def worker(
         loglevel="WARNING",
         **options,
     ) as running:
+        with celery_app.connection_for_read() as connection:
+            broadcasts = "fanout" in connection.transport.implements.exchange_type
+        hostname = str(getattr(running, "hostname", ""))
+        if broadcasts:
+            # Ready means listening: the wake-up sent at the end is not lost.
+            wait_for(lambda: celery_app.control.ping(destination=[hostname], timeout=0.5))
         yield running
         # Wake the worker's event loop, which may otherwise sleep seconds
         # before it notices it should stop.
         state.should_terminate = 0  # type: ignore[assignment]
-        hostname = str(getattr(running, "hostname", ""))
         celery_app.control.broadcast("ping", reply=False, destination=[hostname])
 
 

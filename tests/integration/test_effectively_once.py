@@ -13,7 +13,6 @@ import sys
 import threading
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from logging.handlers import BufferingHandler
@@ -23,7 +22,6 @@ import pytest
 from celery import Celery
 from celery.beat import ScheduleEntry
 from celery.schedules import crontab
-from celery.worker import WorkController
 from kombu import Exchange, Queue
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -60,21 +58,6 @@ def record(user_id: int, key: str | None = None) -> int:
         RELEASE[key].wait(timeout=60)
     Session.add(Invoice(user_id=user_id, amount_cents=1))
     return user_id
-
-
-@contextmanager
-def worker(celery_app: Celery, **options: Any) -> Iterator[WorkController]:
-    """``proj.testing.worker``, once its remote control answers: stopping it
-    wakes it through that, and a wake-up sent before it listens is lost."""
-    with proj.testing.worker(celery_app, **options) as running:
-        with celery_app.connection_for_read() as connection:
-            broadcasts = "fanout" in connection.transport.implements.exchange_type
-        if broadcasts:
-            hostname = str(running.hostname)
-            proj.testing.wait_for(
-                lambda: celery_app.control.ping(destination=[hostname], timeout=0.5)
-            )
-        yield running
 
 
 class Hiccup(Exception):
@@ -187,7 +170,7 @@ def test_five_deliveries_one_effect_four_skips(purged: Celery, task_log: Bufferi
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        with worker(purged, pool="threads", concurrency=4):
+        with proj.testing.worker(purged, pool="threads", concurrency=4):
             for _ in range(5):
                 outbox.send(purged, message(job_id))
             assert RUNNING[key].wait(timeout=30)
@@ -226,7 +209,7 @@ def test_ledger_counts_retries_up_to_the_maximum(
         seen.add(job(job_id).state)
         return job(job_id).state in (State.SUCCEEDED, State.FAILED)
 
-    with worker(purged):
+    with proj.testing.worker(purged):
         proj.testing.wait_for(finished, interval=0.01)
     done = job(job_id)
     assert (done.state, done.attempts, done.max_attempts) == (state, 3, 3)
@@ -280,7 +263,7 @@ def test_reconciler_sends_a_lost_message_again(stack: Stack, purged: Celery, sta
     assert result["resent"] >= 1
     assert job(job_id).published_at is None
     assert publish_owed(stack, purged) >= 1
-    with worker(purged):
+    with proj.testing.worker(purged):
         proj.testing.wait_for(lambda: job(job_id).state == State.SUCCEEDED)
     assert (effects(user_id), job(job_id).attempts) == (1, 1)
 
@@ -293,7 +276,7 @@ def test_reconciler_takes_back_a_dead_workers_job(stack: Stack, purged: Celery) 
     running = {"state": State.RUNNING, "attempts": 1, "started_at": past, "published_at": past}
     lost_user, kept_user = new_user(), new_user()
     lost = insert_job(lost_user, worker=f"gone@{socket.gethostname()}:{dead_pid()}", **running)
-    with worker(purged, hostname=hostname):
+    with proj.testing.worker(purged, hostname=hostname):
         kept = insert_job(kept_user, worker=f"{hostname}:{os.getpid()}", **running)
         result = reconcile_jobs.apply().get()
         assert result["abandoned"] >= 1

@@ -8,13 +8,11 @@ import logging
 import threading
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from logging.handlers import BufferingHandler
 from typing import Any
 
 import pytest
 from celery import Celery
-from celery.worker import WorkController
 from flask.testing import FlaskClient
 
 import proj.testing
@@ -51,21 +49,6 @@ def fails_once(self: SqlAlchemyTask, email: str) -> str:
         raise ValueError("failing the first time, as asked")
     Session.add(User(email=email))
     return email
-
-
-@contextmanager
-def worker(celery_app: Celery, **options: Any) -> Iterator[WorkController]:
-    """``proj.testing.worker``, once its remote control answers: stopping it
-    wakes it through that, and a wake-up sent before it listens is lost."""
-    with proj.testing.worker(celery_app, **options) as running:
-        with celery_app.connection_for_read() as connection:
-            broadcasts = "fanout" in connection.transport.implements.exchange_type
-        if broadcasts:
-            hostname = str(running.hostname)
-            proj.testing.wait_for(
-                lambda: celery_app.control.ping(destination=[hostname], timeout=0.5)
-            )
-        yield running
 
 
 @pytest.fixture
@@ -129,7 +112,7 @@ def test_report_is_a_job_the_api_follows(client: FlaskClient, purged: Celery) ->
     assert queued["id"] == job_id and queued["name"] == "proj.tasks.generate_report"
     assert (queued["state"], queued["attempts"], queued["started_at"]) == ("queued", 0, None)
     assert queued["created_at"] is not None
-    with worker(purged):
+    with proj.testing.worker(purged):
         done = proj.testing.wait_for(lambda: in_state(client, job_id, State.SUCCEEDED))
     assert done["result"] == {
         "user_id": user_id, "invoices": 3, "charged": 1, "total_cents": 750, "charged_cents": 100,
@@ -188,7 +171,7 @@ def test_running_job_cannot_be_cancelled_nor_retried(client: FlaskClient, purged
     RUNNING[key], RELEASE[key] = threading.Event(), threading.Event()
     job_id = wait.apply_async_on_commit((key,))
     try:
-        with worker(purged, pool="threads", concurrency=2):
+        with proj.testing.worker(purged, pool="threads", concurrency=2):
             assert RUNNING[key].wait(timeout=30)
             assert get_job(client, job_id)["state"] == "running"
             for action in ("cancel", "retry"):
@@ -220,7 +203,7 @@ def test_cancelled_job_never_runs(
     assert response.get_json()["state"] == "cancelled"
     assert response.get_json()["finished_at"] is not None
     skipped = f"tests.jobs.wait[{job_id}]: job is cancelled; skipping this delivery"
-    with worker(purged):
+    with proj.testing.worker(purged):
         proj.testing.wait_for(lambda: skipped in {r.getMessage() for r in task_log.buffer})
     assert job_id not in RUNS and not RUNNING[key].is_set()
     after = get_job(client, job_id)
@@ -233,7 +216,7 @@ def test_failed_job_is_retried(client: FlaskClient, purged: Celery) -> None:
     again (its attempts grow) and succeeds."""
     email = new_email()
     job_id = fails_once.apply_async_on_commit((email,))
-    with worker(purged):
+    with proj.testing.worker(purged):
         failed = proj.testing.wait_for(lambda: in_state(client, job_id, State.FAILED))
         assert failed["attempts"] == 1 and "failing the first time" in failed["error"]
 

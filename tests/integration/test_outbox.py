@@ -8,14 +8,11 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import timedelta
 from logging.handlers import BufferingHandler
-from typing import Any
 
 import pytest
 from celery import Celery
-from celery.worker import WorkController
 from flask import Flask
 from kombu import Exchange, Queue
 from sqlalchemy import func, select
@@ -40,21 +37,6 @@ def needs_user(self: SqlAlchemyTask, user_id: int) -> int:
         raise LookupError(f"user {user_id} is not visible to the worker")
     RAN.append(str(self.request.id))
     return user_id
-
-
-@contextmanager
-def worker(celery_app: Celery, **options: Any) -> Iterator[WorkController]:
-    """``proj.testing.worker``, once its remote control answers: stopping it
-    wakes it through that, and a wake-up sent before it listens is lost."""
-    with proj.testing.worker(celery_app, **options) as running:
-        with celery_app.connection_for_read() as connection:
-            broadcasts = "fanout" in connection.transport.implements.exchange_type
-        if broadcasts:
-            hostname = str(running.hostname)
-            proj.testing.wait_for(
-                lambda: celery_app.control.ping(destination=[hostname], timeout=0.5)
-            )
-        yield running
 
 
 @pytest.fixture
@@ -118,7 +100,7 @@ def test_rollback_in_a_request_publishes_nothing(app: Flask, purged: Celery) -> 
 
     assert list(rows(*job_ids)) == [job_ids[1]]
     assert queue_size(purged) == 1
-    with worker(purged):
+    with proj.testing.worker(purged):
         proj.testing.wait_for(lambda: rows(job_ids[1])[job_ids[1]].state == State.SUCCEEDED)
     assert job_ids[0] not in RAN and job_ids[1] in RAN
     assert rows(job_ids[0]) == {}
@@ -194,7 +176,7 @@ def test_a_thousand_jobs_always_find_their_rows(
     ends succeeded at its first delivery (none was skipped for want of its
     ledger row, which a message published before the commit would be)."""
     job_ids: list[str] = []
-    with worker(purged, pool="threads", concurrency=4):
+    with proj.testing.worker(purged, pool="threads", concurrency=4):
         for n in range(200):
             if n % 2:
                 with app.app_context():
@@ -241,7 +223,7 @@ def test_countdown_and_eta_are_honoured(purged: Celery) -> None:
         later = needs_user.apply_async_on_commit((users[0].id,), session=session, countdown=1.5)
         eta = utcnow() + timedelta(seconds=1.5)
         at_eta = needs_user.apply_async_on_commit((users[1].id,), session=session, eta=eta)
-    with worker(purged, pool="threads", concurrency=2):
+    with proj.testing.worker(purged, pool="threads", concurrency=2):
         proj.testing.wait_for(
             lambda: {job.state for job in rows(later, at_eta).values()} == {State.SUCCEEDED}
         )

@@ -54,28 +54,13 @@ def record(user_id: int) -> int:
 
 
 @contextmanager
-def worker(celery_app: Celery, **options: Any) -> Iterator[WorkController]:
-    """``proj.testing.worker``, once its remote control answers: stopping it
-    wakes it through that, and a wake-up sent before it listens is lost."""
-    with proj.testing.worker(celery_app, **options) as running:
-        with celery_app.connection_for_read() as connection:
-            broadcasts = "fanout" in connection.transport.implements.exchange_type
-        if broadcasts:
-            hostname = str(running.hostname)
-            proj.testing.wait_for(
-                lambda: celery_app.control.ping(destination=[hostname], timeout=0.5)
-            )
-        yield running
-
-
-@contextmanager
 def queue_worker(stack: Stack, celery_app: Celery, queue: str) -> Iterator[WorkController]:
     """A worker consuming ``queue`` only, on a Celery app of its own: a
     worker's choice of queues stays with its app, and would starve the
     default queue of every later worker on ``celery_app``."""
     own = create_app(stack.settings)
     try:
-        with worker(own, queues=[queue]) as running:
+        with proj.testing.worker(own, queues=[queue]) as running:
             yield running
     finally:
         own.close()
