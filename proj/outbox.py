@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
+import kombu.exceptions
+from amqp import spec
 from celery import Celery
 from kombu import Producer
 from sqlalchemy import Connection, Engine, event, orm, select, update
@@ -36,6 +38,8 @@ logger = logging.getLogger(__name__)
 JOB_HEADER = "proj_job"
 """Message header marking a job that has a ledger row."""
 NOTIFY_CHANNEL = "proj_jobs"
+CONFIRM_TIMEOUT = 30.0
+"""Seconds the relay waits for RabbitMQ to confirm a batch."""
 STOP_CHECK = 0.25
 """Seconds a waiting relay may take to notice it is asked to stop."""
 PENDING = "proj.outbox.pending"
@@ -271,11 +275,68 @@ def publish_owed(
         query = query.with_for_update(skip_locked=True)
     rows = connection.execute(query).all()
     if rows:
-        with celery_app.producer_or_acquire() as producer:
+        with confirmed_batch(celery_app) as publish:
             for row in rows:
-                send(celery_app, _row_message(row), producer=producer)
+                publish(_row_message(row))
         _mark_published(connection, [row.id for row in rows])
     return len(rows)
+
+
+@contextmanager
+def confirmed_batch(celery_app: Celery) -> Iterator[Callable[[Mapping[str, Any]], None]]:
+    """A ``publish(message)`` whose messages the broker has all taken once the
+    block ends.
+
+    On RabbitMQ the channel is in publisher-confirm mode and the confirms of
+    the whole batch are awaited together at the end (one at a time would cost
+    a round trip a message); raises if RabbitMQ refuses any. Other brokers
+    take each message before ``publish`` returns.
+    """
+    options = {"confirm_publish": False}  # confirmed here, per batch
+    with celery_app.connection_for_write(transport_options=options) as connection:
+        channel: Any = connection.channel()
+        try:
+            confirms = _Confirms(channel) if connection.transport.driver_type == "amqp" else None
+            producer = Producer(channel)
+
+            def publish(message: Mapping[str, Any]) -> None:
+                send(celery_app, message, producer=producer)
+                if confirms is not None:
+                    confirms.sent += 1
+
+            yield publish
+            if confirms is not None:
+                confirms.wait()
+        finally:
+            channel.close()
+
+
+class _Confirms:
+    """RabbitMQ's confirms of what a channel publishes, counted as they come
+    (they can arrive while the channel waits for something else)."""
+
+    def __init__(self, channel: Any) -> None:
+        self.channel = channel
+        self.sent = 0
+        self.confirmed: set[int] = set()
+        self.refused = 0
+        channel.confirm_select()
+        channel.events["basic_ack"].add(self._ack)
+        channel.events["basic_nack"].add(self._nack)
+
+    def _ack(self, tag: int, multiple: bool) -> None:
+        self.confirmed.update(range(1, tag + 1) if multiple else (tag,))
+
+    def _nack(self, tag: int, multiple: bool) -> None:
+        self.refused += 1
+        self._ack(tag, multiple)
+
+    def wait(self) -> None:
+        """Return once every message sent is confirmed; raise if any was refused."""
+        while len(self.confirmed) < self.sent:
+            self.channel.wait([spec.Basic.Ack, spec.Basic.Nack], timeout=CONFIRM_TIMEOUT)
+        if self.refused:
+            raise kombu.exceptions.OperationalError(f"RabbitMQ refused {self.refused} messages")
 
 
 def send_owed(celery_app: Celery, job_ids: Sequence[str]) -> None:
