@@ -4,19 +4,15 @@
 transaction commits, the message is published at once from the same process
 (the fast path); if it rolls back, nothing is published. Whatever the fast path
 misses (the broker was down, the process died right after the commit) the
-relay publishes: :meth:`Outbox.relay` claims unpublished rows with ``FOR UPDATE
-SKIP LOCKED`` (by state, never by "id above the last one seen", since rows
-commit out of order), publishes them in batches, and marks them published in
-the same transaction. On PostgreSQL it wakes on ``LISTEN``/``NOTIFY`` and polls
-as well; on SQLite it polls.
+relay publishes (:mod:`proj.relay`), through :func:`publish_owed`: it claims
+unpublished rows with ``FOR UPDATE SKIP LOCKED`` (by state, never by "id above
+the last one seen", since rows commit out of order), publishes them in
+confirmed batches, and marks them published in the same transaction.
 """
 
 from __future__ import annotations
 
 import logging
-import select as select_module
-import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -27,7 +23,7 @@ import kombu.exceptions
 from amqp import spec
 from celery import Celery
 from kombu import Producer
-from sqlalchemy import Connection, Engine, event, orm, select, update
+from sqlalchemy import Connection, event, orm, select, update
 
 from proj.config import current_settings
 from proj.db import in_task_run, utcnow, worker_engine
@@ -40,8 +36,6 @@ JOB_HEADER = "proj_job"
 NOTIFY_CHANNEL = "proj_jobs"
 CONFIRM_TIMEOUT = 30.0
 """Seconds the relay waits for RabbitMQ to confirm a batch."""
-STOP_CHECK = 0.25
-"""Seconds a waiting relay may take to notice it is asked to stop."""
 PENDING = "proj.outbox.pending"
 """``session.info`` key: jobs to publish when the session's transaction commits,
 each with the savepoint it was enqueued in."""
@@ -347,102 +341,6 @@ def send_owed(celery_app: Celery, job_ids: Sequence[str]) -> None:
             publish_owed(connection, celery_app, Job.id.in_(job_ids))
     except Exception as exc:
         logger.warning("jobs %s not published now (%s); the relay will", list(job_ids), exc)
-
-
-class Outbox:
-    """Publishes the jobs the fast path did not.
-
-    Several relays may run at once (``FOR UPDATE SKIP LOCKED`` on PostgreSQL;
-    on SQLite they take turns). A row is marked published in the transaction
-    that claimed it, after the broker confirmed its message; a relay that dies
-    in between leaves the row to be published again, with the same id (the
-    worker's claim makes the second delivery a no-op).
-    """
-
-    def __init__(
-        self,
-        celery_app: Celery,
-        engine: Engine,
-        *,
-        batch_size: int = 500,
-        poll_interval: float = 1.0,
-        grace: float = 0.0,
-    ) -> None:
-        self.celery_app = celery_app
-        self.engine = engine
-        self.batch_size = batch_size
-        self.poll_interval = poll_interval
-        self.grace = grace
-        """Seconds a row is left to the fast path before the relay takes it."""
-        self.published = 0
-
-    def relay_once(self) -> int:
-        """Publish one batch of owed jobs; return how many."""
-        cutoff = utcnow() - timedelta(seconds=self.grace)
-        with self.engine.connect() as connection, connection.begin():
-            count = publish_owed(
-                connection, self.celery_app, Job.created_at <= cutoff, limit=self.batch_size
-            )
-        self.published += count
-        return count
-
-    def relay(self, stop: threading.Event) -> None:
-        """Publish owed jobs until ``stop`` is set: at once when notified (on
-        PostgreSQL), and every ``poll_interval`` seconds in any case."""
-        with self._notifications(stop) as wait:
-            while not stop.is_set():
-                try:
-                    while self.relay_once() and not stop.is_set():
-                        pass
-                except Exception:
-                    logger.exception("relay: publishing failed; trying again shortly")
-                    stop.wait(self.poll_interval)
-                    continue
-                wait(self.poll_interval)
-
-    @contextmanager
-    def _notifications(self, stop: threading.Event) -> Iterator[Callable[[float], object]]:
-        """A ``wait(timeout)`` that returns early on a NOTIFY (on PostgreSQL)
-        or once ``stop`` is set. It listens again after the listening
-        connection is lost (a NOTIFY sent meanwhile is lost; polling covers it)."""
-        if self.engine.dialect.name != "postgresql":
-            yield stop.wait
-            return
-        listener: list[Any] = []
-
-        def wait(timeout: float) -> None:
-            deadline = time.monotonic() + timeout
-            try:
-                if not listener:
-                    # Out of the pool: autocommit must not follow the
-                    # connection back to a publishing transaction.
-                    connection = self.engine.raw_connection()
-                    connection.detach()
-                    listener.append(connection)
-                    connection.dbapi_connection.autocommit = True  # type: ignore[union-attr]
-                    connection.cursor().execute(f"LISTEN {NOTIFY_CHANNEL}")
-                raw: Any = listener[0].dbapi_connection
-                while not stop.is_set():
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        return
-                    if select_module.select([raw], [], [], min(left, STOP_CHECK))[0]:
-                        raw.poll()
-                        if raw.notifies:
-                            raw.notifies.clear()
-                            return
-            except Exception as exc:
-                logger.warning("relay: lost the LISTEN connection (%s); listening again", exc)
-                for connection in listener:
-                    connection.invalidate()
-                listener.clear()
-                stop.wait(min(timeout, 1.0))
-
-        try:
-            yield wait
-        finally:
-            for connection in listener:
-                connection.close()
 
 
 def _row_message(row: Any) -> dict[str, Any]:

@@ -1,22 +1,132 @@
-"""Running the outbox relay: as ``proj relay``, or in a thread of each worker
-(``PROJ_RELAY_IN_WORKER``, the default, for small deployments)."""
+"""The outbox relay: publishes the committed jobs the fast path missed.
+
+It runs as ``proj relay``, or in a thread of each worker (``PROJ_RELAY_IN_WORKER``,
+the default, for small deployments). On PostgreSQL it wakes on ``LISTEN``/
+``NOTIFY`` and polls as well (a NOTIFY sent while it is disconnected is lost);
+on SQLite it polls.
+"""
 
 from __future__ import annotations
 
 import logging
+import select as select_module
 import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 from celery import Celery, bootsteps
+from sqlalchemy import Engine
 
 from proj.config import Settings, current_settings
-from proj.db import make_engine
-from proj.outbox import Outbox
+from proj.db import make_engine, utcnow
+from proj.ledger import Job
+from proj.outbox import NOTIFY_CHANNEL, publish_owed
 
 logger = logging.getLogger(__name__)
 
+STOP_CHECK = 0.25
+"""Seconds a waiting relay may take to notice it is asked to stop."""
 RELAY_POOL_SIZE = 1
 """Connections in a relay's pool (publishing); the listening one is its own."""
+
+
+class Outbox:
+    """Publishes the jobs the fast path did not.
+
+    Several relays may run at once (``FOR UPDATE SKIP LOCKED`` on PostgreSQL;
+    on SQLite they take turns). A row is marked published in the transaction
+    that claimed it, after the broker confirmed its message; a relay that dies
+    in between leaves the row to be published again, with the same id (the
+    worker's claim makes the second delivery a no-op).
+    """
+
+    def __init__(
+        self,
+        celery_app: Celery,
+        engine: Engine,
+        *,
+        batch_size: int = 500,
+        poll_interval: float = 1.0,
+        grace: float = 0.0,
+    ) -> None:
+        self.celery_app = celery_app
+        self.engine = engine
+        self.batch_size = batch_size
+        self.poll_interval = poll_interval
+        self.grace = grace
+        """Seconds a row is left to the fast path before the relay takes it."""
+        self.published = 0
+
+    def relay_once(self) -> int:
+        """Publish one batch of owed jobs; return how many."""
+        cutoff = utcnow() - timedelta(seconds=self.grace)
+        with self.engine.connect() as connection, connection.begin():
+            count = publish_owed(
+                connection, self.celery_app, Job.created_at <= cutoff, limit=self.batch_size
+            )
+        self.published += count
+        return count
+
+    def relay(self, stop: threading.Event) -> None:
+        """Publish owed jobs until ``stop`` is set: at once when notified (on
+        PostgreSQL), and every ``poll_interval`` seconds in any case."""
+        with self._notifications(stop) as wait:
+            while not stop.is_set():
+                try:
+                    while self.relay_once() and not stop.is_set():
+                        pass
+                except Exception:
+                    logger.exception("relay: publishing failed; trying again shortly")
+                    stop.wait(self.poll_interval)
+                    continue
+                wait(self.poll_interval)
+
+    @contextmanager
+    def _notifications(self, stop: threading.Event) -> Iterator[Callable[[float], object]]:
+        """A ``wait(timeout)`` that returns early on a NOTIFY (on PostgreSQL)
+        or once ``stop`` is set. It listens again after the listening
+        connection is lost (a NOTIFY sent meanwhile is lost; polling covers it)."""
+        if self.engine.dialect.name != "postgresql":
+            yield stop.wait
+            return
+        listener: list[Any] = []
+
+        def wait(timeout: float) -> None:
+            deadline = time.monotonic() + timeout
+            try:
+                if not listener:
+                    # Out of the pool: autocommit must not follow the
+                    # connection back to a publishing transaction.
+                    connection = self.engine.raw_connection()
+                    connection.detach()
+                    listener.append(connection)
+                    connection.dbapi_connection.autocommit = True  # type: ignore[union-attr]
+                    connection.cursor().execute(f"LISTEN {NOTIFY_CHANNEL}")
+                raw: Any = listener[0].dbapi_connection
+                while not stop.is_set():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return
+                    if select_module.select([raw], [], [], min(left, STOP_CHECK))[0]:
+                        raw.poll()
+                        if raw.notifies:
+                            raw.notifies.clear()
+                            return
+            except Exception as exc:
+                logger.warning("relay: lost the LISTEN connection (%s); listening again", exc)
+                for connection in listener:
+                    connection.invalidate()
+                listener.clear()
+                stop.wait(min(timeout, 1.0))
+
+        try:
+            yield wait
+        finally:
+            for connection in listener:
+                connection.close()
 
 
 def make_outbox(celery_app: Celery, settings: Settings | None = None) -> Outbox:

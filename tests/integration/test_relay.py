@@ -36,8 +36,7 @@ from proj.config import current_settings, use_settings
 from proj.db import Session, session_scope
 from proj.ledger import Job, State
 from proj.models import Invoice, User
-from proj.outbox import Outbox
-from proj.relay import make_outbox
+from proj.relay import Outbox, make_outbox
 from proj.task import shared_task
 
 if TYPE_CHECKING:
