@@ -19,6 +19,7 @@ from proj.deadletter import record_message
 from proj.errors import ConfigurationError
 from proj.relay import RelayStep
 from proj.safety import check_configuration
+from proj.sqlite_forks import install_fork_gate
 
 
 def create_app(settings: Settings | None = None) -> Celery:
@@ -45,6 +46,11 @@ app = create_app()
 # shared tasks enqueue through this app, never Celery's unconfigured default.
 app.set_default()
 app.set_current()
+
+
+# A prefork worker's children must be able to write the embedded setup's
+# SQLite files: no fork while a thread of the worker is writing one.
+install_fork_gate()
 
 
 @signals.worker_process_init.connect

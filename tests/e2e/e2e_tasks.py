@@ -1,30 +1,59 @@
 """Test-only tasks the e2e worker subprocesses load (``--include e2e_tasks``).
 
 Each one works through the task session, as an application task would.
-Two variables arrange what the e2e tests need, and only in the worker:
+Three variables arrange what the e2e tests need, and only in the worker:
 
 - ``E2E_CONNECT_BEFORE_FORK``: the worker's main process opens a worker-tier
   connection as it imports this module, before it forks its children, as an
   application that queries at import time would;
 - ``E2E_PAUSE_AFTER_CHARGE`` (seconds): the default payment gateway pauses
   after it has recorded a charge, so a test can kill the worker in the window
-  between the gateway's record and the invoice's commit.
+  between the gateway's record and the invoice's commit;
+- ``E2E_WRITE_AT_START`` (seconds): a thread of the worker's main process
+  holds a write transaction on the database that long from the moment this
+  module is imported (when the pool is about to fork its children), printing
+  ``e2e: write ended at <time>``, and each child prints ``e2e: child began at
+  <time>`` as it starts.
+
+``record_effect`` writes a row of ``e2e_effects`` (no unique key: a job that
+took effect twice shows as two rows); :func:`enqueue_effects` enqueues such
+jobs with ``delay_on_commit`` from a process of the test's own making
+(``python -c``, see ``subprocesses.enqueue_effects``).
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 from typing import Any
 
-from celery import shared_task
+from celery import shared_task, signals
 from celery.exceptions import Ignore, Reject
-from sqlalchemy import text
+from sqlalchemy import Column, Engine, Float, Integer, MetaData, String, Table, text
 
-from proj import Session, retry_on
-from proj.db import worker_engine
+from proj import TRANSIENT_ERRORS, Session, retry_on
+from proj.db import session_scope, worker_engine
 from proj.models import User
 from proj.payments import LedgerGateway, Receipt
+from proj.task import SqlAlchemyTask
+
+effects = Table(
+    "e2e_effects",
+    MetaData(),
+    Column("tag", String(64), nullable=False),
+    Column("n", Integer, nullable=False),
+    Column("job_id", String(64)),
+    Column("pid", Integer),
+    Column("at", Float),
+)
+"""One row each time ``record_effect`` takes effect (its transaction commits)."""
+
+
+def create_effects_table(engine: Engine) -> None:
+    """Make ``e2e_effects`` in ``engine``'s database, if it is not there yet."""
+    effects.create(engine, checkfirst=True)
 
 
 class Flaky(Exception):
@@ -65,6 +94,37 @@ def outcome(kind: str, email: str) -> str:
     return email
 
 
+@shared_task(name="e2e.record_effect", bind=True)
+@retry_on(TRANSIENT_ERRORS, max_retries=10, backoff=0.5, max_backoff=2.0)
+def record_effect(self: SqlAlchemyTask, tag: str, n: int, seconds: float = 0.0) -> int:
+    """Use the database, take ``seconds``, then record the effect ``(tag, n)``
+    (committed with the job's move to ``succeeded``)."""
+    Session.execute(text("SELECT 1"))
+    time.sleep(seconds)
+    Session.execute(
+        effects.insert().values(
+            tag=tag, n=n, job_id=str(self.request.id), pid=os.getpid(), at=time.time()
+        )
+    )
+    return n
+
+
+@shared_task(name="e2e.kill_own_worker")
+def kill_own_worker() -> None:
+    """kill -9 the process running it, every time."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def enqueue_effects(tag: str, count: int, seconds: float) -> list[str]:
+    """Enqueue ``count`` ``record_effect`` jobs with ``delay_on_commit``, in one
+    transaction; their job ids."""
+    with session_scope() as session:
+        return [
+            record_effect.apply_async_on_commit((tag, n, seconds), session=session)
+            for n in range(count)
+        ]
+
+
 def _pause_after_charge(pause: float) -> None:
     charge = LedgerGateway.charge
 
@@ -83,3 +143,28 @@ if os.environ.get("E2E_CONNECT_BEFORE_FORK"):
 
 if os.environ.get("E2E_PAUSE_AFTER_CHARGE"):
     _pause_after_charge(float(os.environ["E2E_PAUSE_AFTER_CHARGE"]))
+
+
+def _write_for(seconds: float) -> None:
+    began = threading.Event()
+
+    def write() -> None:
+        with worker_engine().connect() as connection, connection.begin():
+            if connection.dialect.name == "sqlite":
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
+            connection.execute(text("UPDATE jobs SET progress = progress WHERE 1 = 0"))
+            began.set()
+            time.sleep(seconds)
+        print(f"e2e: write ended at {time.time()!r}", flush=True)
+
+    threading.Thread(target=write, name="e2e-writer", daemon=True).start()
+    began.wait()
+
+
+def _child_began(**_: Any) -> None:
+    print(f"e2e: child began at {time.time()!r}", flush=True)
+
+
+if os.environ.get("E2E_WRITE_AT_START"):
+    signals.worker_process_init.connect(_child_began, weak=False)
+    _write_for(float(os.environ["E2E_WRITE_AT_START"]))

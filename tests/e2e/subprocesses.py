@@ -156,6 +156,24 @@ class Commands:
         worker.wait_for_output("ready.")
         return worker
 
+    def web(self, env: dict[str, str]) -> tuple[Command, str]:
+        """``flask --app proj.web run`` on a free port, once it answers; its URL."""
+        port = free_port()
+        web = self.start(
+            "web",
+            sys.executable,
+            *("-m", "flask", "--app", "proj.web", "run", "--port", str(port)),
+            env=env,
+        )
+        web.wait_for_output(f"Running on http://127.0.0.1:{port}")
+        return web, f"http://127.0.0.1:{port}"
+
+    def relay(self, env: dict[str, str]) -> Command:
+        """``proj relay``, once it has started publishing."""
+        relay = self.start("relay", str(BIN / "proj"), "relay", env=env)
+        relay.wait_for_output("proj relay: publishing")
+        return relay
+
     def stop_all(self) -> None:
         """Stop every command started (all of them, even if one fails to stop)."""
         problems = []
@@ -172,6 +190,26 @@ def e2e_env(base: dict[str, str]) -> dict[str, str]:
     """``base`` with the test tasks importable (``--include e2e_tasks``)."""
     path = os.pathsep.join(p for p in (str(E2E_DIR), base.get("PYTHONPATH")) if p)
     return {**base, "PYTHONPATH": path}
+
+
+def enqueue_effects(env: dict[str, str], tag: str, count: int, seconds: float = 0.0) -> list[str]:
+    """In a process of its own on ``env``: enqueue ``count`` ``e2e.record_effect``
+    jobs with ``delay_on_commit`` in one transaction (see ``e2e_tasks``); their ids."""
+    code = (
+        "import sys, e2e_tasks\n"
+        "ids = e2e_tasks.enqueue_effects(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]))\n"
+        "print('\\n'.join(ids))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, tag, str(count), str(seconds)],
+        env=e2e_env(env),
+        cwd=E2E_DIR,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout.split()
 
 
 def free_port() -> int:
