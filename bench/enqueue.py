@@ -17,7 +17,7 @@ from bench import stats
 from bench.workload import USERS
 
 
-def enqueuer(variant: str) -> Callable[[int], None]:
+def enqueuer(variant: str) -> Callable[[int], object]:
     if variant == "baseline":
         from bench.baseline import touch as plain
 

@@ -10,8 +10,10 @@ workload (:mod:`bench.workload`):
   relay in the worker, beat running the reconciler). On SQLite this is the
   embedded setup.
 
-Beside them, in the same run: the relay's publish rate with the fast path off,
-and a raw kombu publish and consume loop with no database. Figures are ratios
+Beside them, in the same run, the limits: ``pgbench`` running the task's
+transaction with 2 clients, a raw kombu publish and consume loop with no
+database, and the relay's publish rate with the fast path off. The proj-full
+worker's memory is measured after 1,000 tasks and after ``--rss-tasks``. Figures are ratios
 against those measured in the same run; every run also checks that each
 user's counter equals the tasks sent to it. Writes a Markdown table to
 ``bench/results/``.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -35,8 +38,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import psutil
 from kombu import Connection, Consumer, Exchange, Producer, Queue
-from sqlalchemy import Engine, create_engine, delete, insert, text
+from sqlalchemy import Engine, create_engine, delete, insert, make_url, text
 
 from bench import stats, workload
 from proj import db, scratch
@@ -65,6 +69,13 @@ INCLUDE = {
     "proj-full": ["--include", "bench.proj_touch"],
 }
 LATENCY_TASKS = 200
+RSS_WARMUP = 1000
+PGBENCH_SCRIPT = """\\set id random(1, 1000)
+BEGIN;
+SELECT id, touches, first_touched_at FROM bench_users WHERE id = :id;
+UPDATE bench_users SET touches = touches + 1, touched_at = now() WHERE id = :id;
+COMMIT;
+"""
 
 
 @dataclass
@@ -80,6 +91,8 @@ class Figures:
     commits: float = 0.0
     enqueue_statements: float = 0.0
     connections_at_rest: int | None = None
+    rss_mb: tuple[float, float] | None = None
+    """The worker's memory (all its processes) after 1,000 and after ``--rss-tasks`` tasks."""
     correct: bool = True
 
     @property
@@ -88,11 +101,13 @@ class Figures:
 
 
 @contextmanager
-def process(command: list[str], env: dict[str, str], log: Path) -> Iterator[None]:
+def process(
+    command: list[str], env: dict[str, str], log: Path
+) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("wb") as out:
         child = subprocess.Popen(command, env=env, cwd=ROOT, stdout=out, stderr=out)
     try:
-        yield
+        yield child
     finally:
         child.send_signal(signal.SIGTERM)
         try:
@@ -102,7 +117,8 @@ def process(command: list[str], env: dict[str, str], log: Path) -> Iterator[None
 
 
 @contextmanager
-def worker(variant: str, env: dict[str, str], folder: Path) -> Iterator[None]:
+def worker(variant: str, env: dict[str, str], folder: Path) -> Iterator[int]:
+    """A running worker for ``variant`` (and beat, for proj-full); its pid."""
     ready = folder / f"{variant}.ready"
     ready.unlink(missing_ok=True)
     env = {**env, "BENCH_READY_FILE": str(ready)}
@@ -116,7 +132,7 @@ def worker(variant: str, env: dict[str, str], folder: Path) -> Iterator[None]:
         f"bench-{variant}-{uuid.uuid4().hex[:6]}@%h",
     ]
     with ExitStack() as running:
-        running.enter_context(process(command, env, folder / f"{variant}.log"))
+        main = running.enter_context(process(command, env, folder / f"{variant}.log"))
         if variant == "proj-full":
             beat = [
                 *celery,
@@ -133,7 +149,7 @@ def worker(variant: str, env: dict[str, str], folder: Path) -> Iterator[None]:
                 raise RuntimeError((folder / f"{variant}.log").read_text())
             time.sleep(0.1)
         time.sleep(1)  # let the pool's children finish starting
-        yield
+        yield main.pid
 
 
 def enqueue(
@@ -223,6 +239,62 @@ def measure(
     return figures
 
 
+def worker_rss_mb(pid: int) -> float:
+    """Resident memory of a worker's main process and children, in MiB."""
+    main = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [main, *main.children(recursive=True)]) / 2**20
+
+
+def rss_growth(
+    env: dict[str, str], engine: Engine, tasks: int, folder: Path
+) -> tuple[float, float]:
+    """The proj-full worker's memory after 1,000 tasks and after ``tasks``."""
+    workload.clear(engine)
+    with worker("proj-full", env, folder) as pid:
+        enqueue("proj-full", RSS_WARMUP, env)
+        wait_drained(engine, RSS_WARMUP)
+        warm = worker_rss_mb(pid)
+        enqueue("proj-full", tasks - RSS_WARMUP, env)
+        wait_drained(engine, tasks, timeout=1800)
+        return warm, worker_rss_mb(pid)
+
+
+def pgbench_tps(database_url: str, folder: Path, seconds: int = 10) -> float:
+    """Transactions a second of the task's own transaction, run by ``pgbench``
+    with 2 clients (no Celery, no Python): the database's limit here."""
+    url = make_url(database_url)
+    script = folder / "touch.sql"
+    script.write_text(PGBENCH_SCRIPT)
+    done = subprocess.run(
+        [
+            "pgbench",
+            "-n",
+            "-c",
+            "2",
+            "-j",
+            "2",
+            "-T",
+            str(seconds),
+            "-f",
+            str(script),
+            "-h",
+            url.host or "127.0.0.1",
+            "-p",
+            str(url.port or 5432),
+            "-U",
+            url.username or "postgres",
+            url.database or "postgres",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    found = re.search(r"tps = ([0-9.]+)", done.stdout)
+    if found is None:
+        raise RuntimeError(f"pgbench printed no tps:\n{done.stdout}{done.stderr}")
+    return float(found.group(1))
+
+
 def relay_rate(env: dict[str, str], count: int) -> float:
     """Jobs a second the relay publishes, with the fast path off."""
     settings = load_settings({**env, "PROJ_OUTBOX_FAST_PATH": "0"})
@@ -289,23 +361,26 @@ def raw_broker(broker_url: str, count: int) -> tuple[float, float]:
     return publish, consume
 
 
-def table(results: list[Figures]) -> str:
+def table(results: list[Figures], pgbench: dict[str, float]) -> str:
     baseline = {f.stack: f for f in results if f.variant == "baseline"}
     lines = [
-        "| stack | variant | enqueue/s | drain tasks/s (min–max) | × baseline | "
-        "latency p50 / p99 ms | SQL statements / commits per task (worker) | "
-        "SQL per enqueue | connections at rest | counters correct |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| stack | variant | enqueue/s | drain tasks/s (min–max) | × baseline | × pgbench "
+        "| latency p50 / p99 ms | SQL statements / commits per task (worker) "
+        "| SQL per enqueue | connections at rest | RSS MiB after 1k → after N "
+        "| counters correct |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for f in results:
         base = baseline.get(f.stack)
         ratio = f"{f.drain / base.drain:.2f}" if base and base is not f else "—"
+        limit = f"{f.drain / pgbench[f.stack]:.2f}" if f.stack in pgbench else "—"
+        rss = f"{f.rss_mb[0]:.0f} → {f.rss_mb[1]:.0f}" if f.rss_mb else "—"
         lines.append(
             f"| {f.stack} | {f.variant} | {statistics.median(f.enqueue_rates):.0f} "
             f"| {f.drain:.0f} ({min(f.drain_rates):.0f}–{max(f.drain_rates):.0f}) | {ratio} "
-            f"| {f.latency_p50:.1f} / {f.latency_p99:.1f} "
+            f"| {limit} | {f.latency_p50:.1f} / {f.latency_p99:.1f} "
             f"| {f.statements:.1f} / {f.commits:.1f} | {f.enqueue_statements:.1f} "
-            f"| {'—' if f.connections_at_rest is None else f.connections_at_rest} "
+            f"| {'—' if f.connections_at_rest is None else f.connections_at_rest} | {rss} "
             f"| {'yes' if f.correct else 'NO'} |"
         )
     return "\n".join(lines)
@@ -316,10 +391,12 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=3000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--relay-jobs", type=int, default=5000)
+    parser.add_argument("--rss-tasks", type=int, default=50_000, help="0 to skip")
     parser.add_argument("--stacks", default=",".join(scratch.STACKS))
     options = parser.parse_args()
     results: list[Figures] = []
     limits: list[str] = []
+    pgbench: dict[str, float] = {}
     for stack in options.stacks.split(","):
         problem = scratch.missing_services(stack)
         if problem:
@@ -343,29 +420,36 @@ def main() -> None:
                 figures = measure(stack, variant, env, engine, options.tasks, options.runs, folder)
                 print(f"{stack} {variant}: {figures.drain:.0f} tasks/s", file=sys.stderr)
                 results.append(figures)
+            if options.rss_tasks and stack != "sqlite":
+                results[-1].rss_mb = rss_growth(env, engine, options.rss_tasks, folder)
+                results[-1].correct &= workload.touches(engine) == expected(options.rss_tasks)
+            if engine.dialect.name == "postgresql":
+                pgbench[stack] = pgbench_tps(settings.database_url, folder)
             relay = relay_rate(env, options.relay_jobs)
             broker = settings.celery_connection()["broker_url"]
             raw = raw_broker(broker, options.relay_jobs) if stack != "sqlite" else None
             limits.append(
-                f"| {stack} | {relay:.0f} | "
-                + (
-                    f"{raw[0]:.0f} | {raw[1]:.0f} | {relay / raw[0]:.2f} |"
-                    if raw
-                    else "— | — | — |"
-                )
+                f"| {stack} | {pgbench[stack]:.0f} | " if stack in pgbench else f"| {stack} | — | "
+            )
+            limits[-1] += f"{relay:.0f} | " + (
+                f"{raw[0]:.0f} | {raw[1]:.0f} | {relay / raw[0]:.2f} |" if raw else "— | — | — |"
             )
             engine.dispose()
             db.configure(load_settings({"PROJ_DATA_DIR": name}))
     report = (
         f"# Benchmark {datetime.now(UTC):%Y-%m-%d %H:%M} UTC\n\n"
-        f"`python -m bench.run --tasks {options.tasks} --runs {options.runs}`; worker "
-        f"`celery worker -P prefork -c 2`; drain is the median of {options.runs} runs, "
-        "first start to last commit; latency is enqueue to start, 200 tasks 20 ms apart.\n\n"
-        f"{table(results)}\n\n"
-        "| stack | relay jobs/s (fast path off) | raw kombu publish/s | raw kombu consume/s "
-        "| relay × raw publish |\n|---|---|---|---|---|\n" + "\n".join(limits) + "\n"
+        f"`python -m bench.run --tasks {options.tasks} --runs {options.runs} "
+        f"--rss-tasks {options.rss_tasks}`; worker `celery worker -P prefork -c 2`; drain is "
+        f"the median of {options.runs} runs, first start to last commit; latency is enqueue "
+        "to start, 200 tasks 20 ms apart; RSS is the proj-full worker's (main process and "
+        f"children) after 1,000 tasks and after {options.rss_tasks:,}.\n\n"
+        f"{table(results, pgbench)}\n\n"
+        "| stack | pgbench tps (same transaction, 2 clients) | relay jobs/s (fast path off) "
+        "| raw kombu publish/s | raw kombu consume/s | relay × raw publish |\n"
+        "|---|---|---|---|---|---|\n" + "\n".join(limits) + "\n"
     )
     out = ROOT / "bench" / "results" / f"{datetime.now(UTC):%Y%m%d-%H%M}.md"
+    out.parent.mkdir(exist_ok=True)
     out.write_text(report)
     print(report)
 

@@ -85,6 +85,8 @@ def drain_seconds(engine: Engine) -> float:
         first, last = session.execute(
             select(func.min(BenchUser.first_touched_at), func.max(BenchUser.touched_at))
         ).one()
+    if first is None or last is None:
+        raise RuntimeError("no task has run")
     return float((last - first).total_seconds())
 
 
@@ -92,4 +94,4 @@ def latencies(engine: Engine) -> list[float]:
     """Enqueue-to-start latencies recorded, in milliseconds."""
     with Session(engine) as session:
         query = select(BenchUser.latency_ms).where(BenchUser.latency_ms.is_not(None))
-        return sorted(float(v) for v in session.scalars(query))
+        return sorted(float(v) for v in session.scalars(query) if v is not None)

@@ -12,7 +12,6 @@ first is no error for the others.
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 from typing import Any
@@ -24,8 +23,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 from proj.db import make_sqlite_folder, prepare_engine
-
-logger = logging.getLogger(__name__)
 
 _engines: dict[tuple[str, int], tuple[Any, Any]] = {}
 _lock = threading.Lock()

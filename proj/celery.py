@@ -12,6 +12,7 @@ from typing import Any
 
 from celery import Celery, signals
 from kombu.message import Message
+from sqlalchemy import orm
 
 from proj import db
 from proj.config import Settings, load_settings
@@ -56,6 +57,13 @@ install_fork_gate()
 @signals.worker_process_init.connect
 def _forget_parent_connections(**_: Any) -> None:
     db.dispose_after_fork()
+
+
+@signals.worker_init.connect
+def _configure_mappers(**_: Any) -> None:
+    # Before the pool forks and the relay thread starts: a child forked while
+    # another thread configures the mappers would wait for their lock forever.
+    orm.configure_mappers()
 
 
 @signals.import_modules.connect

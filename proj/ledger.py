@@ -16,17 +16,25 @@ finally fails, and every message a worker cannot run, ends as a ``failed`` row.
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Mapping, Sequence
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import JSON, Float, Index, Integer, String, Text, case, select, text, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from proj.db import Base, UtcDateTime, session_scope, utcnow
+from proj.retry import TRANSIENT_ERRORS
+
+logger = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class State(StrEnum):
@@ -40,6 +48,8 @@ class State(StrEnum):
 
 CLAIMABLE = (State.QUEUED, State.RETRYING)
 FINISHED = (State.SUCCEEDED, State.FAILED, State.CANCELLED)
+PATIENCE = 60.0
+"""Seconds a ledger write keeps trying while the database is unreachable."""
 TEXT_LIMIT = 20_000
 """Characters of an error, traceback or undecodable body kept in a row."""
 
@@ -168,6 +178,30 @@ def set_progress(job_id: str, progress: float) -> None:
         )
 
 
+def patient(write: F) -> F:
+    """Make a ledger write try again while the database is unreachable (for up
+    to :data:`PATIENCE` seconds): a brief outage must not leave a job
+    ``running`` for good. The writes it wraps are safe to repeat."""
+
+    @functools.wraps(write)
+    def patiently(*args: Any, **kwargs: Any) -> Any:
+        delay, deadline = 0.2, time.monotonic() + PATIENCE
+        while True:
+            try:
+                return write(*args, **kwargs)
+            except Exception as exc:
+                if exc not in TRANSIENT_ERRORS or time.monotonic() + delay > deadline:
+                    raise
+                logger.warning(
+                    "ledger: %s failed (%s); again in %.1f s", write.__name__, exc, delay
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    return patiently  # type: ignore[return-value]
+
+
+@patient
 def retrying(job_id: str, error: str, available_at: datetime) -> None:
     """Mark a running job to run again from ``available_at``; the caller publishes."""
     with session_scope() as session:
@@ -184,6 +218,7 @@ def retrying(job_id: str, error: str, available_at: datetime) -> None:
         )
 
 
+@patient
 def worker_lost(job_id: str, error: str, worker: str | None = None) -> State | None:
     """The worker running the job died: back to ``retrying`` (its message is
     requeued), or ``failed`` if that was its last attempt. Given ``worker``
@@ -207,6 +242,7 @@ def worker_lost(job_id: str, error: str, worker: str | None = None) -> State | N
     return State(state) if state else None
 
 
+@patient
 def record_failure(
     *,
     job_id: str,

@@ -32,23 +32,24 @@ def queue_is_empty(celery_app: Celery, queue: str) -> bool:
         return int(declared.message_count) == 0
 
 
-def live_workers(celery_app: Celery) -> set[str] | None:
-    """The node names of the workers that answer a ping; None when the broker
-    cannot broadcast (the embedded SQLite one), so nobody could answer."""
+def active_jobs(celery_app: Celery) -> set[str] | None:
+    """The ids of the tasks the live workers say they are running; None when
+    the broker cannot broadcast (the embedded SQLite one), so nobody could say."""
     with celery_app.connection_for_read() as connection:
         if "fanout" not in connection.transport.implements.exchange_type:
             return None
-    replies = celery_app.control.ping(timeout=1.0) or []
-    return {name for reply in replies for name in reply}
+    replies = celery_app.control.inspect(timeout=1.0).active() or {}
+    return {str(task["id"]) for tasks in replies.values() for task in tasks or ()}
 
 
-def worker_is_gone(worker: str | None, alive: set[str] | None) -> bool:
-    """True when the worker ``node:pid`` is known to be gone: it does not answer
-    a ping or, where nothing can be pinged, its process on this machine has ended.
-    A worker on another machine that cannot be pinged is presumed alive."""
+def abandoned(job_id: str, worker: str | None, active: set[str] | None) -> bool:
+    """True when the job's run is known to be over: no live worker reports it
+    running (it died, or the database was away when it tried to record how it
+    ended) or, where nothing can be asked, its process on this machine has
+    ended. A run on another machine that cannot be asked is presumed going on."""
+    if active is not None:
+        return job_id not in active
     node, _, pid = (worker or "").rpartition(":")
-    if alive is not None:
-        return node not in alive
     if node.partition("@")[2] != socket.gethostname() or not pid.isdigit():
         return False
     try:
@@ -67,7 +68,8 @@ def reconcile(celery_app: Celery, stale_after: float) -> dict[str, int]:
       seconds ago, due since then, not started since, whose queue is empty:
       the broker lost them (as Redis does when it restarts without persistence);
     - ``running`` jobs started more than ``stale_after`` seconds ago on a worker
-      that is gone (see :func:`worker_is_gone`): they go back to ``retrying``.
+      that no live worker reports running (see :func:`abandoned`): they go back
+      to ``retrying``.
     """
     cutoff = utcnow() - timedelta(seconds=stale_after)
     default_queue = celery_app.conf.task_default_queue
@@ -94,14 +96,14 @@ def reconcile(celery_app: Celery, stale_after: float) -> dict[str, int]:
     running = Session.execute(
         select(Job.id, Job.worker).where(Job.state == State.RUNNING, Job.started_at < cutoff)
     ).all()
-    abandoned: list[str] = []
+    gone: list[str] = []
     if running:
-        alive = live_workers(celery_app)
-        abandoned = [job_id for job_id, worker in running if worker_is_gone(worker, alive)]
-    if abandoned:
+        active = active_jobs(celery_app)
+        gone = [job_id for job_id, worker in running if abandoned(job_id, worker, active)]
+    if gone:
         Session.execute(
             update(Job)
-            .where(Job.id.in_(abandoned), Job.state == State.RUNNING)
+            .where(Job.id.in_(gone), Job.state == State.RUNNING)
             .values(
                 state=State.RETRYING,
                 published_at=None,
@@ -109,11 +111,11 @@ def reconcile(celery_app: Celery, stale_after: float) -> dict[str, int]:
                 error="the worker running it stopped answering",
             )
         )
-    if resend or abandoned:
+    if resend or gone:
         logger.warning(
-            "reconcile: sending again %d lost and %d abandoned jobs", len(resend), len(abandoned)
+            "reconcile: sending again %d lost and %d abandoned jobs", len(resend), len(gone)
         )
-    return {"resent": len(resend), "abandoned": len(abandoned)}
+    return {"resent": len(resend), "abandoned": len(gone)}
 
 
 @shared_task(name="proj.reconcile_jobs")

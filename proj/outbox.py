@@ -197,19 +197,29 @@ def _publish_after_commit(session: orm.Session) -> None:
     pending = session.info.pop(PENDING, None)
     if not pending:
         return
-    published: list[str] = []
+    by_app: dict[Celery, list[Mapping[str, Any]]] = {}
     for celery_app, message, _ in pending:
+        by_app.setdefault(celery_app, []).append(message)
+    published: list[str] = []
+    for celery_app, messages in by_app.items():
+        sent = 0
         try:
-            send(celery_app, message, retry=False)
+            with celery_app.producer_or_acquire() as producer:
+                # One try: a request must not wait out kombu's reconnection
+                # back-off while the broker is down; the relay covers the rest.
+                producer.connection.ensure_connection(max_retries=0)
+                for message in messages:
+                    send(celery_app, message, producer=producer, retry=False)
+                    sent += 1
         except Exception as exc:
-            logger.warning(
-                "job %s[%s] committed but not published (%s); the relay will publish it",
-                message["name"],
-                message["id"],
-                exc,
-            )
-            break
-        published.append(message["id"])
+            for message in messages[sent:]:
+                logger.warning(
+                    "job %s[%s] committed but not published (%s); the relay will publish it",
+                    message["name"],
+                    message["id"],
+                    exc,
+                )
+        published.extend(message["id"] for message in messages[:sent])
     if published:
         engine: Any = session.get_bind(mapper=orm.class_mapper(Job))
         try:

@@ -142,7 +142,14 @@ def make_outbox(celery_app: Celery, settings: Settings | None = None) -> Outbox:
 
 
 class RelayStep(bootsteps.StartStopStep):
-    """A worker step running the relay in a thread of the worker's main process."""
+    """A worker step running the relay in a thread of the worker's main process.
+
+    It starts after the pool has forked its first children: a thread running
+    while a process forks can hold a lock (SQLAlchemy's mapper configuration,
+    SQLite's) that the child then waits for forever.
+    """
+
+    requires = ("celery.worker.components:Pool",)
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)

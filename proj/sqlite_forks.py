@@ -1,102 +1,106 @@
-"""Forks kept out of SQLite writes.
+"""Forks that leave no SQLite state to their children.
 
 A prefork worker forks children at start and whenever one dies, while its
-main process keeps writing SQLite files (the embedded broker, the relay's
-ledger rows). A child forked in the middle of such a write could never write
-that file (see :class:`SQLiteForkGate`); :func:`install_fork_gate` makes every
-fork of the process wait for writes in progress to end.
+main process keeps using SQLite files (the embedded broker, the relay's ledger
+rows). SQLite keeps, per process, a record of every file its connections have
+open and of the locks they hold; a child inherits that record but not the
+locks, and once it closes an inherited connection (even by garbage
+collection) its own connections to the file can wait out their busy timeout
+and fail with "database is locked". :func:`install_fork_gate` makes every
+fork of the process happen with no SQLite connection of the process open.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
+import sqlite3
 import threading
 import time
+import weakref
 from collections import Counter
 from typing import Any
 
-from sqlalchemy import Connection, Engine, event
-from sqlalchemy.pool import ConnectionPoolEntry, Pool
+from sqlalchemy import Engine, event
+from sqlalchemy.engine.interfaces import Dialect
+from sqlalchemy.pool import ConnectionPoolEntry, Pool, PoolProxiedConnection, QueuePool
 
 logger = logging.getLogger(__name__)
 
 FORK_WAIT = 30.0
-"""Seconds a fork waits for the process's SQLite writes to end before going ahead."""
-WRITES = re.compile(
-    r"\s*(BEGIN\s+(IMMEDIATE|EXCLUSIVE)|INSERT|UPDATE|DELETE|REPLACE|CREATE|DROP|ALTER)\b",
-    re.IGNORECASE,
-)
-"""Statements that make a SQLite connection take the file's write lock."""
-_WRITING = "proj.broker.writing"
-"""Connection info key: ``(pid, thread)`` of a connection that is writing."""
+"""Seconds a fork waits for the process's SQLite connections to be returned."""
+_USER = "proj.sqlite_forks.user"
+"""Connection info key: the pid that took the connection, and the finalizer
+that tells :data:`fork_gate` it is back."""
 
 
 class SQLiteForkGate:
-    """Keeps ``fork()`` out of SQLite write transactions.
+    """Keeps ``fork()`` apart from SQLite connections.
 
-    SQLite records, per process, the locks its connections hold on each file.
-    A child forked while another thread of its parent is writing a file
-    inherits that record but not the lock, and none of the child's own
-    connections can ever write the file: each waits out its busy timeout and
-    fails with "database is locked". A prefork worker forks children at start
-    and whenever one dies, while its relay thread writes the ledger and
-    publishes to this broker. So a fork waits (up to :data:`FORK_WAIT`) until
-    no other thread is writing, and a write waits while a fork is under way.
-    A connection counts as writing from its first writing statement until it
-    goes back to its pool (after its commit or rollback).
+    A fork waits (up to :data:`FORK_WAIT`) until no other thread has a SQLite
+    connection checked out, holds new checkouts off, and closes the idle ones
+    in every pool, so the child inherits no open SQLite file at all (the
+    parent's pools open new connections when next asked). A connection
+    counts as in use from its opening or checkout until it goes back to its
+    pool.
     """
 
     def __init__(self) -> None:
+        self._pools: weakref.WeakSet[Pool] = weakref.WeakSet()
         self._reset()
 
     def _reset(self) -> None:
         self._changed = threading.Condition()
-        self._writers: Counter[int] = Counter()
+        self._users: Counter[int] = Counter()
         self._forking: int | None = None
 
+    def opened(self, pool: Pool) -> None:
+        """``pool`` holds SQLite connections: close its idle ones before a fork."""
+        self._pools.add(pool)
+
     def enter(self) -> int:
-        """A write begins in this thread (after any fork under way); its thread id."""
+        """A connection is taken in this thread (after any fork under way); its thread id."""
         me = threading.get_ident()
         with self._changed:
             while self._forking not in (None, me):
                 self._changed.wait()
-            self._writers[me] += 1
+            self._users[me] += 1
         return me
 
     def leave(self, thread: int) -> None:
-        """A write that began in ``thread`` has ended."""
+        """A connection taken in ``thread`` is back."""
         with self._changed:
-            left = self._writers.pop(thread, 0) - 1
+            left = self._users.pop(thread, 0) - 1
             if left > 0:
-                self._writers[thread] = left
+                self._users[thread] = left
             self._changed.notify_all()
 
     def before_fork(self) -> None:
-        """Wait until no other thread is writing; hold new writes off until
-        the fork is done."""
+        """Wait until no other thread uses a connection; close the idle ones;
+        hold new checkouts off until the fork is done."""
         me = threading.get_ident()
         self._changed.acquire()  # held until the fork is done
         self._forking = me
         deadline = time.monotonic() + FORK_WAIT
-        while any(thread != me for thread in self._writers):
+        while any(thread != me for thread in self._users):
             left = deadline - time.monotonic()
             if left <= 0:
-                logger.warning("forking while a SQLite write is still in progress")
-                return
+                logger.warning("forking while a SQLite connection is still in use")
+                break
             self._changed.wait(left)
+        for pool in list(self._pools):
+            pool.dispose()  # closes the connections it holds, not those checked out
 
     def after_fork_in_parent(self) -> None:
-        """Let writes go on."""
+        """Let checkouts go on."""
         self._forking = None
         self._changed.notify_all()
         self._changed.release()
 
     def after_fork_in_child(self) -> None:
-        """Start the child with no writes and no fork under way."""
-        # The parent's writers are not the child's, and its lock is held by
-        # a thread the child does not have.
+        """Start the child with no connections in use and no fork under way."""
+        # The parent's users are not the child's, and its lock is held by a
+        # thread the child does not have.
         self._reset()
 
 
@@ -110,9 +114,10 @@ def install_fork_gate() -> None:
     if _installed:
         return
     _installed.append(True)
-    event.listen(Engine, "before_cursor_execute", _before_cursor_execute)
+    event.listen(Engine, "do_connect", _connecting)
+    event.listen(Pool, "checkout", _checked_out)
     for name in ("checkin", "invalidate", "close"):
-        event.listen(Pool, name, _writes_ended)
+        event.listen(Pool, name, _returned)
     os.register_at_fork(
         before=fork_gate.before_fork,
         after_in_parent=fork_gate.after_fork_in_parent,
@@ -120,16 +125,33 @@ def install_fork_gate() -> None:
     )
 
 
-def _before_cursor_execute(
-    connection: Connection, cursor: Any, statement: str, *_: Any, **__: Any
+def _connecting(dialect: Dialect, record: ConnectionPoolEntry, *_: Any) -> None:
+    # From before the file is opened: SQLite's state for the file changes as
+    # a connection opens it and sets it up (write-ahead logging), too.
+    if dialect.name == "sqlite":
+        _use(record)
+
+
+def _checked_out(
+    dbapi_connection: Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
 ) -> None:
-    if connection.dialect.name != "sqlite" or _WRITING in connection.info:
+    if not isinstance(dbapi_connection, sqlite3.Connection):
         return
-    if WRITES.match(statement):
-        connection.info[_WRITING] = (os.getpid(), fork_gate.enter())
+    pool = proxy._pool
+    if isinstance(pool, QueuePool):  # an in-memory database's pool must keep its one
+        fork_gate.opened(pool)
+    _use(record)
 
 
-def _writes_ended(dbapi_connection: Any, record: ConnectionPoolEntry, *_: Any) -> None:
-    writing = record.info.pop(_WRITING, None) if record is not None else None
-    if writing is not None and writing[0] == os.getpid():
-        fork_gate.leave(writing[1])
+def _use(record: ConnectionPoolEntry) -> None:
+    if _USER not in record.info:
+        # A connection that fails to open is never returned: it is let go
+        # when its record is collected.
+        thread = fork_gate.enter()
+        record.info[_USER] = (os.getpid(), weakref.finalize(record, fork_gate.leave, thread))
+
+
+def _returned(dbapi_connection: Any, record: ConnectionPoolEntry | None, *_: Any) -> None:
+    user = record.info.pop(_USER, None) if record is not None else None
+    if user is not None and user[0] == os.getpid():
+        user[1]()  # leaves the gate, once

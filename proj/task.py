@@ -94,7 +94,8 @@ class SqlAlchemyTask(celery.Task[Any, Any]):
                 if Session.registry.has():
                     Session.rollback()
                 if isinstance(exc, Reject) and not getattr(exc, "requeue", False):
-                    self._record_failure(f"rejected: {getattr(exc, 'reason', exc)!r}", None)
+                    reason = getattr(exc, "reason", exc)
+                    self._record_failure(f"rejected: {reason!r}", None, None, args, kwargs)
                 raise
             finally:
                 Session.remove()
@@ -190,9 +191,22 @@ class SqlAlchemyTask(celery.Task[Any, Any]):
         einfo: ExceptionInfo,
     ) -> None:
         """Record the failure in the ledger (the job's row ends ``failed``)."""
-        self._record_failure(repr(exc), str(einfo.traceback) if einfo else None)
+        traceback = str(einfo.traceback) if einfo else None
+        self._record_failure(repr(exc), traceback, task_id, args, kwargs)
 
-    def _record_failure(self, error: str, traceback: str | None) -> None:
+    def _record_failure(
+        self,
+        error: str,
+        traceback: str | None,
+        task_id: str | None = None,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        # Celery may call on_failure outside the run (the request is then
+        # empty): what it passes is what identifies the job.
+        task_id = str(task_id or self.request.id)
+        args = self.request.args if args is None else args
+        kwargs = self.request.kwargs if kwargs is None else kwargs
         claim: ledger.Claim | None = self.request.get(CLAIM)
         if claim is None and self.request.get(outbox.JOB_HEADER):
             # This delivery failed before it claimed the job (the claim itself
@@ -201,23 +215,23 @@ class SqlAlchemyTask(celery.Task[Any, Any]):
             logger.error(
                 "%s[%s]: delivery failed before claiming the job (%s); the job is left as it is",
                 self.name,
-                self.request.id,
+                task_id,
                 error,
             )
             return
         try:
             ledger.record_failure(
-                job_id=str(self.request.id),
+                job_id=task_id,
                 name=self.name,
                 error=error,
                 traceback=traceback,
-                args=list(self.request.args or ()),
-                kwargs=dict(self.request.kwargs or {}),
+                args=list(args or ()),
+                kwargs=dict(kwargs or {}),
                 attempts=claim.attempts if claim else (self.request.retries or 0) + 1,
             )
         except Exception:
-            logger.exception("could not record the failure of %s[%s]", self.name, self.request.id)
-        logger.warning("%s[%s] failed: %s", self.name, self.request.id, error)
+            logger.exception("could not record the failure of %s[%s]", self.name, task_id)
+        logger.warning("%s[%s] failed: %s", self.name, task_id, error)
 
     def apply_async(  # type: ignore[override]
         self,

@@ -39,6 +39,12 @@ WORKER_OPTIONS = (
 )
 
 
+def problems(output: str) -> str:
+    """The lines of a log that are not INFO or DEBUG (warnings, errors, tracebacks)."""
+    routine = re.compile(r"^\[[^\]]*: (INFO|DEBUG)/")
+    return "\n".join(line for line in output.splitlines() if not routine.match(line))
+
+
 class Command:
     """A running command, its output going to ``log``."""
 
@@ -96,7 +102,11 @@ class Command:
         try:
             return wait_for(condition, timeout=timeout)
         except AssertionError as exc:
-            raise AssertionError(f"{exc}; {self.name}'s output:\n{self.output()[-5000:]}") from None
+            output = self.output()
+            raise AssertionError(
+                f"{exc}; {self.name}'s warnings and errors:\n{problems(output)[-5000:]}\n"
+                f"the end of its output:\n{output[-3000:]}"
+            ) from None
 
     def children(self) -> list[psutil.Process]:
         """Its living descendants."""

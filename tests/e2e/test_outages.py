@@ -135,12 +135,6 @@ def welcomed(engine: Engine, user_ids: set[int]) -> int:
         return len(connection.execute(query).all())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="proj/outbox.py _publish_after_commit: send(retry=False) still runs kombu's "
-    "connection retry loop (Connection.default_channel retries for broker_connection_timeout, "
-    "2 s + 4 s), so each sign-up waits 6 s while the broker is down",
-)
 def test_signups_while_the_broker_is_down(
     stack: Stack, celery_app: Celery, commands: Commands, tmp_path: Path
 ) -> None:
@@ -347,13 +341,6 @@ def test_postgres_restart_relay_and_web_recover(postgres_restart: Restart) -> No
     assert restart.relay.popen.poll() is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a delivery that meets the outage is failed and acknowledged: Celery cannot store "
-    "STARTED (task_track_started, results in the same database) before the body runs, so the "
-    "job stays 'queued' until the reconciler; a running job's SqlAlchemyTask.retry raises out "
-    "of ledger.retrying (proj/task.py), so it stays 'running' on a live worker for good",
-)
 def test_postgres_restart_in_flight_jobs_retry_and_succeed(postgres_restart: Restart) -> None:
     """The jobs running when PostgreSQL went down retry once it is back, and
     every job enqueued before the restart ends ``succeeded``, taking effect
