@@ -175,6 +175,11 @@ def send(
         kwargs=message["kwargs"],
         task_id=message["id"],
         headers={JOB_HEADER: True},
+        # The ledger row is the job's state and result (GET /api/jobs/<id>);
+        # Celery's result backend would write them again, and its STARTED
+        # write, made before the task's body runs, would fail the delivery
+        # while the database is away instead of letting the task retry.
+        ignore_result=True,
         retries=message["retries"],
         producer=producer,
         retry=retry,

@@ -74,9 +74,9 @@ def create_user() -> tuple[Response, int, dict[str, str]]:
         db.session.rollback()
         raise ApiError(409, "conflict", f"{user.email} is already signed up") from None
     send_welcome.delay_on_commit(user.id)
+    answer = user.to_json()  # as created: once committed, the welcome job may run at once
     db.session.commit()
-    location = url_for("api.get_user", user_id=user.id)
-    return jsonify(user.to_json()), 201, {"Location": location}
+    return jsonify(answer), 201, {"Location": url_for("api.get_user", user_id=answer["id"])}
 
 
 @api.get("/users/<int:user_id>")

@@ -84,8 +84,10 @@ def retry_job(job_id: str) -> tuple[Response, int]:
         raise ApiError(409, "conflict", f"job {job_id} is a message no worker could read")
     if not requeue(db.session(), job, current_app.extensions["proj.celery"]):
         raise ApiError(409, "conflict", f"job {job_id} changed state; look again")
+    db.session.refresh(job)
+    answer = job.to_json()  # as requeued: once committed, a worker may take it at once
     db.session.commit()
-    return jsonify(job_or_404(job_id).to_json()), 202
+    return jsonify(answer), 202
 
 
 @jobs.post("/<job_id>/cancel")

@@ -234,10 +234,34 @@ def ledger_charges(key: str) -> list[str]:
         return list(session.scalars(query))
 
 
-def running_pid(result: AsyncResult[Any]) -> int | None:
-    """The pid of the process running the task (``task_track_started``)."""
-    meta = result.backend.get_task_meta(result.id)
-    return meta["result"].get("pid") if meta["status"] == "STARTED" else None
+def running_pid(celery_app: Celery, job_id: str, ledger: bool) -> int | None:
+    """The pid of the process running the task: from the job's ledger row, or
+    for a plain ``delay()`` from Celery's STARTED state (``task_track_started``)."""
+    if not ledger:
+        meta = celery_app.backend.get_task_meta(job_id)
+        return meta["result"].get("pid") if meta["status"] == "STARTED" else None
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.state != State.RUNNING or not job.worker:
+            return None
+        return int(job.worker.rpartition(":")[2])
+
+
+def ledger_job(job_id: str, state: State) -> Job | None:
+    """The job's ledger row once it is in ``state``."""
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.state != state:
+            return None
+        session.expunge(job)
+        return job
+
+
+def charged_invoice(invoice_id: int) -> str | None:
+    """The invoice's charge id once it is charged."""
+    with session_scope() as session:
+        invoice = session.get(Invoice, invoice_id)
+        return invoice.charge_id if invoice is not None and invoice.status == "charged" else None
 
 
 @pytest.mark.parametrize(
@@ -267,8 +291,8 @@ def test_killed_child_task_runs_again_and_charges_once(
             job_id = charge_invoice.apply_async_on_commit((invoice_id,), session=session)
     if enqueue == "delay":
         job_id = charge_invoice.delay(invoice_id).id
-    result = charge_invoice.AsyncResult(job_id)
-    pid = worker.until(lambda: running_pid(result), timeout=60)
+    ledger = enqueue == "delay_on_commit"
+    pid = worker.until(lambda: running_pid(celery_app, job_id, ledger), timeout=60)
     assert pid in child_pids(worker)
     if window == "after-gateway":
         worker.until(lambda: ledger_charges(key))
@@ -276,19 +300,16 @@ def test_killed_child_task_runs_again_and_charges_once(
         assert ledger_charges(key) == []
     os.kill(pid, signal.SIGKILL)
 
-    charge_id = result.get(timeout=120)
-    with session_scope() as session:
-        charged = session.get(Invoice, invoice_id)
-        assert charged is not None
-        assert (charged.status, charged.charge_id) == ("charged", charge_id)
-        job = session.get(Job, result.id)
-        if enqueue == "delay_on_commit":
-            assert job is not None
-            assert (job.state, job.attempts) == (State.SUCCEEDED, 2)
+    charge_id = worker.until(lambda: charged_invoice(invoice_id), timeout=120)
+    if not ledger:
+        assert charge_invoice.AsyncResult(job_id).get(timeout=60) == charge_id
+    else:
+        job = worker.until(lambda: ledger_job(job_id, State.SUCCEEDED))
+        assert job is not None and job.attempts == 2
     assert ledger_charges(key) == [charge_id]
     log = worker.output(since)
     assert f"pid:{pid} exited with 'signal 9 (SIGKILL)'" in log
-    assert log.count(f"charge_invoice[{result.id}] received") == 2
+    assert log.count(f"charge_invoice[{job_id}] received") == 2
 
 
 def test_beat_sends_cleanup_on_schedule(
