@@ -88,8 +88,13 @@ class Outbox:
     def _notifications(self, stop: threading.Event) -> Iterator[Callable[[float], object]]:
         """A ``wait(timeout)`` that returns early on a NOTIFY (on PostgreSQL)
         or once ``stop`` is set. It listens again after the listening
-        connection is lost (a NOTIFY sent meanwhile is lost; polling covers it)."""
-        if self.engine.dialect.name != "postgresql":
+        connection is lost (a NOTIFY sent meanwhile is lost; polling covers it).
+
+        With a grace period (the fast path on) it only polls: a NOTIFY comes
+        as a job is written, when its row is still the fast path's to publish,
+        so waking on it would only cost a query per job.
+        """
+        if self.engine.dialect.name != "postgresql" or self.grace > 0:
             yield stop.wait
             return
         listener: list[Any] = []

@@ -92,7 +92,7 @@ def task_log() -> Iterator[BufferingHandler]:
 @contextmanager
 def relay(stack: Stack, celery_app: Celery, **settings: Any) -> Iterator[Outbox]:
     """An outbox relay on an engine of its own (no grace unless asked)."""
-    made = make_outbox(celery_app, replace(stack.settings, relay_grace=0.0, **settings))
+    made = make_outbox(celery_app, replace(stack.settings, **{"relay_grace": 0.0, **settings}))
     try:
         yield made
     finally:
@@ -425,4 +425,32 @@ def test_relay_listens_again_after_losing_its_connection(
             Job.__table__.update()
             .where(Job.id.in_([woken, missed, again]))
             .values(state=State.CANCELLED)
+        )
+
+
+def test_relay_only_polls_while_the_fast_path_is_on(
+    stack: Stack, celery_app: Celery, fast_path_off: None
+) -> None:
+    """With the fast path on (the relay's settings), a NOTIFY would come while
+    the row is still the fast path's: the relay does not LISTEN, and a job
+    the fast path missed (off on the enqueuing side here) is published by
+    polling once its grace is over, once."""
+    if not stack.on_postgres:
+        pytest.skip("LISTEN/NOTIFY is PostgreSQL's; SQLite relays poll")
+    queue = new_queue()
+    stop = threading.Event()
+    with relay(stack, celery_app, relay_grace=0.5, relay_poll_interval=0.2) as box:
+        thread = threading.Thread(target=box.relay, args=(stop,))
+        thread.start()
+        try:
+            missed = record.apply_async_on_commit((0,), queue=queue)
+            proj.testing.wait_for(lambda: job(missed).published_at is not None)
+            assert listeners() == []
+        finally:
+            stop.set()
+            thread.join(timeout=30)
+    assert drain(celery_app, queue) == Counter({missed: 1})
+    with session_scope() as session:  # nothing left for another test's worker
+        session.execute(
+            Job.__table__.update().where(Job.id == missed).values(state=State.CANCELLED)
         )
