@@ -50,7 +50,7 @@ app.set_current()
 
 
 # A prefork worker's children must be able to write the embedded setup's
-# SQLite files: no fork while a thread of the worker is writing one.
+# SQLite files: no fork while another thread of the worker uses one.
 install_fork_gate()
 
 

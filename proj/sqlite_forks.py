@@ -7,7 +7,8 @@ open and of the locks they hold; a child inherits that record but not the
 locks, and once it closes an inherited connection (even by garbage
 collection) its own connections to the file can wait out their busy timeout
 and fail with "database is locked". :func:`install_fork_gate` makes every
-fork of the process happen with no SQLite connection of the process open.
+fork of the process wait until no other thread uses a SQLite connection, and
+closes the idle ones first.
 """
 
 from __future__ import annotations
