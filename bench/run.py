@@ -439,10 +439,17 @@ def main() -> None:
     report = (
         f"# Benchmark {datetime.now(UTC):%Y-%m-%d %H:%M} UTC\n\n"
         f"`python -m bench.run --tasks {options.tasks} --runs {options.runs} "
-        f"--rss-tasks {options.rss_tasks}`; worker `celery worker -P prefork -c 2`; drain is "
+        f"--rss-tasks {options.rss_tasks} --stacks {options.stacks}`; worker "
+        "`celery worker -P prefork -c 2`; drain is "
         f"the median of {options.runs} runs, first start to last commit; latency is enqueue "
-        "to start, 200 tasks 20 ms apart; RSS is the proj-full worker's (main process and "
-        f"children) after 1,000 tasks and after {options.rss_tasks:,}.\n\n"
+        "to start, 200 tasks 20 ms apart"
+        + (
+            "; RSS is the proj-full worker's (main process and children) after 1,000 tasks "
+            f"and after {options.rss_tasks:,}"
+            if options.rss_tasks
+            else ""
+        )
+        + ".\n\n"
         f"{table(results, pgbench)}\n\n"
         "| stack | pgbench tps (same transaction, 2 clients) | relay jobs/s (fast path off) "
         "| raw kombu publish/s | raw kombu consume/s | relay × raw publish |\n"
