@@ -428,12 +428,9 @@ def main() -> None:
             relay = relay_rate(env, options.relay_jobs)
             broker = settings.celery_connection()["broker_url"]
             raw = raw_broker(broker, options.relay_jobs) if stack != "sqlite" else None
-            limits.append(
-                f"| {stack} | {pgbench[stack]:.0f} | " if stack in pgbench else f"| {stack} | — | "
-            )
-            limits[-1] += f"{relay:.0f} | " + (
-                f"{raw[0]:.0f} | {raw[1]:.0f} | {relay / raw[0]:.2f} |" if raw else "— | — | — |"
-            )
+            tps = f"{pgbench[stack]:.0f}" if stack in pgbench else "—"
+            kombu = f"{raw[0]:.0f} | {raw[1]:.0f} | {relay / raw[0]:.2f}" if raw else "— | — | —"
+            limits.append(f"| {stack} | {tps} | {relay:.0f} | {kombu} |")
             engine.dispose()
             db.configure(load_settings({"PROJ_DATA_DIR": name}))
     report = (

@@ -95,7 +95,9 @@ class SqlAlchemyTask(celery.Task[Any, Any]):
                     Session.rollback()
                 if isinstance(exc, Reject) and not getattr(exc, "requeue", False):
                     reason = getattr(exc, "reason", exc)
-                    self._record_failure(f"rejected: {reason!r}", None, None, args, kwargs)
+                    self._record_failure(
+                        f"rejected: {reason!r}", None, str(self.request.id), args, kwargs
+                    )
                 raise
             finally:
                 Session.remove()
@@ -198,15 +200,12 @@ class SqlAlchemyTask(celery.Task[Any, Any]):
         self,
         error: str,
         traceback: str | None,
-        task_id: str | None = None,
-        args: Sequence[Any] | None = None,
-        kwargs: Mapping[str, Any] | None = None,
+        task_id: str,
+        args: Sequence[Any] | None,
+        kwargs: Mapping[str, Any] | None,
     ) -> None:
         # Celery may call on_failure outside the run (the request is then
         # empty): what it passes is what identifies the job.
-        task_id = str(task_id or self.request.id)
-        args = self.request.args if args is None else args
-        kwargs = self.request.kwargs if kwargs is None else kwargs
         claim: ledger.Claim | None = self.request.get(CLAIM)
         if claim is None and self.request.get(outbox.JOB_HEADER):
             # This delivery failed before it claimed the job (the claim itself

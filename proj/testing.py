@@ -79,6 +79,15 @@ def checked_out() -> int:
     return int(pool.checkedout()) if hasattr(pool, "checkedout") else 0
 
 
+def job(job_id: str) -> Job:
+    """The job's ledger row as it is now (detached); fails if there is none."""
+    with session_scope() as session:
+        found = session.get(Job, job_id)
+        assert found is not None, f"no ledger row for {job_id}"
+        session.expunge(found)
+        return found
+
+
 def failed_jobs(job_id: str) -> list[Job]:
     """The ledger's ``failed`` row for ``job_id``, if there is one (detached)."""
     with session_scope() as session:

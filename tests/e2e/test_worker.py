@@ -26,6 +26,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 from subprocesses import Command, Commands
 
+import proj.testing
 from proj.db import session_scope, utcnow
 from proj.ledger import Job, State
 from proj.models import Invoice, User
@@ -240,21 +241,10 @@ def running_pid(celery_app: Celery, job_id: str, ledger: bool) -> int | None:
     if not ledger:
         meta = celery_app.backend.get_task_meta(job_id)
         return meta["result"].get("pid") if meta["status"] == "STARTED" else None
-    with session_scope() as session:
-        job = session.get(Job, job_id)
-        if job is None or job.state != State.RUNNING or not job.worker:
-            return None
-        return int(job.worker.rpartition(":")[2])
-
-
-def ledger_job(job_id: str, state: State) -> Job | None:
-    """The job's ledger row once it is in ``state``."""
-    with session_scope() as session:
-        job = session.get(Job, job_id)
-        if job is None or job.state != state:
-            return None
-        session.expunge(job)
-        return job
+    job = proj.testing.job(job_id)
+    if job.state != State.RUNNING or not job.worker:
+        return None
+    return int(job.worker.rpartition(":")[2])
 
 
 def charged_invoice(invoice_id: int) -> str | None:
@@ -304,8 +294,8 @@ def test_killed_child_task_runs_again_and_charges_once(
     if not ledger:
         assert charge_invoice.AsyncResult(job_id).get(timeout=60) == charge_id
     else:
-        job = worker.until(lambda: ledger_job(job_id, State.SUCCEEDED))
-        assert job is not None and job.attempts == 2
+        worker.until(lambda: proj.testing.job(job_id).state == State.SUCCEEDED)
+        assert proj.testing.job(job_id).attempts == 2
     assert ledger_charges(key) == [charge_id]
     log = worker.output(since)
     assert f"pid:{pid} exited with 'signal 9 (SIGKILL)'" in log
