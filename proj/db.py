@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -22,6 +23,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
 from proj.config import Settings, current_settings, load_settings, use_settings
+
+PING_AFTER_IDLE = 1.0
+"""Seconds a pooled connection may rest before its next checkout pings it."""
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -132,7 +136,7 @@ def make_engine(url: str, pool_size: int, *, role: str) -> Engine:
 
 def engine_options(url: str, pool_size: int) -> dict[str, Any]:
     """``create_engine`` keyword arguments proj uses for ``url``."""
-    options: dict[str, Any] = {"pool_pre_ping": True}
+    options: dict[str, Any] = {}
     if url.startswith("sqlite"):
         if ":memory:" not in url and url.rstrip("/") != "sqlite:":
             options.update(pool_size=pool_size, connect_args={"timeout": 30})
@@ -150,6 +154,11 @@ def prepare_engine(engine: Engine, *, role: str) -> Engine:
 
     - a connection is tagged with the process that opened it and is never used
       by another (a forked child opens its own instead of touching the parent's);
+    - a connection that rested in the pool for more than :data:`PING_AFTER_IDLE`
+      is pinged before use, and replaced if the server dropped it. SQLAlchemy's
+      ``pool_pre_ping`` pings on every checkout, a round trip per task; a
+      connection back in use within a second does not need one, and a
+      disconnect met in use invalidates the whole pool anyway;
     - on PostgreSQL, ``application_name`` is ``proj-<role>:<pid>``, so
       ``pg_stat_activity`` shows which process holds which connection;
     - on SQLite, write-ahead logging lets the web, worker and beat share a file.
@@ -158,6 +167,7 @@ def prepare_engine(engine: Engine, *, role: str) -> Engine:
     @event.listens_for(engine, "connect")
     def on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
         record.info["pid"] = os.getpid()
+        record.info["resting_since"] = time.monotonic()
         if engine.dialect.name == "sqlite":
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
@@ -176,6 +186,13 @@ def prepare_engine(engine: Engine, *, role: str) -> Engine:
             # would end the parent's session on the shared socket.
             record.dbapi_connection = None  # type: ignore[misc]
             raise exc.DisconnectionError("connection opened in another process; opening a new one")
+        rested = time.monotonic() - record.info["resting_since"]
+        if rested > PING_AFTER_IDLE and not _answers(engine, dbapi_connection):
+            raise exc.DisconnectionError("the server dropped this connection; opening a new one")
+
+    @event.listens_for(engine, "checkin")
+    def on_checkin(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        record.info["resting_since"] = time.monotonic()
 
     if engine.dialect.name == "postgresql":
 
@@ -184,6 +201,16 @@ def prepare_engine(engine: Engine, *, role: str) -> Engine:
             cparams.setdefault("application_name", f"proj-{role}:{os.getpid()}")
 
     return engine
+
+
+def _answers(engine: Engine, dbapi_connection: Any) -> bool:
+    """Whether the server still answers on ``dbapi_connection``."""
+    try:
+        return bool(engine.dialect.do_ping(dbapi_connection))
+    except engine.dialect.loaded_dbapi.Error as error:
+        if engine.dialect.is_disconnect(error, dbapi_connection, None):
+            return False
+        raise
 
 
 def dispose_after_fork() -> None:

@@ -8,8 +8,8 @@ if and only if that transaction commits. Its state only moves forward::
       │  └── retrying <┘                  (a retry, or the worker was lost)
       └──> cancelled
 
-Claiming (``queued``/``retrying`` → ``running``, attempts + 1) is a short
-committed transaction of its own; the move to ``succeeded`` commits with the
+Claiming (``queued``/``retrying`` → ``running``, attempts + 1) is a statement
+committed on its own; the move to ``succeeded`` commits with the
 task's own effects. Rows are also the dead-letter store: every task that
 finally fails, and every message a worker cannot run, ends as a ``failed`` row.
 """
@@ -24,9 +24,22 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import JSON, Float, Index, Integer, String, Text, case, select, text, update
+from sqlalchemy import (
+    JSON,
+    Engine,
+    Float,
+    Index,
+    Integer,
+    String,
+    Table,
+    Text,
+    bindparam,
+    case,
+    text,
+    update,
+)
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from proj.db import Base, UtcDateTime, session_scope, utcnow
@@ -121,6 +134,9 @@ class Job(Base):
         }
 
 
+JOBS = cast(Table, Job.__table__)
+
+
 @dataclass(frozen=True)
 class Claim:
     """What claiming a job's row found."""
@@ -132,46 +148,46 @@ class Claim:
     max_attempts: int = 0
 
 
-def claim(session: Session, job_id: str, worker: str) -> Claim:
-    """Move the job to ``running`` if it is ``queued`` or ``retrying``, and commit.
+_CLAIM = (
+    f"UPDATE jobs SET state = '{State.RUNNING}', attempts = attempts + 1, started_at = :now,"
+    " worker = :worker, error = NULL"
+    f" WHERE id = :id AND state IN ('{State.QUEUED}', '{State.RETRYING}')"
+    " RETURNING attempts, max_attempts"
+)
+CLAIM = text(_CLAIM).bindparams(bindparam("now", type_=UtcDateTime))
+# The claim's commit need not wait for the disk: WAL is flushed in order, so
+# the commit of the task's effects (which does wait) makes the claim durable
+# too, and a claim lost in a server crash only leaves the job claimable again,
+# to run once its message comes back. Sent as one query, the two statements
+# are one transaction: a single round trip.
+CLAIM_ASYNC_COMMIT = text(f"SET LOCAL synchronous_commit TO OFF; {_CLAIM}").bindparams(
+    bindparam("now", type_=UtcDateTime)
+)
+JOB_STATE = text("SELECT state FROM jobs WHERE id = :id")
+
+
+def claim(engine: Engine, job_id: str, worker: str) -> Claim:
+    """Move the job to ``running`` if it is ``queued`` or ``retrying``, committed
+    at once (a statement of its own, outside the task's transaction).
 
     A job that is running elsewhere, finished or cancelled is left alone.
     """
-    now = utcnow()
-    if session.get_bind().dialect.name == "postgresql":
-        # The claim's commit need not wait for the disk: WAL is flushed in
-        # order, so the commit of the task's effects (which does wait) makes
-        # the claim durable too, and a claim lost in a server crash only
-        # leaves the job claimable again, to run once its message comes back.
-        session.execute(text("SET LOCAL synchronous_commit TO OFF"))
-    row = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.state.in_(CLAIMABLE))
-        .values(
-            state=State.RUNNING,
-            attempts=Job.attempts + 1,
-            started_at=now,
-            worker=worker,
-            error=None,
-        )
-        .returning(Job.attempts, Job.max_attempts)
-        .execution_options(synchronize_session=False)
-    ).first()
-    if row is not None:
-        session.commit()
-        return Claim(True, State.RUNNING, row.attempts, row.max_attempts)
-    state = session.scalar(select(Job.state).where(Job.id == job_id))
-    session.rollback()
-    return Claim(False, state)
+    statement = CLAIM_ASYNC_COMMIT if engine.dialect.name == "postgresql" else CLAIM
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        row = connection.execute(
+            statement, {"id": job_id, "worker": worker, "now": utcnow()}
+        ).first()
+        if row is not None:
+            return Claim(True, State.RUNNING, row.attempts, row.max_attempts)
+        return Claim(False, connection.scalar(JOB_STATE, {"id": job_id}))
 
 
 def succeed(session: Session, job_id: str, result: Any) -> None:
     """Mark the job succeeded, in the caller's (the task's) transaction."""
-    session.execute(
-        update(Job)
-        .where(Job.id == job_id)
+    session.connection().execute(
+        update(JOBS)
+        .where(JOBS.c.id == job_id)
         .values(state=State.SUCCEEDED, finished_at=utcnow(), result=jsonable(result), progress=None)
-        .execution_options(synchronize_session=False)
     )
 
 

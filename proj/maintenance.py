@@ -32,6 +32,15 @@ def queue_is_empty(celery_app: Celery, queue: str) -> bool:
         return int(declared.message_count) == 0
 
 
+def queue_of(celery_app: Celery, name: str, options: dict[str, Any] | None) -> str:
+    """The queue a job's messages go to: its own ``queue`` option, else where
+    the app's routes send its task."""
+    queue = (options or {}).get("queue")
+    if queue:
+        return str(queue)
+    return str(celery_app.amqp.router.route({}, name)["queue"].name)
+
+
 def active_jobs(celery_app: Celery) -> set[str] | None:
     """The ids of the tasks the live workers say they are running; None when
     the broker cannot broadcast (the embedded SQLite one), so nobody could say."""
@@ -72,21 +81,16 @@ def reconcile(celery_app: Celery, stale_after: float) -> dict[str, int]:
       to ``retrying``.
     """
     cutoff = utcnow() - timedelta(seconds=stale_after)
-    default_queue = celery_app.conf.task_default_queue
     lost = Session.execute(
-        select(Job.id, Job.options).where(
+        select(Job.id, Job.name, Job.options).where(
             Job.state.in_(CLAIMABLE),
             Job.published_at < cutoff,
             Job.available_at < cutoff,
         )
     ).all()
-    queues = {(options or {}).get("queue") or default_queue for _, options in lost}
-    empty = {queue for queue in queues if queue_is_empty(celery_app, queue)}
-    resend = [
-        job_id
-        for job_id, options in lost
-        if ((options or {}).get("queue") or default_queue) in empty
-    ]
+    queues = {job_id: queue_of(celery_app, name, options) for job_id, name, options in lost}
+    empty = {queue for queue in set(queues.values()) if queue_is_empty(celery_app, queue)}
+    resend = [job_id for job_id, queue in queues.items() if queue in empty]
     if resend:
         Session.execute(
             update(Job)

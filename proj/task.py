@@ -33,7 +33,7 @@ from sqlalchemy import orm
 from proj import ledger, outbox
 from proj.arguments import argument_message, check_arguments, check_json
 from proj.config import current_settings
-from proj.db import Session, in_task_run, session_scope, task_scope, utcnow
+from proj.db import Session, in_task_run, session_scope, task_scope, utcnow, worker_engine
 from proj.errors import TaskArgumentError
 from proj.retry import TRANSIENT_ERRORS, retry_policy_of
 from proj.safety import check_countdown
@@ -105,13 +105,12 @@ class SqlAlchemyTask(celery.Task[Any, Any]):
     def _claim(self) -> None:
         worker = f"{self.request.hostname}:{os.getpid()}"
         try:
-            claim = ledger.claim(Session(), str(self.request.id), worker)
+            claim = ledger.claim(worker_engine(), str(self.request.id), worker)
         except Exception as exc:
             if exc not in TRANSIENT_ERRORS:
                 raise
             # The job is still waiting (nothing was claimed): deliver it again
             # once the database answers.
-            Session.rollback()
             raise self.retry(
                 exc=exc,
                 countdown=min(CLAIM_BACKOFF_CAP, 2.0**self.request.retries),

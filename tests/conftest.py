@@ -111,7 +111,7 @@ def client(app: Flask) -> FlaskClient:
 
 @pytest.fixture
 def purged(celery_app: Celery) -> Celery:
-    """The Celery app with its default queue emptied first."""
+    """The Celery app with its queues emptied first."""
     celery_app.control.purge()
     return celery_app
 

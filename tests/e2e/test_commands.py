@@ -187,3 +187,12 @@ def test_docker_compose_runs_the_readme_commands() -> None:
         words = shlex.split(given) if isinstance(given, str) else list(given)
         assert words[: len(command.split())] == command.split(), service
         assert set(compose["services"][service]["environment"]) <= set(DEFAULTS), service
+    consumed = {
+        name: shlex.join(service["command"])
+        for name, service in compose["services"].items()
+        if service.get("command", [])[:4] == ["celery", "-A", "proj", "worker"]
+    }
+    assert consumed == {
+        "worker": "celery -A proj worker -Q celery --loglevel INFO",
+        "worker-long": "celery -A proj worker -Q long --prefetch-multiplier 1 --loglevel INFO",
+    }, "every queue has workers, the long one prefetching 1"
