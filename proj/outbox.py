@@ -309,7 +309,10 @@ def confirmed_batch(celery_app: Celery) -> Iterator[Callable[[Mapping[str, Any]]
             producer = Producer(channel)
 
             def publish(message: Mapping[str, Any]) -> None:
-                send(celery_app, message, producer=producer)
+                # No retry: a connection lost mid-batch fails the batch (its
+                # rows stay owed, for the next round) rather than publishing
+                # the rest on a new channel whose confirms nobody awaits.
+                send(celery_app, message, producer=producer, retry=False)
                 if confirms is not None:
                     confirms.sent += 1
 
