@@ -148,22 +148,22 @@ class Claim:
     max_attempts: int = 0
 
 
-_CLAIM = (
+_CLAIM_SQL = (
     f"UPDATE jobs SET state = '{State.RUNNING}', attempts = attempts + 1, started_at = :now,"
     " worker = :worker, error = NULL"
     f" WHERE id = :id AND state IN ('{State.QUEUED}', '{State.RETRYING}')"
     " RETURNING attempts, max_attempts"
 )
-CLAIM = text(_CLAIM).bindparams(bindparam("now", type_=UtcDateTime))
+_CLAIM = text(_CLAIM_SQL).bindparams(bindparam("now", type_=UtcDateTime))
 # The claim's commit need not wait for the disk: WAL is flushed in order, so
 # the commit of the task's effects (which does wait) makes the claim durable
 # too, and a claim lost in a server crash only leaves the job claimable again,
 # to run once its message comes back. Sent as one query, the two statements
 # are one transaction: a single round trip.
-CLAIM_ASYNC_COMMIT = text(f"SET LOCAL synchronous_commit TO OFF; {_CLAIM}").bindparams(
+_CLAIM_NO_DISK_WAIT = text(f"SET LOCAL synchronous_commit TO OFF; {_CLAIM_SQL}").bindparams(
     bindparam("now", type_=UtcDateTime)
 )
-JOB_STATE = text("SELECT state FROM jobs WHERE id = :id")
+_JOB_STATE = text("SELECT state FROM jobs WHERE id = :id")
 
 
 def claim(engine: Engine, job_id: str, worker: str) -> Claim:
@@ -172,14 +172,14 @@ def claim(engine: Engine, job_id: str, worker: str) -> Claim:
 
     A job that is running elsewhere, finished or cancelled is left alone.
     """
-    statement = CLAIM_ASYNC_COMMIT if engine.dialect.name == "postgresql" else CLAIM
+    statement = _CLAIM_NO_DISK_WAIT if engine.dialect.name == "postgresql" else _CLAIM
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
         row = connection.execute(
             statement, {"id": job_id, "worker": worker, "now": utcnow()}
         ).first()
         if row is not None:
             return Claim(True, State.RUNNING, row.attempts, row.max_attempts)
-        return Claim(False, connection.scalar(JOB_STATE, {"id": job_id}))
+        return Claim(False, connection.scalar(_JOB_STATE, {"id": job_id}))
 
 
 def succeed(session: Session, job_id: str, result: Any) -> None:
