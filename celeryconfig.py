@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from proj.config import load_settings
 
@@ -33,8 +33,10 @@ worker_prefetch_multiplier = 4
 # consumes both; give the long one workers of its own started with
 # `-Q long --prefetch-multiplier 1`, so a report never holds messages another
 # worker could run (docker-compose.yml's worker-long).
+# Each queue has a routing key of its own: a queue declared without one would
+# be bound with the default key and receive a copy of every default message.
 task_default_queue = "celery"
-task_queues = (Queue("celery"), Queue("long"))
+task_queues = [Queue(name, Exchange("celery"), routing_key=name) for name in ("celery", "long")]
 task_routes = {
     "proj.tasks.generate_report": {"queue": "long"},
     "proj.tasks.send_digest": {"queue": "long"},

@@ -89,7 +89,8 @@ class Figures:
     latency_p99: float = 0.0
     statements: float = 0.0
     """Worker-side SQL statements per task."""
-    commits: float = 0.0
+    round_trips: float = 0.0
+    """Worker-side round trips to the database per task (see :mod:`bench.stats`)."""
     enqueue_statements: float = 0.0
     connections_at_rest: int | None = None
     rss_mb: tuple[float, float] | None = None
@@ -237,7 +238,7 @@ def measure(
     done = stats.collected(stats_dir)
     ran = runs * tasks + LATENCY_TASKS
     figures.statements = done["statements"] / ran
-    figures.commits = done["commits"] / ran
+    figures.round_trips = done["round_trips"] / ran
     figures.enqueue_statements = sum(r.get("statements", 0) for r in enqueued) / (runs * tasks)
     if engine.dialect.name == "postgresql":
         time.sleep(1)
@@ -372,7 +373,7 @@ def table(results: list[Figures], pgbench: dict[str, float]) -> str:
     baseline = {f.stack: f for f in results if f.variant == "baseline"}
     lines = [
         "| stack | variant | enqueue/s | drain tasks/s (min–max) | × baseline | × pgbench "
-        "| latency p50 / p99 ms | SQL statements / commits per task (worker) "
+        "| latency p50 / p99 ms | SQL statements / round trips per task (worker) "
         "| SQL per enqueue | connections at rest | RSS MiB after 1k → after N "
         "| counters correct |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -386,7 +387,7 @@ def table(results: list[Figures], pgbench: dict[str, float]) -> str:
             f"| {f.stack} | {f.variant} | {statistics.median(f.enqueue_rates):.0f} "
             f"| {f.drain:.0f} ({min(f.drain_rates):.0f}–{max(f.drain_rates):.0f}) | {ratio} "
             f"| {limit} | {f.latency_p50:.1f} / {f.latency_p99:.1f} "
-            f"| {f.statements:.1f} / {f.commits:.1f} | {f.enqueue_statements:.1f} "
+            f"| {f.statements:.1f} / {f.round_trips:.1f} | {f.enqueue_statements:.1f} "
             f"| {'—' if f.connections_at_rest is None else f.connections_at_rest} | {rss} "
             f"| {'yes' if f.correct else 'NO'} |"
         )

@@ -1,5 +1,9 @@
 """Counting database work in the benchmark's processes: SQL statements and
-commits, written per process to ``$BENCH_STATS_DIR`` when it stops."""
+round trips, written per process to ``$BENCH_STATS_DIR`` when it stops.
+
+A round trip is a statement (several sent as one query count once), a
+``BEGIN`` (psycopg2 sends it on its own before a transaction's first
+statement; none on an autocommit connection), a ``COMMIT`` or a ``ROLLBACK``."""
 
 from __future__ import annotations
 
@@ -10,24 +14,33 @@ from pathlib import Path
 from typing import Any
 
 from celery.signals import worker_process_shutdown, worker_shutdown
-from sqlalchemy import Engine, event
+from sqlalchemy import Connection, Engine, event
 
 counts: Counter[str] = Counter()
 
 
 def _statement(*_: Any, **__: Any) -> None:
     counts["statements"] += 1
+    counts["round_trips"] += 1
 
 
-def _commit(*_: Any) -> None:
-    counts["commits"] += 1
+def _begin(connection: Connection) -> None:
+    if connection.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
+        counts["round_trips"] += 1
+
+
+def _end(connection: Connection) -> None:
+    if connection.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
+        counts["round_trips"] += 1
 
 
 def count_database_work() -> None:
-    """Count every engine's statements and commits in this process."""
+    """Count every engine's statements and round trips in this process."""
     if not event.contains(Engine, "before_cursor_execute", _statement):
         event.listen(Engine, "before_cursor_execute", _statement)
-        event.listen(Engine, "commit", _commit)
+        event.listen(Engine, "begin", _begin)
+        event.listen(Engine, "commit", _end)
+        event.listen(Engine, "rollback", _end)
 
 
 def dump(**_: Any) -> None:

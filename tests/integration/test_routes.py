@@ -1,5 +1,5 @@
-"""Long tasks travel on the ``long`` queue, and the reconciler looks for a
-job's message where the routes send it."""
+"""Long tasks travel on the ``long`` queue, every message lands in one queue,
+and the reconciler looks for a job's message where the routes send it."""
 
 from __future__ import annotations
 
@@ -9,16 +9,42 @@ from proj.maintenance import queue_is_empty, queue_of
 from proj.tasks import generate_report, send_welcome
 
 
+def declare_queues(celery_app: Celery) -> None:
+    """Declare and bind every queue, as a worker does when it starts."""
+    with celery_app.connection_for_write() as connection:
+        for queue in celery_app.amqp.queues.values():
+            queue(connection.default_channel).declare()
+
+
+def holding(celery_app: Celery) -> set[str]:
+    """The app's queues that hold a message."""
+    return {name for name in celery_app.amqp.queues if not queue_is_empty(celery_app, name)}
+
+
 def test_long_tasks_go_to_the_long_queue(purged: Celery) -> None:
+    declare_queues(purged)
     generate_report.delay(1)
-    assert not queue_is_empty(purged, "long")
-    assert queue_is_empty(purged, "celery")
+    assert holding(purged) == {"long"}
     purged.control.purge()
 
     send_welcome.delay(1)
-    assert queue_is_empty(purged, "long")
-    assert not queue_is_empty(purged, "celery")
+    assert holding(purged) == {"celery"}
     purged.control.purge()
+
+
+def test_a_message_sent_through_the_exchange_lands_in_one_queue(purged: Celery) -> None:
+    """Other publishers address a queue by its exchange and routing key: no
+    queue is bound with another's key (and would get copies of its messages)."""
+    for name, queue in purged.amqp.queues.items():
+        with purged.connection_for_write() as connection:
+            # On the same connection: the embedded broker keeps bindings in memory.
+            for each in purged.amqp.queues.values():
+                each(connection.default_channel).declare()
+            connection.Producer().publish(
+                {"marker": name}, exchange=queue.exchange, routing_key=queue.routing_key
+            )
+        assert holding(purged) == {name}
+        purged.control.purge()
 
 
 def test_the_reconciler_looks_where_the_routes_send(celery_app: Celery) -> None:
