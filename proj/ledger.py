@@ -37,10 +37,13 @@ from sqlalchemy import (
     Text,
     bindparam,
     case,
+    select,
     text,
     update,
 )
+from sqlalchemy.engine import Row
 from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy.sql.elements import BindParameter
 
 from proj.db import Base, UtcDateTime, session_scope, utcnow
 from proj.retry import TRANSIENT_ERRORS
@@ -148,38 +151,57 @@ class Claim:
     max_attempts: int = 0
 
 
-_CLAIM_SQL = (
+class Standalone:
+    """A statement committed on its own, in one round trip (on an autocommit
+    connection). On PostgreSQL its commit does not wait for the disk: WAL is
+    flushed in order, so the next commit that does wait (the task's, the
+    next request's) makes it durable too. Only for ledger writes whose loss in
+    a server crash means a job is published or claimed again, which the claim
+    makes harmless."""
+
+    def __init__(self, sql: str, *binds: BindParameter[Any]) -> None:
+        self.plain = text(sql).bindparams(*binds)
+        # Sent as one query, the two statements are one transaction.
+        self.no_disk_wait = text(f"SET LOCAL synchronous_commit TO OFF; {sql}").bindparams(*binds)
+
+    def run(self, engine: Engine, params: Mapping[str, Any]) -> list[Row[Any]]:
+        """Execute and commit; the rows it returns, if any."""
+        statement = self.no_disk_wait if engine.dialect.name == "postgresql" else self.plain
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            result = connection.execute(statement, params)
+            return list(result) if result.returns_rows else []
+
+
+_CLAIM = Standalone(
     f"UPDATE jobs SET state = '{State.RUNNING}', attempts = attempts + 1, started_at = :now,"
     " worker = :worker, error = NULL"
     f" WHERE id = :id AND state IN ('{State.QUEUED}', '{State.RETRYING}')"
-    " RETURNING attempts, max_attempts"
+    " RETURNING attempts, max_attempts",
+    bindparam("now", type_=UtcDateTime),
 )
-_CLAIM = text(_CLAIM_SQL).bindparams(bindparam("now", type_=UtcDateTime))
-# The claim's commit need not wait for the disk: WAL is flushed in order, so
-# the commit of the task's effects (which does wait) makes the claim durable
-# too, and a claim lost in a server crash only leaves the job claimable again,
-# to run once its message comes back. Sent as one query, the two statements
-# are one transaction: a single round trip.
-_CLAIM_NO_DISK_WAIT = text(f"SET LOCAL synchronous_commit TO OFF; {_CLAIM_SQL}").bindparams(
-    bindparam("now", type_=UtcDateTime)
+_MARK_PUBLISHED = Standalone(
+    "UPDATE jobs SET published_at = :now WHERE id IN :ids AND published_at IS NULL",
+    bindparam("now", type_=UtcDateTime),
+    bindparam("ids", expanding=True),
 )
-_JOB_STATE = text("SELECT state FROM jobs WHERE id = :id")
 
 
 def claim(engine: Engine, job_id: str, worker: str) -> Claim:
     """Move the job to ``running`` if it is ``queued`` or ``retrying``, committed
-    at once (a statement of its own, outside the task's transaction).
+    at once (see :class:`Standalone`), outside the task's transaction.
 
     A job that is running elsewhere, finished or cancelled is left alone.
     """
-    statement = _CLAIM_NO_DISK_WAIT if engine.dialect.name == "postgresql" else _CLAIM
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-        row = connection.execute(
-            statement, {"id": job_id, "worker": worker, "now": utcnow()}
-        ).first()
-        if row is not None:
-            return Claim(True, State.RUNNING, row.attempts, row.max_attempts)
-        return Claim(False, connection.scalar(_JOB_STATE, {"id": job_id}))
+    rows = _CLAIM.run(engine, {"id": job_id, "worker": worker, "now": utcnow()})
+    if rows:
+        return Claim(True, State.RUNNING, rows[0].attempts, rows[0].max_attempts)
+    with engine.connect() as connection:
+        return Claim(False, connection.scalar(select(JOBS.c.state).where(JOBS.c.id == job_id)))
+
+
+def mark_published(engine: Engine, job_ids: Sequence[str]) -> None:
+    """Record that the broker took these jobs' messages (see :class:`Standalone`)."""
+    _MARK_PUBLISHED.run(engine, {"ids": list(job_ids), "now": utcnow()})
 
 
 def succeed(session: Session, job_id: str, result: Any) -> None:

@@ -27,7 +27,7 @@ from sqlalchemy import Connection, event, orm, select, update
 
 from proj.config import current_settings
 from proj.db import in_task_run, utcnow, worker_engine
-from proj.ledger import CLAIMABLE, Job, State, jsonable
+from proj.ledger import CLAIMABLE, Job, State, jsonable, mark_published
 
 logger = logging.getLogger(__name__)
 
@@ -228,8 +228,7 @@ def _publish_after_commit(session: orm.Session) -> None:
     if published:
         engine: Any = session.get_bind(mapper=orm.class_mapper(Job))
         try:
-            with engine.begin() as connection:
-                _mark_published(connection, published)
+            mark_published(engine, published)
         except Exception:
             logger.warning(
                 "could not mark %d published jobs; the relay may send them again",
