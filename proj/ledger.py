@@ -28,6 +28,7 @@ from typing import Any, TypeVar, cast
 
 from sqlalchemy import (
     JSON,
+    Connection,
     Engine,
     Float,
     Index,
@@ -199,9 +200,14 @@ def claim(engine: Engine, job_id: str, worker: str) -> Claim:
         return Claim(False, connection.scalar(select(JOBS.c.state).where(JOBS.c.id == job_id)))
 
 
-def mark_published(engine: Engine, job_ids: Sequence[str]) -> None:
-    """Record that the broker took these jobs' messages (see :class:`Standalone`)."""
-    _MARK_PUBLISHED.run(engine, {"ids": list(job_ids), "now": utcnow()})
+def mark_published(bind: Engine | Connection, job_ids: Sequence[str]) -> None:
+    """Record that the broker took these jobs' messages: in the connection's
+    transaction, or given an engine, on its own (see :class:`Standalone`)."""
+    params = {"ids": list(job_ids), "now": utcnow()}
+    if isinstance(bind, Connection):
+        bind.execute(_MARK_PUBLISHED.plain, params)
+    else:
+        _MARK_PUBLISHED.run(bind, params)
 
 
 def succeed(session: Session, job_id: str, result: Any) -> None:

@@ -187,14 +187,6 @@ def send(
     )
 
 
-def _mark_published(connection: Connection, job_ids: Sequence[str]) -> None:
-    connection.execute(
-        update(Job)
-        .where(Job.id.in_(job_ids), Job.published_at.is_(None))
-        .values(published_at=utcnow())
-    )
-
-
 @event.listens_for(orm.Session, "after_commit")
 def _publish_after_commit(session: orm.Session) -> None:
     if session.in_nested_transaction():
@@ -286,7 +278,7 @@ def publish_owed(
         with confirmed_batch(celery_app) as publish:
             for row in rows:
                 publish(_row_message(row))
-        _mark_published(connection, [row.id for row in rows])
+        mark_published(connection, [row.id for row in rows])
     return len(rows)
 
 

@@ -226,13 +226,13 @@ RELAY_THEN_DIE = """
     from proj.relay import make_outbox
 
 
-    def die(connection, job_ids):
+    def die(bind, job_ids):
         os._exit(17)
 
 
     # The broker has confirmed the messages; the process dies before the
     # rows are marked published.
-    outbox._mark_published = die
+    outbox.mark_published = die
     make_outbox(app, replace(load_settings(), relay_grace=0.0)).relay_once()
 """
 

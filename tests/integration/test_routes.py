@@ -4,6 +4,7 @@ and the reconciler looks for a job's message where the routes send it."""
 from __future__ import annotations
 
 from celery import Celery
+from kombu import Connection
 
 from proj.maintenance import queue_is_empty, queue_of
 from proj.tasks import generate_report, send_welcome
@@ -12,11 +13,10 @@ QUEUES = ("celery", "long")
 """celeryconfig's queues (other tests add queues of their own to the app)."""
 
 
-def declare_queues(celery_app: Celery) -> None:
-    """Declare and bind the queues, as a worker does when it starts."""
-    with celery_app.connection_for_write() as connection:
-        for name in QUEUES:
-            celery_app.amqp.queues[name](connection.default_channel).declare()
+def declare_queues(celery_app: Celery, connection: Connection) -> None:
+    """Declare and bind the queues on ``connection``, as a worker does when it starts."""
+    for name in QUEUES:
+        celery_app.amqp.queues[name](connection.default_channel).declare()
 
 
 def holding(celery_app: Celery) -> set[str]:
@@ -25,7 +25,8 @@ def holding(celery_app: Celery) -> set[str]:
 
 
 def test_long_tasks_go_to_the_long_queue(purged: Celery) -> None:
-    declare_queues(purged)
+    with purged.connection_for_write() as connection:
+        declare_queues(purged, connection)
     generate_report.delay(1)
     assert holding(purged) == {"long"}
     purged.control.purge()
@@ -42,8 +43,7 @@ def test_a_message_sent_through_the_exchange_lands_in_one_queue(purged: Celery) 
         queue = purged.amqp.queues[name]
         with purged.connection_for_write() as connection:
             # On the same connection: the embedded broker keeps bindings in memory.
-            for each in QUEUES:
-                purged.amqp.queues[each](connection.default_channel).declare()
+            declare_queues(purged, connection)
             connection.Producer().publish(
                 {"marker": name}, exchange=queue.exchange, routing_key=queue.routing_key
             )
