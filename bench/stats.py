@@ -24,13 +24,10 @@ def _statement(*_: Any, **__: Any) -> None:
     counts["round_trips"] += 1
 
 
-def _begin(connection: Connection) -> None:
-    if connection.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
-        counts["round_trips"] += 1
-
-
-def _end(connection: Connection) -> None:
-    if connection.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
+def _transactional(connection: Connection) -> None:
+    autocommit = connection.get_execution_options().get("isolation_level") == "AUTOCOMMIT"
+    # proj.db.autocommit switches psycopg2's own autocommit instead.
+    if not autocommit and not getattr(connection.connection.driver_connection, "autocommit", False):
         counts["round_trips"] += 1
 
 
@@ -38,9 +35,8 @@ def count_database_work() -> None:
     """Count every engine's statements and round trips in this process."""
     if not event.contains(Engine, "before_cursor_execute", _statement):
         event.listen(Engine, "before_cursor_execute", _statement)
-        event.listen(Engine, "begin", _begin)
-        event.listen(Engine, "commit", _end)
-        event.listen(Engine, "rollback", _end)
+        for name in ("begin", "commit", "rollback"):
+            event.listen(Engine, name, _transactional)
 
 
 def dump(**_: Any) -> None:

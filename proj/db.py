@@ -18,7 +18,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import DateTime, Engine, MetaData, TypeDecorator, create_engine, event, exc, orm
+from sqlalchemy import (
+    Connection,
+    DateTime,
+    Engine,
+    MetaData,
+    TypeDecorator,
+    create_engine,
+    event,
+    exc,
+    orm,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
@@ -211,6 +221,30 @@ def _answers(engine: Engine, dbapi_connection: Any) -> bool:
         if engine.dialect.is_disconnect(error, dbapi_connection, None):
             return False
         raise
+
+
+@contextmanager
+def autocommit(engine: Engine) -> Iterator[Connection]:
+    """A pooled connection on which each statement commits on its own: no
+    ``BEGIN`` and no ``COMMIT`` on the wire.
+
+    On psycopg2 the driver's ``autocommit`` switch is flipped and flipped back
+    before the connection returns to the pool. SQLAlchemy's
+    ``isolation_level="AUTOCOMMIT"`` option would restore the level on return
+    with psycopg2's ``set_isolation_level``, which costs a round trip.
+    """
+    with engine.connect() as connection:
+        driver = connection.connection.driver_connection
+        if engine.driver != "psycopg2":
+            yield connection.execution_options(isolation_level="AUTOCOMMIT")
+            return
+        driver.autocommit = True  # type: ignore[union-attr]
+        try:
+            yield connection
+        finally:
+            connection.rollback()  # nothing on the wire: there is no transaction
+            if not driver.closed:  # type: ignore[union-attr]
+                driver.autocommit = False  # type: ignore[union-attr]
 
 
 def dispose_after_fork() -> None:

@@ -1,7 +1,8 @@
-"""The worker pool's connections against a server that drops them: one that
+"""The worker pool's connections. Against a server that drops them: one that
 rested longer than ``PING_AFTER_IDLE`` is pinged and replaced before use, and
 one back in use sooner is not pinged (the first statement meets the drop,
-and the whole pool is replaced)."""
+and the whole pool is replaced). And ``db.autocommit``: each statement
+commits on its own, and the connection goes back to the pool transactional."""
 
 from __future__ import annotations
 
@@ -63,3 +64,34 @@ def test_a_connection_back_within_the_idle_limit_is_not_pinged(pool: Engine) -> 
 
     assert raised.value.connection_invalidated
     assert backend_pid(pool) not in (first, 0)  # the pool was replaced
+
+
+def rows_seen_elsewhere(engine: Engine) -> list[int]:
+    other = create_engine(engine.url, poolclass=NullPool)
+    with other.connect() as connection:
+        seen = list(connection.scalars(text("SELECT n FROM autocommit_probe ORDER BY n")))
+    other.dispose()
+    return seen
+
+
+def test_autocommit_commits_each_statement_and_gives_back_a_transactional_connection(
+    pool: Engine,
+) -> None:
+    with pool.begin() as connection:
+        connection.execute(text("CREATE TABLE autocommit_probe (n integer)"))
+    try:
+        with db.autocommit(pool) as connection:
+            first = connection.scalar(text("SELECT pg_backend_pid()"))
+            connection.execute(text("INSERT INTO autocommit_probe VALUES (1)"))
+            assert rows_seen_elsewhere(pool) == [1]  # committed before the block ends
+
+        with pool.connect() as connection:  # the same pooled connection
+            assert connection.scalar(text("SELECT pg_backend_pid()")) == first
+            connection.execute(text("INSERT INTO autocommit_probe VALUES (2)"))
+            connection.rollback()
+
+        assert rows_seen_elsewhere(pool) == [1]  # autocommit did not stay on
+        assert pool.pool.checkedout() == 0
+    finally:
+        with pool.begin() as connection:
+            connection.execute(text("DROP TABLE autocommit_probe"))
