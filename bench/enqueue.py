@@ -2,9 +2,10 @@
 the rate and the database work per enqueue as JSON:
 ``python -m bench.enqueue baseline|proj|proj-full COUNT [INTERVAL [PER_TRANSACTION]]``.
 
-``proj-full`` enqueues with ``delay_on_commit``, each task in a transaction of
-its own (as a web request would) unless ``PER_TRANSACTION`` says more; the
-others call ``delay()``.
+``proj-full`` enqueues in a session's transaction (``apply_async_on_commit``
+with the session given; ``delay_on_commit`` finds a web request's the same
+way), one task a transaction unless ``PER_TRANSACTION`` says more; the others
+call ``delay()``.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ def enqueuer(variant: str) -> Callable[[list[int]], object]:
         return lambda user_ids: [touch.delay(u, time.time()) for u in user_ids]
 
     def on_commit(user_ids: list[int]) -> None:
-        with session_scope():
+        with session_scope() as session:  # as a web request's session would be
             for user_id in user_ids:
-                touch.delay_on_commit(user_id, time.time())
+                touch.apply_async_on_commit((user_id, time.time()), session=session)
 
     return on_commit
 

@@ -23,11 +23,11 @@ import kombu.exceptions
 from amqp import spec
 from celery import Celery
 from kombu import Producer
-from sqlalchemy import Connection, event, orm, select, update
+from sqlalchemy import Connection, event, insert, orm, select, update
 
 from proj.config import current_settings
 from proj.db import in_task_run, utcnow, worker_engine
-from proj.ledger import CLAIMABLE, Job, State, jsonable, mark_published
+from proj.ledger import CLAIMABLE, JOBS, Job, State, jsonable, mark_published
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,10 @@ CONFIRM_TIMEOUT = 30.0
 PENDING = "proj.outbox.pending"
 """``session.info`` key: jobs to publish when the session's transaction commits,
 each with the savepoint it was enqueued in."""
+
+MESSAGE_FIELDS = ("id", "name", "args", "kwargs", "options", "attempts")
+"""The columns a job's message is made from."""
+_INSERT_JOB = insert(JOBS)
 
 SessionFinder = Callable[[], orm.Session | None]
 _session_finders: list[SessionFinder] = []
@@ -99,19 +103,21 @@ def enqueue(
     """
     job_id = str(options.get("task_id") or uuid.uuid4())
     kept, available_at = publish_options({k: v for k, v in options.items() if k != "task_id"})
-    job = Job(
-        id=job_id,
-        name=task_name,
-        args=jsonable(list(args)),
-        kwargs=jsonable(dict(kwargs)),
-        options=kept,
-        state=State.QUEUED,
-        attempts=0,
-        max_attempts=max_attempts,
-        available_at=available_at,
-    )
-    session.add(job)
-    _publish_on_commit(session, celery_app, job)
+    row = {
+        "id": job_id,
+        "name": task_name,
+        "args": jsonable(list(args)),
+        "kwargs": jsonable(dict(kwargs)),
+        "options": kept,
+        "state": str(State.QUEUED),
+        "attempts": 0,
+        "max_attempts": max_attempts,
+        "available_at": available_at,
+    }
+    # At once on the session's connection: the ORM's unit of work would cost
+    # more than the INSERT itself, and the row is the same.
+    session.connection(bind_arguments={"mapper": Job}).execute(_INSERT_JOB, row)
+    _publish_on_commit(session, celery_app, _message(row))
     return job_id
 
 
@@ -133,29 +139,32 @@ def requeue(session: orm.Session, job: Job, celery_app: Celery) -> bool:
     )
     if getattr(done, "rowcount", 0) != 1:
         return False
-    _publish_on_commit(session, celery_app, job)
+    _publish_on_commit(session, celery_app, _message({f: getattr(job, f) for f in MESSAGE_FIELDS}))
     return True
 
 
-def _publish_on_commit(session: orm.Session, celery_app: Celery, job: Job) -> None:
-    """Have the fast path publish ``job`` when ``session``'s transaction commits.
+def _publish_on_commit(
+    session: orm.Session, celery_app: Celery, message: Mapping[str, Any]
+) -> None:
+    """Have the fast path publish a job's message when ``session``'s transaction commits.
 
     The job belongs to the innermost savepoint in progress, if any: rolling
     that savepoint back drops it, releasing it does not publish it.
     """
     if current_settings().outbox_fast_path:
         owner = session.get_nested_transaction()
-        session.info.setdefault(PENDING, []).append((celery_app, _message(job), owner))
+        session.info.setdefault(PENDING, []).append((celery_app, message, owner))
 
 
-def _message(job: Job) -> dict[str, Any]:
+def _message(job: Mapping[str, Any]) -> dict[str, Any]:
+    """What :func:`send` publishes, from a job's :data:`MESSAGE_FIELDS`."""
     return {
-        "id": job.id,
-        "name": job.name,
-        "args": job.args,
-        "kwargs": job.kwargs,
-        "options": job.options,
-        "retries": max(job.attempts, 0),
+        "id": job["id"],
+        "name": job["name"],
+        "args": job["args"],
+        "kwargs": job["kwargs"],
+        "options": job["options"],
+        "retries": max(job["attempts"], 0),
     }
 
 
@@ -266,7 +275,7 @@ def publish_owed(
     if connection.dialect.name == "sqlite":
         connection.exec_driver_sql("BEGIN IMMEDIATE")  # one publisher at a time
     query = (
-        select(Job.id, Job.name, Job.args, Job.kwargs, Job.options, Job.attempts, Job.available_at)
+        select(*(getattr(Job, f) for f in MESSAGE_FIELDS), Job.available_at)
         .where(Job.published_at.is_(None), Job.state.in_(CLAIMABLE), *conditions)
         .order_by(Job.created_at)
         .limit(limit)
@@ -356,11 +365,4 @@ def _row_message(row: Any) -> dict[str, Any]:
     options = {k: v for k, v in (row.options or {}).items() if k != "eta"}
     if row.available_at > utcnow():
         options["eta"] = row.available_at.isoformat()
-    return {
-        "id": row.id,
-        "name": row.name,
-        "args": row.args,
-        "kwargs": row.kwargs,
-        "options": options,
-        "retries": max(row.attempts, 0),
-    }
+    return {**_message(row._mapping), "options": options}
