@@ -12,11 +12,12 @@ workload (:mod:`bench.workload`):
 
 Beside them, in the same run, the limits: ``pgbench`` running the task's
 transaction with 2 clients, a raw kombu publish and consume loop with no
-database, and the relay's publish rate with the fast path off. The proj-full
-worker's memory is measured after 1,000 tasks and after ``--rss-tasks``. Figures are ratios
-against those measured in the same run; every run also checks that each
-user's counter equals the tasks sent to it. Writes a Markdown table to
-``bench/results/``.
+database, and the relay's publish rate with the fast path off. While each
+drain runs, the CPU time of the worker's processes, PostgreSQL's and the
+broker's is counted per task. The proj-full worker's memory is measured after
+1,000 tasks and after ``--rss-tasks``. Figures are ratios against those
+measured in the same run; every run also checks that each user's counter
+equals the tasks sent to it. Writes a Markdown table to ``bench/results/``.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ INCLUDE = {
     "proj": ["--include", "bench.proj_touch"],
     "proj-full": ["--include", "bench.proj_touch"],
 }
+SERVER_PROCESSES = {"postgres": "postgres", "beam.smp": "broker", "redis-server": "broker"}
+"""What each server process's CPU is counted as (RabbitMQ runs as ``beam.smp``)."""
 LATENCY_TASKS = 200
 RSS_WARMUP = 1000
 RSS_BATCH = 50
@@ -93,6 +96,9 @@ class Figures:
     """Worker-side round trips to the database per task (see :mod:`bench.stats`)."""
     enqueue_statements: float = 0.0
     connections_at_rest: int | None = None
+    cpu_ms: dict[str, list[float]] = field(default_factory=dict)
+    """CPU milliseconds per task while draining: the worker (all its
+    processes), PostgreSQL (every server process) and the broker."""
     rss_mb: tuple[float, float] | None = None
     """The worker's memory (all its processes) after 1,000 and after ``--rss-tasks`` tasks."""
     correct: bool = True
@@ -221,8 +227,14 @@ def measure(
         report = enqueue(variant, tasks, env)
         enqueued.append(report)
         figures.enqueue_rates.append(report["count"] / report["seconds"])
-        with worker(variant, env, folder):
+        with worker(variant, env, folder) as pid:
+            before, ran = cpu_seconds(pid), sum(workload.touches(engine).values())
             wait_drained(engine, tasks)
+            for part, seconds in cpu_seconds(pid).items():
+                if stack == "sqlite" and part != "worker":
+                    continue  # no servers: the worker holds the database and the broker
+                per_task = 1000 * (seconds - before[part]) / (tasks - ran)
+                figures.cpu_ms.setdefault(part, []).append(per_task)
         figures.drain_rates.append(tasks / workload.drain_seconds(engine))
         figures.correct &= workload.touches(engine) == expected(tasks)
     with worker(variant, env, folder):
@@ -244,6 +256,21 @@ def measure(
         time.sleep(1)
         figures.correct &= connections(engine) == 0  # the worker left nothing behind
     return figures
+
+
+def cpu_seconds(worker_pid: int) -> dict[str, float]:
+    """CPU seconds used so far by the worker's processes, by PostgreSQL's and
+    by the broker's. On a machine this small the drain is bound by the CPU
+    all of them need per task, not by any one process."""
+    main = psutil.Process(worker_pid)
+    mine = {worker_pid, *(child.pid for child in main.children(recursive=True))}
+    used = {"worker": 0.0, "postgres": 0.0, "broker": 0.0}
+    for found in psutil.process_iter(["name", "cpu_times"]):
+        times = found.info["cpu_times"]
+        part = "worker" if found.pid in mine else SERVER_PROCESSES.get(found.info["name"])
+        if part and times is not None:
+            used[part] += times.user + times.system
+    return used
 
 
 def worker_rss_mb(pid: int) -> float:
@@ -374,20 +401,24 @@ def table(results: list[Figures], pgbench: dict[str, float]) -> str:
     lines = [
         "| stack | variant | enqueue/s | drain tasks/s (min–max) | × baseline | × pgbench "
         "| latency p50 / p99 ms | SQL statements / round trips per task (worker) "
-        "| SQL per enqueue | connections at rest | RSS MiB after 1k → after N "
-        "| counters correct |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| SQL per enqueue | CPU ms per task: worker / PostgreSQL / broker "
+        "| connections at rest | RSS MiB after 1k → after N | counters correct |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for f in results:
         base = baseline.get(f.stack)
         ratio = f"{f.drain / base.drain:.2f}" if base and base is not f else "—"
         limit = f"{f.drain / pgbench[f.stack]:.2f}" if f.stack in pgbench else "—"
         rss = f"{f.rss_mb[0]:.0f} → {f.rss_mb[1]:.0f}" if f.rss_mb else "—"
+        cpu = " / ".join(
+            f"{statistics.median(f.cpu_ms[part]):.2f}" if f.cpu_ms.get(part) else "—"
+            for part in ("worker", "postgres", "broker")
+        )
         lines.append(
             f"| {f.stack} | {f.variant} | {statistics.median(f.enqueue_rates):.0f} "
             f"| {f.drain:.0f} ({min(f.drain_rates):.0f}–{max(f.drain_rates):.0f}) | {ratio} "
             f"| {limit} | {f.latency_p50:.1f} / {f.latency_p99:.1f} "
-            f"| {f.statements:.1f} / {f.round_trips:.1f} | {f.enqueue_statements:.1f} "
+            f"| {f.statements:.1f} / {f.round_trips:.1f} | {f.enqueue_statements:.1f} | {cpu} "
             f"| {'—' if f.connections_at_rest is None else f.connections_at_rest} | {rss} "
             f"| {'yes' if f.correct else 'NO'} |"
         )
