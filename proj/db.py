@@ -234,10 +234,10 @@ def autocommit(engine: Engine) -> Iterator[Connection]:
     with psycopg2's ``set_isolation_level``, which costs a round trip.
     """
     with engine.connect() as connection:
-        driver = connection.connection.driver_connection
         if engine.driver != "psycopg2":
             yield connection.execution_options(isolation_level="AUTOCOMMIT")
             return
+        driver = connection.connection.driver_connection
         driver.autocommit = True  # type: ignore[union-attr]
         try:
             yield connection
