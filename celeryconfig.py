@@ -53,16 +53,10 @@ broker_connection_timeout = 4
 timezone = "UTC"
 enable_utc = True
 
-# Record messages that cannot be decoded instead of dropping them.
-worker_consumer = "proj.deadletter:RecordingConsumer"
-
-# Each periodic run is sent once per schedule slot, even by two beats at once.
-beat_scheduler = "proj.beat:LedgerScheduler"
+# proj.jobs makes its own consumer (undecodable messages become failed jobs)
+# and beat scheduler (one run per schedule slot, even from two beats) the
+# app's, and adds its reconciler to the schedule.
 beat_schedule = {
-    "reconcile-jobs": {
-        "task": "proj.reconcile_jobs",
-        "schedule": timedelta(seconds=_settings.reconcile_interval),
-    },
     "cleanup-expired": {
         "task": "proj.tasks.cleanup_expired",
         "schedule": timedelta(seconds=_settings.cleanup_interval),

@@ -25,7 +25,7 @@ def enqueuer(variant: str) -> Callable[[list[int]], object]:
         from bench.baseline import touch as plain
 
         return lambda user_ids: [plain.delay(u, time.time()) for u in user_ids]
-    import proj  # noqa: F401  (proj's app becomes the default)
+    import proj.celery  # noqa: F401  (proj's app becomes the default)
     from bench.proj_touch import touch
     from proj.db import session_scope
 

@@ -8,7 +8,7 @@ from celery import shared_task
 
 from bench import stats, workload
 from proj.db import Session
-from proj.task import SqlAlchemyTask
+from proj.jobs import SqlAlchemyTask
 
 workload.announce_ready()
 stats.count_in_worker()

@@ -44,12 +44,13 @@ from kombu import Connection, Consumer, Exchange, Producer, Queue
 from sqlalchemy import Engine, create_engine, delete, insert, make_url, text
 
 from bench import stats, workload
-from proj import db, scratch
-from proj.celery import create_app
+from proj.celery import make_celery
 from proj.config import load_settings
-from proj.ledger import Job, State
+from proj.jobs import Jobs
+from proj.jobs.ledger import Job, State
+from proj.jobs.relay import make_relay
 from proj.migrations import upgrade
-from proj.relay import make_outbox
+from tests import stacks
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER_OPTIONS = [
@@ -333,10 +334,10 @@ def pgbench_tps(database_url: str, folder: Path, seconds: int = 10) -> float:
 def relay_rate(env: dict[str, str], count: int) -> float:
     """Jobs a second the relay publishes, with the fast path off."""
     settings = load_settings({**env, "PROJ_OUTBOX_FAST_PATH": "0"})
-    db.configure(settings)
-    celery_app = create_app(settings)
+    celery_app = make_celery(settings)
+    engine = Jobs.of(celery_app).engine
     queue = f"bench-relay-{uuid.uuid4().hex[:8]}"
-    outbox = make_outbox(celery_app, settings)
+    outbox = make_relay(celery_app)
     rows = [
         {
             "id": str(uuid.uuid4()),
@@ -350,17 +351,18 @@ def relay_rate(env: dict[str, str], count: int) -> float:
         }
         for _ in range(count)
     ]
-    with db.worker_engine().begin() as connection:
+    with engine.begin() as connection:
         connection.execute(insert(Job), rows)
     started = time.perf_counter()
     while outbox.relay_once():
         pass
     seconds = time.perf_counter() - started
-    with db.worker_engine().begin() as connection:
+    with engine.begin() as connection:
         connection.execute(delete(Job).where(Job.id.in_([r["id"] for r in rows])))
     with celery_app.connection_for_write() as connection:
         Queue(queue, channel=connection.default_channel).delete()
     outbox.engine.dispose()
+    engine.dispose()
     return count / seconds
 
 
@@ -431,17 +433,17 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--relay-jobs", type=int, default=5000)
     parser.add_argument("--rss-tasks", type=int, default=50_000, help="0 to skip")
-    parser.add_argument("--stacks", default=",".join(scratch.STACKS))
+    parser.add_argument("--stacks", default=",".join(stacks.STACKS))
     options = parser.parse_args()
     results: list[Figures] = []
     limits: list[str] = []
     pgbench: dict[str, float] = {}
     for stack in options.stacks.split(","):
-        problem = scratch.missing_services(stack)
+        problem = stacks.missing_services(stack)
         if problem:
             print(f"skipping {stack}: {problem}", file=sys.stderr)
             continue
-        with tempfile.TemporaryDirectory() as name, scratch.stack(stack, Path(name)) as env:
+        with tempfile.TemporaryDirectory() as name, stacks.stack(stack, Path(name)) as env:
             folder = Path(name)
             settings = load_settings(env)
             env = {
@@ -471,7 +473,6 @@ def main() -> None:
             kombu = f"{raw[0]:.0f} | {raw[1]:.0f} | {relay / raw[0]:.2f}" if raw else "— | — | —"
             limits.append(f"| {stack} | {tps} | {relay:.0f} | {kombu} |")
             engine.dispose()
-            db.configure(load_settings({"PROJ_DATA_DIR": name}))
     report = (
         f"# Benchmark {datetime.now(UTC):%Y-%m-%d %H:%M} UTC\n\n"
         f"`python -m bench.run --tasks {options.tasks} --runs {options.runs} "

@@ -1,25 +1,20 @@
-"""proj: background work for Flask + SQLAlchemy applications on Celery, correct by default.
+"""proj: the reference application on proj.jobs (users, invoices, charges,
+reports), and the commands that run it.
 
-``app`` is the Celery app, so ``celery -A proj worker`` finds it.
+``proj.app`` is the Celery app, so ``celery -A proj worker`` finds it; it is
+made on first access, so ``import proj.jobs`` (the library) starts nothing.
 """
 
 from __future__ import annotations
 
-from proj.celery import app
-from proj.db import Base, Session, session_scope
-from proj.errors import ConfigurationError, ProjError, TaskArgumentError
-from proj.retry import TRANSIENT_ERRORS, retry_on
-from proj.task import SqlAlchemyTask
+from typing import Any
 
-__all__ = [
-    "TRANSIENT_ERRORS",
-    "Base",
-    "ConfigurationError",
-    "ProjError",
-    "Session",
-    "SqlAlchemyTask",
-    "TaskArgumentError",
-    "app",
-    "retry_on",
-    "session_scope",
-]
+__all__ = ["app"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "app":
+        from proj.celery import app
+
+        return app
+    raise AttributeError(f"module 'proj' has no attribute {name!r}")

@@ -1,4 +1,5 @@
-"""The ``proj`` command: ``proj run``, ``proj db upgrade``, ``proj check``."""
+"""The ``proj`` command: ``proj run``, ``proj db upgrade``, ``proj jobs upgrade``,
+``proj relay``, ``proj check``."""
 
 from __future__ import annotations
 
@@ -14,11 +15,11 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from proj.config import current_settings
-from proj.db import worker_engine
-from proj.errors import ConfigurationError
+from proj.jobs import ConfigurationError, Jobs
+from proj.jobs.checks import check_configuration
+from proj.jobs.cli import jobs as jobs_commands
+from proj.jobs.relay import make_relay
 from proj.migrations import upgrade as upgrade_database
-from proj.relay import make_outbox
-from proj.safety import check_configuration
 
 STOP_TIMEOUT = 20.0
 """Seconds ``proj run`` waits for its processes to stop before killing them."""
@@ -29,6 +30,9 @@ def main() -> None:
     """proj: background work for Flask + SQLAlchemy on Celery."""
 
 
+main.add_command(jobs_commands)
+
+
 @main.group()
 def db() -> None:
     """The application database."""
@@ -36,7 +40,8 @@ def db() -> None:
 
 @db.command()
 def upgrade() -> None:
-    """Migrate the database to the newest schema (safe to run again)."""
+    """Migrate the database (the job ledger, then the application's tables)
+    to the newest schema (safe to run again)."""
     upgrade_database()
     url = make_url(current_settings().database_url)
     click.echo(f"database {url.render_as_string(hide_password=True)} is up to date")
@@ -50,12 +55,12 @@ def relay() -> None:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    outbox = make_outbox(celery_app)
-    database = outbox.engine.url.render_as_string(hide_password=True)
+    relay = make_relay(celery_app)
+    database = relay.engine.url.render_as_string(hide_password=True)
     click.echo(f"proj relay: publishing the jobs {database} owes the broker")
-    outbox.relay(stop)
-    outbox.engine.dispose()
-    click.echo(f"proj relay: stopped after publishing {outbox.published} jobs")
+    relay.relay(stop)
+    relay.engine.dispose()
+    click.echo(f"proj relay: stopped after publishing {relay.published} jobs")
 
 
 def _hide_password(url: str) -> str:
@@ -74,7 +79,7 @@ def check() -> None:
     except ConfigurationError as exc:
         problems.append(f"configuration: {exc}")
     try:
-        with worker_engine().connect() as connection:
+        with Jobs.of(celery_app).engine.connect() as connection:
             connection.execute(text("SELECT 1"))
     except Exception as exc:
         problems.append(f"database: {exc.__class__.__name__}: {exc}")

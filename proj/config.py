@@ -1,4 +1,5 @@
-"""Every setting proj reads, read from the environment in one place.
+"""The reference application's settings, read from the environment in one place
+(proj.jobs's own are in :class:`~proj.jobs.JobsSettings`, read here too).
 
 With nothing set, proj runs embedded: SQLite files under ``PROJ_DATA_DIR``,
 kombu's SQLAlchemy transport on SQLite as the broker and the database as the
@@ -14,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from proj.errors import ConfigurationError
+from proj.jobs import JobsSettings
+from proj.jobs.settings import number
 
 DEFAULTS: Mapping[str, str] = {
     "PROJ_DATA_DIR": "proj-data",
@@ -22,7 +24,6 @@ DEFAULTS: Mapping[str, str] = {
     "CELERY_BROKER_URL": "sqla+sqlite:///{data_dir}/broker.sqlite3",
     "CELERY_RESULT_BACKEND": "db+{database_url}",
     "PROJ_WEB_POOL_SIZE": "5",
-    "PROJ_WORKER_POOL_SIZE": "5",
     "PROJ_MAIL_URL": "file://{data_dir}/mail",
     "PROJ_MAIL_FROM": "proj@localhost",
     "PROJ_DIGEST_TO": "ops@localhost",
@@ -31,16 +32,8 @@ DEFAULTS: Mapping[str, str] = {
     "PROJ_PAYMENT_LATENCY": "0",
     "PROJ_CLEANUP_INTERVAL": "3600",
     "PROJ_DIGEST_INTERVAL": "86400",
-    "PROJ_RETENTION_DAYS": "30",
     "PROJ_BROKER_POLL_INTERVAL": "0.02",
     "PROJ_VISIBILITY_TIMEOUT": "7200",
-    "PROJ_OUTBOX_FAST_PATH": "1",
-    "PROJ_RELAY_IN_WORKER": "1",
-    "PROJ_RELAY_POLL_INTERVAL": "1",
-    "PROJ_RELAY_GRACE": "2",
-    "PROJ_RECONCILE_INTERVAL": "60",
-    "PROJ_STALE_AFTER": "300",
-    "PROJ_MAX_ATTEMPTS": "3",
 }
 """The default of every setting, by environment variable. ``{data_dir}`` and
 ``{database_url}`` expand to the values in effect."""
@@ -53,13 +46,10 @@ class Settings:
     """proj's configuration. Build it with :func:`load_settings`."""
 
     data_dir: Path
-    database_url: str
     broker_url: str
     result_backend: str
     web_pool_size: int
     """Connections in the web tier's pool (Flask-SQLAlchemy's engine)."""
-    worker_pool_size: int
-    """Connections in each worker process's pool (the task sessions' engine)."""
     mail_url: str
     """``smtp://host:port`` or ``file:///folder`` (one ``.eml`` file a message)."""
     mail_from: str
@@ -71,25 +61,17 @@ class Settings:
     """Seconds the default payment gateway takes per charge, as a real one would."""
     cleanup_interval: float
     digest_interval: float
-    retention_days: int
     broker_poll_interval: float
     """Seconds between polls of the embedded SQLite broker."""
     visibility_timeout: float
     """Seconds Redis waits before redelivering an unacknowledged message."""
-    outbox_fast_path: bool
-    """Publish a job as soon as its transaction commits (else the relay does)."""
-    relay_in_worker: bool
-    """Run the relay inside each worker (small deployments; else ``proj relay``)."""
-    relay_poll_interval: float
-    relay_grace: float
-    """Seconds the relay leaves a new row to the fast path."""
-    reconcile_interval: float
-    stale_after: float
-    """Seconds after which a published job that never started, or a running
-    job whose worker is gone, is sent again by the reconciler."""
-    max_attempts: int
-    """Attempts a job gets when its task names no retry policy (a worker that
-    dies running it counts as one)."""
+    jobs: JobsSettings
+    """proj.jobs's settings (the database, pools, relay, reconciler, attempts)."""
+
+    @property
+    def database_url(self) -> str:
+        """The application's database, where the job ledger lives too."""
+        return self.jobs.database_url
 
     @property
     def embedded(self) -> bool:
@@ -107,7 +89,7 @@ class Settings:
             # kombu hands every transport option to create_engine, so the
             # polling interval cannot be set there; proj's subclass sets it.
             conf["broker_url"] = self.broker_url.split("+", 1)[1]
-            conf["broker_transport"] = "proj.broker:SQLiteTransport"
+            conf["broker_transport"] = "proj.jobs.sqlite_broker:SQLiteTransport"
             conf["broker_transport_options"] = {"polling_interval": self.broker_poll_interval}
         elif self.broker_url.startswith(("redis:", "rediss:")):
             conf["broker_transport_options"] = {"visibility_timeout": self.visibility_timeout}
@@ -133,20 +115,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     def text(name: str) -> str:
         return raw(name).format(data_dir=data_dir, database_url=database_url)
 
-    def flag(name: str) -> bool:
-        value = raw(name).strip().lower()
-        if value not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
-            raise ConfigurationError(f"{name}={raw(name)!r} is not 1 or 0.")
-        return value in ("1", "true", "yes", "on")
-
-    def number(name: str, kind: type[int] | type[float]) -> Any:
-        try:
-            value = kind(raw(name))
-        except ValueError:
-            raise ConfigurationError(f"{name}={raw(name)!r} is not a {kind.__name__}.") from None
-        if value < 0:
-            raise ConfigurationError(f"{name} must not be negative, got {value}.")
-        return value
+    def read(name: str, kind: type[int] | type[float]) -> Any:
+        return number(name, raw(name), kind)
 
     result_backend = text("CELERY_RESULT_BACKEND")
     if database_url.startswith("sqlite") and not env.get("CELERY_RESULT_BACKEND"):
@@ -154,29 +124,20 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         result_backend = f"db+sqlite:///{data_dir}/results.sqlite3"
     return Settings(
         data_dir=data_dir,
-        database_url=database_url,
         broker_url=text("CELERY_BROKER_URL"),
         result_backend=result_backend,
-        web_pool_size=number("PROJ_WEB_POOL_SIZE", int),
-        worker_pool_size=number("PROJ_WORKER_POOL_SIZE", int),
+        web_pool_size=read("PROJ_WEB_POOL_SIZE", int),
         mail_url=text("PROJ_MAIL_URL"),
         mail_from=text("PROJ_MAIL_FROM"),
         digest_to=text("PROJ_DIGEST_TO"),
         secret_key=text("SECRET_KEY"),
-        max_content_length=number("PROJ_MAX_CONTENT_LENGTH", int),
-        payment_latency=number("PROJ_PAYMENT_LATENCY", float),
-        cleanup_interval=number("PROJ_CLEANUP_INTERVAL", float),
-        digest_interval=number("PROJ_DIGEST_INTERVAL", float),
-        retention_days=number("PROJ_RETENTION_DAYS", int),
-        broker_poll_interval=number("PROJ_BROKER_POLL_INTERVAL", float),
-        visibility_timeout=number("PROJ_VISIBILITY_TIMEOUT", float),
-        outbox_fast_path=flag("PROJ_OUTBOX_FAST_PATH"),
-        relay_in_worker=flag("PROJ_RELAY_IN_WORKER"),
-        relay_poll_interval=number("PROJ_RELAY_POLL_INTERVAL", float),
-        relay_grace=number("PROJ_RELAY_GRACE", float),
-        reconcile_interval=number("PROJ_RECONCILE_INTERVAL", float),
-        stale_after=number("PROJ_STALE_AFTER", float),
-        max_attempts=number("PROJ_MAX_ATTEMPTS", int),
+        max_content_length=read("PROJ_MAX_CONTENT_LENGTH", int),
+        payment_latency=read("PROJ_PAYMENT_LATENCY", float),
+        cleanup_interval=read("PROJ_CLEANUP_INTERVAL", float),
+        digest_interval=read("PROJ_DIGEST_INTERVAL", float),
+        broker_poll_interval=read("PROJ_BROKER_POLL_INTERVAL", float),
+        visibility_timeout=read("PROJ_VISIBILITY_TIMEOUT", float),
+        jobs=JobsSettings.from_environ(env, database_url=database_url),
     )
 
 
@@ -192,6 +153,6 @@ def current_settings() -> Settings:
 
 
 def use_settings(settings: Settings) -> None:
-    """Make ``settings`` the ones in effect (``proj.db.configure`` calls this)."""
+    """Make ``settings`` the ones in effect (tests pointing the application at a stack)."""
     global _current
     _current = settings

@@ -15,7 +15,7 @@ from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
 from proj.config import current_settings
-from proj.errors import ConfigurationError
+from proj.jobs import ConfigurationError
 
 
 class Mailer(Protocol):

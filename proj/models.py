@@ -8,7 +8,8 @@ from typing import Any
 from sqlalchemy import CheckConstraint, ForeignKey, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from proj.db import Base, UtcDateTime, utcnow
+from proj.db import Base
+from proj.jobs import UtcDateTime, utcnow
 
 MAX_ID = 2**31 - 1
 """Largest id a table here can hold (ids above it cannot exist)."""

@@ -14,7 +14,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column
 
 from proj.config import current_settings
-from proj.db import Base, UtcDateTime, session_scope, utcnow
+from proj.db import Base, session_scope
+from proj.jobs import UtcDateTime, utcnow
 
 
 @dataclass(frozen=True)

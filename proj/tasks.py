@@ -11,16 +11,23 @@ from datetime import timedelta
 from typing import Any
 
 from celery.utils.log import get_task_logger
-from sqlalchemy import delete, func, select
+from sqlalchemy import func, select
 
 from proj.config import current_settings
-from proj.db import Session, utcnow, worker_engine
-from proj.ledger import FINISHED, Job, State
+from proj.db import Session, worker_engine
+from proj.jobs import (
+    TRANSIENT_ERRORS,
+    Job,
+    Jobs,
+    SqlAlchemyTask,
+    State,
+    retry_on,
+    shared_task,
+    utcnow,
+)
 from proj.mail import send_mail
 from proj.models import Invoice, User
 from proj.payments import default_gateway
-from proj.retry import TRANSIENT_ERRORS, retry_on
-from proj.task import SqlAlchemyTask, shared_task
 
 logger = get_task_logger(__name__)
 
@@ -89,14 +96,12 @@ def generate_report(self: SqlAlchemyTask, user_id: int) -> dict[str, int] | None
     return report
 
 
-@shared_task(name="proj.tasks.cleanup_expired")
+@shared_task(name="proj.tasks.cleanup_expired", bind=True)
 @retry_on(TRANSIENT_ERRORS)
-def cleanup_expired() -> int:
+def cleanup_expired(self: SqlAlchemyTask) -> int:
     """Delete finished jobs older than the retention period; return how many."""
-    cutoff = utcnow() - timedelta(days=current_settings().retention_days)
-    result = Session.execute(delete(Job).where(Job.state.in_(FINISHED), Job.finished_at < cutoff))
-    deleted = int(getattr(result, "rowcount", 0) or 0)
-    logger.info("cleanup_expired: deleted %d jobs finished before %s", deleted, cutoff)
+    deleted = Jobs.of(self.app).prune(self.session)
+    logger.info("cleanup_expired: deleted %d finished jobs", deleted)
     return deleted
 
 

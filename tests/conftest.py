@@ -1,7 +1,7 @@
 """Fixtures for every tier: the stacks (real servers, set up and torn down per run)
 and the leak detectors.
 
-The stacks are ``proj.scratch``'s: PostgreSQL + RabbitMQ, PostgreSQL + Redis
+The stacks are ``stacks.py``'s: PostgreSQL + RabbitMQ, PostgreSQL + Redis
 and the embedded SQLite setup, each made new for the run. A stack whose
 servers do not answer is skipped, and the run's summary says so; with ``CI``
 or ``PROJ_REQUIRE_SERVICES`` set, it fails instead.
@@ -18,14 +18,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import stacks
 from celery import Celery
+from celery._state import get_current_app
 from flask import Flask
 from flask.testing import FlaskClient
 
-import proj.testing
-from proj import db, scratch
-from proj.config import Settings, load_settings
+import proj.jobs.testing
+from proj.celery import make_celery
+from proj.config import Settings, load_settings, use_settings
+from proj.jobs import Jobs, NotInstalledError
 from proj.migrations import upgrade
+
+pytest_plugins = ["proj.jobs.testing.plugin"]
 
 REQUIRED = bool(os.environ.get("CI") or os.environ.get("PROJ_REQUIRE_SERVICES"))
 
@@ -60,14 +65,14 @@ class Stack:
 
 def _requested_stacks() -> tuple[str, ...]:
     wanted = os.environ.get("PROJ_TEST_STACKS")
-    return tuple(s for s in scratch.STACKS if not wanted or s in wanted.split(","))
+    return tuple(s for s in stacks.STACKS if not wanted or s in wanted.split(","))
 
 
 @pytest.fixture(scope="session", params=_requested_stacks())
 def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
     """A stack with migrated, empty database, broker and data folder."""
     name = request.param
-    problem = scratch.missing_services(name)
+    problem = stacks.missing_services(name)
     if problem:
         _skipped[name] = problem
         if REQUIRED:
@@ -75,27 +80,32 @@ def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
         pytest.skip(f"stack {name}: {problem}")
     data_dir = Path(tempfile.mkdtemp(prefix=f"proj-{name}-"))
     try:
-        with scratch.stack(name, data_dir) as env:
+        with stacks.stack(name, data_dir) as env:
             made = Stack(name, env, data_dir)
             upgrade(made.settings.database_url)
             yield made
-            # Let go of the stack's database before it is dropped.
-            db.configure(load_settings({"PROJ_DATA_DIR": str(data_dir)}))
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
-def celery_app(stack: Stack) -> Celery:
-    """proj pointed at the stack: its database and a Celery app for its broker."""
-    return proj.testing.configure(stack.settings)
+def celery_app(stack: Stack) -> Iterator[Celery]:
+    """proj pointed at the stack: a Celery app for its broker with proj.jobs on
+    its database, made current and default (shared tasks publish through it)."""
+    use_settings(stack.settings)
+    made = make_celery(stack.settings)
+    made.set_current()
+    made.set_default()
+    yield made
+    # Let go of the stack's database before it is dropped.
+    Jobs.of(made).dispose()
 
 
 @pytest.fixture
 def app(stack: Stack, celery_app: Celery) -> Iterator[Flask]:
     """The Flask application on the stack (its pool closed afterwards)."""
+    from proj.db import db as web_db
     from proj.web import create_app
-    from proj.web.extensions import db as web_db
 
     flask_app = create_app(stack.settings, celery_app)
     flask_app.testing = True
@@ -122,9 +132,13 @@ def no_leaks() -> Iterator[None]:
     from flask import has_app_context
 
     yield
-    assert not db.Session.registry.has(), "a task session was left open"
     assert not has_app_context(), "an application context was left pushed"
-    assert proj.testing.checked_out() == 0, "a worker connection is still checked out"
+    try:
+        jobs = Jobs.of(get_current_app())
+    except NotInstalledError:
+        return  # no stack in this test: nothing of proj.jobs to leak
+    assert not jobs.session.registry.has(), "a task session was left open"
+    assert proj.jobs.testing.checked_out() == 0, "a worker connection is still checked out"
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

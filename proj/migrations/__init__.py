@@ -1,4 +1,5 @@
-"""Alembic migrations for proj's tables (``proj db upgrade``)."""
+"""Alembic migrations for the reference application's tables (``proj db upgrade``,
+after the ledger's own, which live in proj.jobs)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from alembic import command
 from alembic.config import Config
 
 from proj.config import current_settings
-from proj.db import make_sqlite_folder
+from proj.jobs import migrations as jobs_migrations
 
 
 def alembic_config(database_url: str | None = None) -> Config:
@@ -21,7 +22,8 @@ def alembic_config(database_url: str | None = None) -> Config:
 
 
 def upgrade(database_url: str | None = None) -> None:
-    """Migrate the database to the newest revision; doing it twice changes nothing."""
-    config = alembic_config(database_url)
-    make_sqlite_folder(config.attributes["database_url"])
-    command.upgrade(config, "head")
+    """Migrate the ledger, then the application's tables, to their newest
+    revisions; doing it twice changes nothing."""
+    url = database_url or current_settings().database_url
+    jobs_migrations.upgrade(url)
+    command.upgrade(alembic_config(url), "head")

@@ -5,12 +5,12 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine, pool
 
-import proj.ledger
 import proj.models
 import proj.payments  # noqa: F401  (their tables belong to Base.metadata)
 from proj.db import Base
+from proj.jobs.engine import resolve_url
 
-url = context.config.attributes["database_url"]
+url = resolve_url(context.config.attributes["database_url"])
 engine = create_engine(url, poolclass=pool.NullPool)
 with engine.connect() as connection:
     context.configure(

@@ -10,10 +10,10 @@ from flask import Blueprint, Response, jsonify, request, url_for
 from sqlalchemy.exc import IntegrityError
 from werkzeug.exceptions import BadRequest
 
+from proj.db import db
 from proj.models import MAX_ID, Invoice, User
 from proj.tasks import charge_invoice, generate_report, send_welcome
 from proj.web.errors import ApiError
-from proj.web.extensions import db
 
 logger = logging.getLogger(__name__)
 

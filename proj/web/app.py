@@ -8,13 +8,12 @@ from celery import Celery
 from flask import Flask, Response, current_app, jsonify, url_for
 from sqlalchemy import text
 
-from proj.celery import app as proj_celery_app
 from proj.config import Settings, current_settings
-from proj.db import engine_options, make_sqlite_folder, prepare_engine
+from proj.db import db
+from proj.jobs import Jobs, engine_options
+from proj.jobs import api as jobs_api
 from proj.web.api import api
 from proj.web.errors import error_response, register_error_handlers
-from proj.web.extensions import db
-from proj.web.jobs import jobs
 
 HEALTH_TIMEOUT = 2.0
 """Seconds the health check waits for the broker to answer."""
@@ -23,23 +22,28 @@ HEALTH_TIMEOUT = 2.0
 def create_app(settings: Settings | None = None, celery_app: Celery | None = None) -> Flask:
     """The web application for ``settings`` (default: the environment's).
 
-    The health check asks ``celery_app``'s broker (default: ``proj.celery.app``).
+    Views enqueue through ``celery_app`` (default: ``proj.celery.app``), whose
+    broker the health check asks.
     """
+    if celery_app is None:
+        from proj.celery import app as proj_app
+
+        celery_app = proj_app
     settings = settings or current_settings()
-    make_sqlite_folder(settings.database_url)
+    jobs = Jobs.of(celery_app)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
     app = Flask("proj.web")
     app.config.update(
         SECRET_KEY=settings.secret_key,
         MAX_CONTENT_LENGTH=settings.max_content_length,
-        SQLALCHEMY_DATABASE_URI=settings.database_url,
-        SQLALCHEMY_ENGINE_OPTIONS=engine_options(settings.database_url, settings.web_pool_size),
+        SQLALCHEMY_DATABASE_URI=jobs.database_url,
+        SQLALCHEMY_ENGINE_OPTIONS=engine_options(jobs.database_url, settings.web_pool_size),
     )
-    app.extensions["proj.celery"] = celery_app or proj_celery_app
+    app.extensions["proj.celery"] = celery_app
     db.init_app(app)
-    with app.app_context():
-        prepare_engine(db.engine, role="web")
+    jobs.init_app(app, db)
     app.register_blueprint(api)
-    app.register_blueprint(jobs)
+    app.register_blueprint(jobs_api.blueprint, url_prefix="/api/jobs")
     register_error_handlers(app)
     app.add_url_rule("/", view_func=index)
     app.add_url_rule("/healthz", view_func=healthz)

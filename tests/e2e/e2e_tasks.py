@@ -33,11 +33,10 @@ from celery import shared_task, signals
 from celery.exceptions import Ignore, Reject
 from sqlalchemy import Column, Engine, Float, Integer, MetaData, String, Table, text
 
-from proj import TRANSIENT_ERRORS, Session, retry_on
-from proj.db import session_scope, worker_engine
+from proj.db import Session, session_scope, worker_engine
+from proj.jobs import TRANSIENT_ERRORS, SqlAlchemyTask, retry_on
 from proj.models import User
 from proj.payments import LedgerGateway, Receipt
-from proj.task import SqlAlchemyTask
 
 effects = Table(
     "e2e_effects",

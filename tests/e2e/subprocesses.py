@@ -21,7 +21,7 @@ from typing import TypeVar
 
 import psutil
 
-from proj.testing import wait_for
+from proj.jobs.testing import wait_for
 
 T = TypeVar("T")
 
@@ -97,7 +97,7 @@ class Command:
             )
 
     def until(self, condition: Callable[[], T], *, timeout: float = 30.0) -> T:
-        """:func:`~proj.testing.wait_for` ``condition``, failing with this
+        """:func:`~proj.jobs.testing.wait_for` ``condition``, failing with this
         command's log (where the reason usually is)."""
         try:
             return wait_for(condition, timeout=timeout)

@@ -1,6 +1,6 @@
 """Two ``celery -A proj beat`` processes running by mistake, with a real worker:
 each period's run of a periodic task still happens once (``proj.beat``'s
-``LedgerScheduler`` gives it a job id derived from its slot)."""
+``SlotScheduler`` gives it a job id derived from its slot)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ from celery.schedules import schedule
 from sqlalchemy import select
 from subprocesses import Commands
 
-from proj.beat import slot_job_id, slot_of
-from proj.db import session_scope, utcnow
-from proj.ledger import Job, State
+from proj.db import session_scope
+from proj.jobs import utcnow
+from proj.jobs.ledger import Job, State
+from proj.jobs.scheduler import slot_job_id, slot_of
 
 if TYPE_CHECKING:
     from conftest import Stack

@@ -24,6 +24,7 @@ from sqlalchemy import create_engine, inspect, text
 from subprocesses import BIN, WORKER_OPTIONS, Commands, free_port
 
 from proj.config import DEFAULTS
+from proj.jobs.settings import DEFAULTS as JOBS_DEFAULTS
 from proj.migrations import alembic_config
 
 if TYPE_CHECKING:
@@ -186,7 +187,8 @@ def test_docker_compose_runs_the_readme_commands() -> None:
         given = compose["services"][service]["command"]
         words = shlex.split(given) if isinstance(given, str) else list(given)
         assert words[: len(command.split())] == command.split(), service
-        assert set(compose["services"][service]["environment"]) <= set(DEFAULTS), service
+        known = set(DEFAULTS) | set(JOBS_DEFAULTS)
+        assert set(compose["services"][service]["environment"]) <= known, service
     consumed = {
         name: shlex.join(service["command"])
         for name, service in compose["services"].items()

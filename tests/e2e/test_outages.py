@@ -28,15 +28,21 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+import stacks
 from celery import Celery
 from e2e_tasks import create_effects_table, effects
-from servers import PostgresCluster, RedisServer, TcpProxy, private_postgres_problem
 from sqlalchemy import Engine, create_engine, orm, select
 from subprocesses import BIN, Command, Commands, enqueue_effects
 
-from proj import scratch
-from proj.db import utcnow, worker_engine
-from proj.ledger import Job, State
+from proj.db import worker_engine
+from proj.jobs import utcnow
+from proj.jobs.ledger import Job, State
+from proj.jobs.testing.faults import (
+    PostgresCluster,
+    RedisServer,
+    TcpProxy,
+    private_postgres_problem,
+)
 from proj.models import User
 
 if TYPE_CHECKING:
@@ -280,7 +286,7 @@ def postgres_restart(stack: Stack, tmp_path_factory: Any) -> Iterator[Restart]:
     folder = tmp_path_factory.mktemp("postgres-restart")
     # A broker namespace of its own: this worker outlives the test that starts
     # it and must not take the other tests' messages.
-    broker = scratch.rabbitmq_vhost() if stack.name == "pg-rabbit" else scratch.redis_database()
+    broker = stacks.rabbitmq_vhost() if stack.name == "pg-rabbit" else stacks.redis_database()
     with broker as broker_url, PostgresCluster() as cluster:
         url = cluster.create_database()
         env = stack.process_env(

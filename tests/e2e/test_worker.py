@@ -26,13 +26,14 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 from subprocesses import Command, Commands
 
-import proj.testing
-from proj.db import session_scope, utcnow
-from proj.ledger import Job, State
+import proj.jobs.testing
+from proj.db import session_scope
+from proj.jobs import utcnow
+from proj.jobs.ledger import Job, State
+from proj.jobs.testing import wait_for
 from proj.models import Invoice, User
 from proj.payments import LedgerCharge
 from proj.tasks import charge_invoice, pool_status, send_welcome
-from proj.testing import wait_for
 
 if TYPE_CHECKING:
     from conftest import Stack
@@ -241,7 +242,7 @@ def running_pid(celery_app: Celery, job_id: str, ledger: bool) -> int | None:
     if not ledger:
         meta = celery_app.backend.get_task_meta(job_id)
         return meta["result"].get("pid") if meta["status"] == "STARTED" else None
-    job = proj.testing.job(job_id)
+    job = proj.jobs.testing.job(job_id)
     if job.state != State.RUNNING or not job.worker:
         return None
     return int(job.worker.rpartition(":")[2])
@@ -294,8 +295,8 @@ def test_killed_child_task_runs_again_and_charges_once(
     if not ledger:
         assert charge_invoice.AsyncResult(job_id).get(timeout=60) == charge_id
     else:
-        worker.until(lambda: proj.testing.job(job_id).state == State.SUCCEEDED)
-        assert proj.testing.job(job_id).attempts == 2
+        worker.until(lambda: proj.jobs.testing.job(job_id).state == State.SUCCEEDED)
+        assert proj.jobs.testing.job(job_id).attempts == 2
     assert ledger_charges(key) == [charge_id]
     log = worker.output(since)
     assert f"pid:{pid} exited with 'signal 9 (SIGKILL)'" in log

@@ -14,9 +14,9 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 from werkzeug.test import TestResponse
 
-import proj.testing
+import proj.jobs.testing
 from proj.db import session_scope
-from proj.ledger import FINISHED, State
+from proj.jobs.ledger import FINISHED, State
 from proj.models import MAX_ID, Invoice, User
 from proj.payments import LedgerCharge
 
@@ -65,7 +65,7 @@ def test_sign_up_welcomes_the_user(stack: Stack, purged: Celery, client: FlaskCl
     """POST /api/users answers 201 with the user and its Location; the welcome
     job runs after the commit, sets welcomed_at and writes the mail."""
     address = new_email()
-    with proj.testing.worker(purged, pool="threads", concurrency=2):
+    with proj.jobs.testing.worker(purged, pool="threads", concurrency=2):
         response = client.post("/api/users", json={"email": address.upper()})
         assert response.status_code == 201, response.get_data(as_text=True)
         created = response.get_json()
@@ -81,7 +81,7 @@ def test_sign_up_welcomes_the_user(stack: Stack, purged: Celery, client: FlaskCl
             body: dict[str, Any] = shown.get_json()
             return body if body["welcomed_at"] else None
 
-        shown = proj.testing.wait_for(welcomed)
+        shown = proj.jobs.testing.wait_for(welcomed)
     assert shown["id"] == created["id"] and shown["email"] == address
     mails = mails_to(stack, address)
     assert len(mails) == 1
@@ -269,8 +269,8 @@ def test_charging_an_invoice_often_charges_it_once(purged: Celery, client: Flask
         assert response.status_code == 202, response.get_data(as_text=True)
         jobs.append(response.get_json()["job_id"])
     assert len(set(jobs)) == 5
-    with proj.testing.worker(purged, pool="threads", concurrency=2):
-        proj.testing.wait_for(lambda: job_states(client, jobs) <= set(FINISHED), timeout=60)
+    with proj.jobs.testing.worker(purged, pool="threads", concurrency=2):
+        proj.jobs.testing.wait_for(lambda: job_states(client, jobs) <= set(FINISHED), timeout=60)
     assert job_states(client, jobs) == {State.SUCCEEDED}
     with session_scope() as session:
         query = select(LedgerCharge).filter_by(idempotency_key=f"invoice-{invoice_id}")

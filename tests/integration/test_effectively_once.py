@@ -26,16 +26,14 @@ from kombu import Exchange, Queue
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
-import proj.testing
-from proj import outbox
-from proj.beat import LedgerScheduler, slot_job_id
-from proj.db import Session, session_scope, utcnow
-from proj.ledger import Job, State
-from proj.maintenance import reconcile_jobs
+import proj.jobs.testing
+from proj.db import Session, session_scope
+from proj.jobs import Jobs, SqlAlchemyTask, outbox, shared_task, utcnow
+from proj.jobs.ledger import Job, State
+from proj.jobs.relay import make_relay
+from proj.jobs.retry import retry_on
+from proj.jobs.scheduler import SlotScheduler, slot_job_id
 from proj.models import Invoice, User
-from proj.relay import make_outbox
-from proj.retry import retry_on
-from proj.task import SqlAlchemyTask, shared_task
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -87,7 +85,7 @@ def effects(user_id: int) -> int:
         return int(session.scalar(select(func.count(Invoice.id)).filter_by(user_id=user_id)) or 0)
 
 
-job = proj.testing.job
+job = proj.jobs.testing.job
 
 
 def insert_job(user_id: int, **values: Any) -> str:
@@ -124,9 +122,9 @@ def queue_size(celery_app: Celery, queue: str) -> int:
 
 @pytest.fixture
 def task_log() -> Iterator[BufferingHandler]:
-    """What ``proj.task`` logs, from INFO up (the worker sets the root level to WARNING)."""
+    """What ``proj.jobs.worker`` logs, from INFO up (the worker sets the root level to WARNING)."""
     handler = BufferingHandler(capacity=10_000)
-    logger = logging.getLogger("proj.task")
+    logger = logging.getLogger("proj.jobs.worker")
     level = logger.level
     logger.setLevel(logging.INFO)
     logger.addHandler(handler)
@@ -177,15 +175,15 @@ def test_five_deliveries_one_effect_four_skips(purged: Celery, task_log: Bufferi
     try:
         with (
             watched_states(job_id) as states,
-            proj.testing.worker(purged, pool="threads", concurrency=4),
+            proj.jobs.testing.worker(purged, pool="threads", concurrency=4),
         ):
             for _ in range(5):
                 outbox.send(purged, message(job_id))
             assert RUNNING[key].wait(timeout=30)
-            proj.testing.wait_for(lambda: skips(task_log, job_id) >= 4, timeout=60)
+            proj.jobs.testing.wait_for(lambda: skips(task_log, job_id) >= 4, timeout=60)
             RELEASE[key].set()
-            proj.testing.wait_for(lambda: job(job_id).state == State.SUCCEEDED)
-            proj.testing.wait_for(lambda: queue_size(purged, "celery") == 0)
+            proj.jobs.testing.wait_for(lambda: job(job_id).state == State.SUCCEEDED)
+            proj.jobs.testing.wait_for(lambda: queue_size(purged, "celery") == 0)
     finally:
         RELEASE[key].set()
 
@@ -209,8 +207,8 @@ def test_ledger_counts_retries_up_to_the_maximum(
     maximum (3 here) it ends ``failed`` with the error instead of retrying."""
     user_id = new_user()
     job_id = hiccups.apply_async_on_commit((user_id, failures))
-    with watched_states(job_id) as states, proj.testing.worker(purged):
-        proj.testing.wait_for(lambda: job(job_id).state in (State.SUCCEEDED, State.FAILED))
+    with watched_states(job_id) as states, proj.jobs.testing.worker(purged):
+        proj.jobs.testing.wait_for(lambda: job(job_id).state in (State.SUCCEEDED, State.FAILED))
     done = job(job_id)
     assert (done.state, done.attempts, done.max_attempts) == (state, 3, 3)
     assert effects(user_id) == effect
@@ -234,7 +232,7 @@ def dead_pid() -> int:
 
 def publish_owed(stack: Stack, celery_app: Celery) -> int:
     """What one relay pass with no grace publishes."""
-    relay = make_outbox(celery_app, replace(stack.settings, relay_grace=0.0))
+    relay = make_relay(celery_app, replace(stack.settings.jobs, relay_grace=0.0))
     try:
         return relay.relay_once()
     finally:
@@ -247,7 +245,7 @@ def test_reconciler_sends_a_lost_message_again(stack: Stack, purged: Celery, sta
     queue is empty) is handed back to the relay, and then runs once."""
     user_id = new_user()
     job_id = record.apply_async_on_commit((user_id,))
-    proj.testing.wait_for(lambda: job(job_id).published_at is not None)
+    proj.jobs.testing.wait_for(lambda: job(job_id).published_at is not None)
     assert queue_size(purged, "celery") == 1
     purged.control.purge()  # the broker loses it
     with session_scope() as session:
@@ -258,13 +256,13 @@ def test_reconciler_sends_a_lost_message_again(stack: Stack, purged: Celery, sta
             .values(state=state, created_at=past, available_at=past, published_at=past)
         )
 
-    result = reconcile_jobs.apply().get()
+    result = purged.tasks["proj.reconcile_jobs"].apply().get()
 
     assert result["resent"] >= 1
     assert job(job_id).published_at is None
     assert publish_owed(stack, purged) >= 1
-    with proj.testing.worker(purged):
-        proj.testing.wait_for(lambda: job(job_id).state == State.SUCCEEDED)
+    with proj.jobs.testing.worker(purged):
+        proj.jobs.testing.wait_for(lambda: job(job_id).state == State.SUCCEEDED)
     assert (effects(user_id), job(job_id).attempts) == (1, 1)
 
 
@@ -279,19 +277,19 @@ def test_reconciler_takes_back_a_dead_workers_job(stack: Stack, purged: Celery) 
     lost = insert_job(lost_user, worker=f"gone@{socket.gethostname()}:{dead_pid()}", **running)
     key = uuid.uuid4().hex
     RUNNING[key], RELEASE[key] = threading.Event(), threading.Event()
-    with proj.testing.worker(purged, pool="threads", concurrency=2, hostname=hostname):
+    with proj.jobs.testing.worker(purged, pool="threads", concurrency=2, hostname=hostname):
         kept = record.apply_async_on_commit((kept_user, key))
         assert RUNNING[key].wait(timeout=30)
         with session_scope() as session:  # running for long, as far as the ledger says
             session.execute(update(Job).where(Job.id == kept).values(started_at=past))
-        result = reconcile_jobs.apply().get()
+        result = purged.tasks["proj.reconcile_jobs"].apply().get()
         assert result["abandoned"] >= 1
         assert job(kept).state == State.RUNNING
         assert (job(lost).state, job(lost).published_at) == (State.RETRYING, None)
         RELEASE[key].set()
         publish_owed(stack, purged)
-        proj.testing.wait_for(lambda: job(lost).state == State.SUCCEEDED)
-        proj.testing.wait_for(lambda: job(kept).state == State.SUCCEEDED)
+        proj.jobs.testing.wait_for(lambda: job(lost).state == State.SUCCEEDED)
+        proj.jobs.testing.wait_for(lambda: job(kept).state == State.SUCCEEDED)
     assert (effects(lost_user), job(lost).attempts) == (1, 2)
     assert (effects(kept_user), job(kept).attempts) == (1, 1)
 
@@ -324,7 +322,7 @@ def test_two_beats_send_one_run_per_slot(celery_app: Celery, tmp_path: Path) -> 
     queue = f"tests.once.{uuid.uuid4().hex}"
     decade = timedelta(days=3650)  # the slot will not change during the test
     beats = [
-        LedgerScheduler(app=celery_app, schedule_filename=str(tmp_path / f"beat{n}"), lazy=True)
+        SlotScheduler(app=celery_app, schedule_filename=str(tmp_path / f"beat{n}"), lazy=True)
         for n in (1, 2)
     ]
     entries = [
@@ -343,10 +341,10 @@ def test_two_beats_send_one_run_per_slot(celery_app: Celery, tmp_path: Path) -> 
     with pytest.raises(IntegrityError), session_scope() as session:
         outbox.enqueue(
             session,
+            Jobs.of(celery_app),
             task,
             [],
             {},
-            celery_app=celery_app,
             max_attempts=1,
             options={"queue": queue, "task_id": job_id},
         )

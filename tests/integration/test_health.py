@@ -14,8 +14,8 @@ from flask.testing import FlaskClient
 
 import proj.celery
 from proj.config import Settings, load_settings
+from proj.db import db as web_db
 from proj.web import create_app
-from proj.web.extensions import db as web_db
 
 if TYPE_CHECKING:
     from conftest import Stack
@@ -31,7 +31,7 @@ def ask_health(settings: Settings) -> tuple[int, dict[str, Any]]:
     """
     current = celery.current_app._get_current_object()
     try:
-        flask_app = create_app(settings, proj.celery.create_app(settings))
+        flask_app = create_app(settings, proj.celery.make_celery(settings))
     finally:
         current.set_current()  # a new Celery app makes itself current in this thread
     answers: list[tuple[int, dict[str, Any]]] = []
@@ -78,7 +78,11 @@ def test_broker_refusing_connections(stack: Stack, broker_url: str) -> None:
 
 def test_database_refusing_connections(stack: Stack) -> None:
     """A database whose port is closed makes the health check 503 naming the database only."""
-    fields = unavailable(ask_health(replace(stack.settings, database_url=CLOSED_DATABASE)))
+    fields = unavailable(
+        ask_health(
+            replace(stack.settings, jobs=replace(stack.settings.jobs, database_url=CLOSED_DATABASE))
+        )
+    )
     assert list(fields) == ["database"]
 
 

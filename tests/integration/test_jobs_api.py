@@ -15,11 +15,11 @@ import pytest
 from celery import Celery
 from flask.testing import FlaskClient
 
-import proj.testing
-from proj.db import Session, session_scope
-from proj.ledger import State, record_failure
+import proj.jobs.testing
+from proj.db import Session, session_scope, worker_engine
+from proj.jobs import SqlAlchemyTask, shared_task
+from proj.jobs.ledger import State, record_failure
 from proj.models import Invoice, User
-from proj.task import SqlAlchemyTask, shared_task
 
 FIELDS = {
     "id", "name", "state", "attempts", "progress", "result", "error",
@@ -53,9 +53,9 @@ def fails_once(self: SqlAlchemyTask, email: str) -> str:
 
 @pytest.fixture
 def task_log() -> Iterator[BufferingHandler]:
-    """What ``proj.task`` logs, from INFO up (the worker sets the root level to WARNING)."""
+    """What ``proj.jobs.worker`` logs, from INFO up (the worker sets the root level to WARNING)."""
     handler = BufferingHandler(capacity=10_000)
-    logger = logging.getLogger("proj.task")
+    logger = logging.getLogger("proj.jobs.worker")
     level = logger.level
     logger.setLevel(logging.INFO)
     logger.addHandler(handler)
@@ -112,8 +112,8 @@ def test_report_is_a_job_the_api_follows(client: FlaskClient, purged: Celery) ->
     assert queued["id"] == job_id and queued["name"] == "proj.tasks.generate_report"
     assert (queued["state"], queued["attempts"], queued["started_at"]) == ("queued", 0, None)
     assert queued["created_at"] is not None
-    with proj.testing.worker(purged):
-        done = proj.testing.wait_for(lambda: in_state(client, job_id, State.SUCCEEDED))
+    with proj.jobs.testing.worker(purged):
+        done = proj.jobs.testing.wait_for(lambda: in_state(client, job_id, State.SUCCEEDED))
     assert done["result"] == {
         "user_id": user_id, "invoices": 3, "charged": 1, "total_cents": 750, "charged_cents": 100,
     }  # fmt: skip
@@ -171,7 +171,7 @@ def test_running_job_cannot_be_cancelled_nor_retried(client: FlaskClient, purged
     RUNNING[key], RELEASE[key] = threading.Event(), threading.Event()
     job_id = wait.apply_async_on_commit((key,))
     try:
-        with proj.testing.worker(purged, pool="threads", concurrency=2):
+        with proj.jobs.testing.worker(purged, pool="threads", concurrency=2):
             assert RUNNING[key].wait(timeout=30)
             assert get_job(client, job_id)["state"] == "running"
             for action in ("cancel", "retry"):
@@ -180,7 +180,7 @@ def test_running_job_cannot_be_cancelled_nor_retried(client: FlaskClient, purged
                 assert response.get_json()["error"]["code"] == "conflict"
             assert get_job(client, job_id)["state"] == "running"
             RELEASE[key].set()
-            proj.testing.wait_for(lambda: in_state(client, job_id, State.SUCCEEDED))
+            proj.jobs.testing.wait_for(lambda: in_state(client, job_id, State.SUCCEEDED))
     finally:
         RELEASE[key].set()
     assert client.post(f"/api/jobs/{job_id}/retry").status_code == 409
@@ -203,8 +203,8 @@ def test_cancelled_job_never_runs(
     assert response.get_json()["state"] == "cancelled"
     assert response.get_json()["finished_at"] is not None
     skipped = f"tests.jobs.wait[{job_id}]: job is cancelled; skipping this delivery"
-    with proj.testing.worker(purged):
-        proj.testing.wait_for(lambda: skipped in {r.getMessage() for r in task_log.buffer})
+    with proj.jobs.testing.worker(purged):
+        proj.jobs.testing.wait_for(lambda: skipped in {r.getMessage() for r in task_log.buffer})
     assert job_id not in RUNS and not RUNNING[key].is_set()
     after = get_job(client, job_id)
     assert (after["state"], after["attempts"], after["started_at"]) == ("cancelled", 0, None)
@@ -216,15 +216,15 @@ def test_failed_job_is_retried(client: FlaskClient, purged: Celery) -> None:
     again (its attempts grow) and succeeds."""
     email = new_email()
     job_id = fails_once.apply_async_on_commit((email,))
-    with proj.testing.worker(purged):
-        failed = proj.testing.wait_for(lambda: in_state(client, job_id, State.FAILED))
+    with proj.jobs.testing.worker(purged):
+        failed = proj.jobs.testing.wait_for(lambda: in_state(client, job_id, State.FAILED))
         assert failed["attempts"] == 1 and "failing the first time" in failed["error"]
 
         response = client.post(f"/api/jobs/{job_id}/retry")
 
         assert response.status_code == 202
         assert response.get_json()["state"] == "queued"
-        done = proj.testing.wait_for(lambda: in_state(client, job_id, State.SUCCEEDED))
+        done = proj.jobs.testing.wait_for(lambda: in_state(client, job_id, State.SUCCEEDED))
     assert done["attempts"] == 2 and done["result"] == email
     assert RUNS[job_id] == 2 and signed_up(email)
 
@@ -234,7 +234,9 @@ def test_failed_jobs_are_listed_in_pages(client: FlaskClient) -> None:
     a page, and its ``next`` link leads through every one of them once."""
     mine = [str(uuid.uuid4()) for _ in range(3)]
     for job_id in mine:
-        record_failure(job_id=job_id, name="tests.jobs.listed", error="listed as failed")
+        record_failure(
+            worker_engine(), job_id=job_id, name="tests.jobs.listed", error="listed as failed"
+        )
 
     seen: list[str] = []
     url: str | None = "/api/jobs?state=failed&limit=2"

@@ -21,10 +21,10 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from celery import Celery, signals
 from sqlalchemy import select
 
-import proj.testing
+import proj.jobs.testing
 from proj.config import current_settings, use_settings
 from proj.db import session_scope
-from proj.errors import ConfigurationError
+from proj.jobs import ConfigurationError
 from proj.mail import FolderMailer, SmtpMailer, mailer_for
 from proj.models import User
 from proj.tasks import send_welcome
@@ -98,10 +98,10 @@ def test_welcome_mail_over_smtp(purged: Celery) -> None:
     with (
         smtp_server(port) as inbox,
         mail_url(f"smtp://127.0.0.1:{port}"),
-        proj.testing.worker(purged, pool="threads", concurrency=2),
+        proj.jobs.testing.worker(purged, pool="threads", concurrency=2),
     ):
         send_welcome.delay(user_id)
-        proj.testing.wait_for(lambda: welcomed(user_id))
+        proj.jobs.testing.wait_for(lambda: welcomed(user_id))
     assert [envelope.rcpt_tos for envelope in inbox.envelopes] == [[address]]
     assert subject_of(inbox.envelopes[0]) == "Welcome!"
 
@@ -123,13 +123,13 @@ def test_welcome_waits_for_smtp_server(purged: Celery) -> None:
     try:
         with (
             mail_url(f"smtp://127.0.0.1:{port}"),
-            proj.testing.worker(purged, pool="threads", concurrency=2),
+            proj.jobs.testing.worker(purged, pool="threads", concurrency=2),
         ):
             job_id = send_welcome.apply_async((user_id,), countdown=0.1).id
-            proj.testing.wait_for(first_retry.is_set)
+            proj.jobs.testing.wait_for(first_retry.is_set)
             assert not welcomed(user_id)
             with smtp_server(port) as inbox:
-                proj.testing.wait_for(lambda: welcomed(user_id))
+                proj.jobs.testing.wait_for(lambda: welcomed(user_id))
     finally:
         signals.task_retry.disconnect(on_retry)
     assert isinstance(getattr(retries[0], "exc", None), ConnectionRefusedError)

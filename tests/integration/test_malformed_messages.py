@@ -12,10 +12,10 @@ from typing import Any
 from celery import Celery
 from sqlalchemy import select
 
-import proj.testing
+import proj.jobs.testing
 from proj.db import session_scope
-from proj.deadletter import UNRUNNABLE
-from proj.ledger import Job, State
+from proj.jobs.deadletter import UNRUNNABLE
+from proj.jobs.ledger import Job, State
 from proj.models import User
 from proj.tasks import send_welcome
 
@@ -110,15 +110,17 @@ def test_bad_messages_are_dead_lettered(purged: Celery, tmp_path: Path) -> None:
         content_encoding="binary",
     )
     publish_raw(purged, f'{{"marker": "{marker}"}}', headers={})
-    with proj.testing.worker(purged, pool="threads", concurrency=2):
+    with proj.jobs.testing.worker(purged, pool="threads", concurrency=2):
         send_welcome.delay(user_id)
 
         def welcomed() -> bool:
             with session_scope() as session:
                 return session.scalar(select(User.welcomed_at).filter_by(id=user_id)) is not None
 
-        proj.testing.wait_for(welcomed)
-        proj.testing.wait_for(lambda: len(letters([undecodable, unknown, pickled], marker)) == 4)
+        proj.jobs.testing.wait_for(welcomed)
+        proj.jobs.testing.wait_for(
+            lambda: len(letters([undecodable, unknown, pickled], marker)) == 4
+        )
     assert letters([undecodable, unknown, pickled], marker) == {
         undecodable: ("undecodable", "proj.tasks.send_welcome"),
         unknown: ("unknown-task", "proj.tasks.no_such_task"),

@@ -15,15 +15,15 @@ import pytest
 from celery import Celery
 from flask import Flask
 from kombu import Exchange, Queue
-from sqlalchemy import func, select
+from sqlalchemy import func, orm, select
 
-import proj.testing
-from proj.db import Session, session_scope, utcnow
-from proj.ledger import Job, State
+import proj.jobs.testing
+from proj.db import Session, session_scope
+from proj.db import db as web_db
+from proj.jobs import SqlAlchemyTask, shared_task, utcnow
+from proj.jobs.ledger import Job, State
+from proj.jobs.retry import TRANSIENT_ERRORS, retry_on
 from proj.models import User
-from proj.retry import TRANSIENT_ERRORS, retry_on
-from proj.task import SqlAlchemyTask, shared_task
-from proj.web.extensions import db as web_db
 
 RAN: list[str] = []
 """The ids of the jobs ``needs_user`` ran, in this process."""
@@ -41,9 +41,9 @@ def needs_user(self: SqlAlchemyTask, user_id: int) -> int:
 
 @pytest.fixture
 def task_log() -> Iterator[BufferingHandler]:
-    """What ``proj.task`` logs, from INFO up (the worker sets the root level to WARNING)."""
+    """What ``proj.jobs.worker`` logs, from INFO up (the worker sets the root level to WARNING)."""
     handler = BufferingHandler(capacity=100_000)
-    logger = logging.getLogger("proj.task")
+    logger = logging.getLogger("proj.jobs.worker")
     level = logger.level
     logger.setLevel(logging.INFO)
     logger.addHandler(handler)
@@ -100,8 +100,8 @@ def test_rollback_in_a_request_publishes_nothing(app: Flask, purged: Celery) -> 
 
     assert list(rows(*job_ids)) == [job_ids[1]]
     assert queue_size(purged) == 1
-    with proj.testing.worker(purged):
-        proj.testing.wait_for(lambda: rows(job_ids[1])[job_ids[1]].state == State.SUCCEEDED)
+    with proj.jobs.testing.worker(purged):
+        proj.jobs.testing.wait_for(lambda: rows(job_ids[1])[job_ids[1]].state == State.SUCCEEDED)
     assert job_ids[0] not in RAN and job_ids[1] in RAN
     assert rows(job_ids[0]) == {}
 
@@ -152,7 +152,7 @@ def test_savepoints_publish_with_the_outer_transaction(purged: Celery) -> None:
 def test_a_session_closed_without_commit_publishes_nothing(purged: Celery) -> None:
     """A session closed with its transaction still open drops the jobs it
     held: committing later in the same session does not publish them."""
-    session = proj.db.session_factory()
+    session = orm.Session(proj.db.worker_engine())
     try:
         user = User(email=new_email())
         session.add(user)
@@ -176,7 +176,7 @@ def test_a_thousand_jobs_always_find_their_rows(
     ends succeeded at its first delivery (none was skipped for want of its
     ledger row, which a message published before the commit would be)."""
     job_ids: list[str] = []
-    with proj.testing.worker(purged, pool="threads", concurrency=4):
+    with proj.jobs.testing.worker(purged, pool="threads", concurrency=4):
         for n in range(200):
             if n % 2:
                 with app.app_context():
@@ -196,7 +196,7 @@ def test_a_thousand_jobs_always_find_their_rows(
                         for user in users
                     ]
                     time.sleep(0.005)
-        proj.testing.wait_for(
+        proj.jobs.testing.wait_for(
             lambda: (
                 states(job_ids).get(State.SUCCEEDED, 0) + states(job_ids).get(State.FAILED, 0)
                 == len(job_ids)
@@ -223,8 +223,8 @@ def test_countdown_and_eta_are_honoured(purged: Celery) -> None:
         later = needs_user.apply_async_on_commit((users[0].id,), session=session, countdown=1.5)
         eta = utcnow() + timedelta(seconds=1.5)
         at_eta = needs_user.apply_async_on_commit((users[1].id,), session=session, eta=eta)
-    with proj.testing.worker(purged, pool="threads", concurrency=2):
-        proj.testing.wait_for(
+    with proj.jobs.testing.worker(purged, pool="threads", concurrency=2):
+        proj.jobs.testing.wait_for(
             lambda: {job.state for job in rows(later, at_eta).values()} == {State.SUCCEEDED}
         )
 

@@ -16,7 +16,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import NullPool
 
 from proj import db
-from proj.db import make_engine
+from proj.jobs.engine import make_engine
 
 if TYPE_CHECKING:
     from conftest import Stack

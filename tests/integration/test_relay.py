@@ -29,15 +29,13 @@ from celery.worker import WorkController
 from kombu import Exchange, Queue
 from sqlalchemy import func, select, text, update
 
-import proj.testing
-from proj import outbox
-from proj.celery import create_app
-from proj.config import current_settings, use_settings
+import proj.jobs.testing
+from proj.celery import make_celery
 from proj.db import Session, session_scope
-from proj.ledger import Job, State
+from proj.jobs import Jobs, outbox, shared_task
+from proj.jobs.ledger import Job, State
+from proj.jobs.relay import Relay, make_relay
 from proj.models import Invoice, User
-from proj.relay import Outbox, make_outbox
-from proj.task import shared_task
 
 if TYPE_CHECKING:
     from conftest import Stack
@@ -57,9 +55,9 @@ def queue_worker(stack: Stack, celery_app: Celery, queue: str) -> Iterator[WorkC
     """A worker consuming ``queue`` only, on a Celery app of its own: a
     worker's choice of queues stays with its app, and would starve the
     default queue of every later worker on ``celery_app``."""
-    own = create_app(stack.settings)
+    own = make_celery(stack.settings)
     try:
-        with proj.testing.worker(own, queues=[queue]) as running:
+        with proj.jobs.testing.worker(own, queues=[queue]) as running:
             yield running
     finally:
         own.close()
@@ -70,17 +68,18 @@ def queue_worker(stack: Stack, celery_app: Celery, queue: str) -> Iterator[WorkC
 @pytest.fixture
 def fast_path_off(celery_app: Celery) -> Iterator[None]:
     """Jobs committed from now on are left to the relay."""
-    settings = current_settings()
-    use_settings(replace(settings, outbox_fast_path=False))
+    jobs = Jobs.of(celery_app)
+    settings = jobs.settings
+    jobs.settings = replace(settings, outbox_fast_path=False)
     yield
-    use_settings(settings)
+    jobs.settings = settings
 
 
 @pytest.fixture
 def task_log() -> Iterator[BufferingHandler]:
-    """What ``proj.task`` logs, from INFO up (the worker sets the root level to WARNING)."""
+    """What ``proj.jobs.worker`` logs, from INFO up (the worker sets the root level to WARNING)."""
     handler = BufferingHandler(capacity=10_000)
-    logger = logging.getLogger("proj.task")
+    logger = logging.getLogger("proj.jobs.worker")
     level = logger.level
     logger.setLevel(logging.INFO)
     logger.addHandler(handler)
@@ -90,9 +89,9 @@ def task_log() -> Iterator[BufferingHandler]:
 
 
 @contextmanager
-def relay(stack: Stack, celery_app: Celery, **settings: Any) -> Iterator[Outbox]:
+def relay(stack: Stack, celery_app: Celery, **settings: Any) -> Iterator[Relay]:
     """An outbox relay on an engine of its own (no grace unless asked)."""
-    made = make_outbox(celery_app, replace(stack.settings, **{"relay_grace": 0.0, **settings}))
+    made = make_relay(celery_app, replace(stack.settings.jobs, **{"relay_grace": 0.0, **settings}))
     try:
         yield made
     finally:
@@ -112,7 +111,7 @@ def effects(user_id: int) -> int:
         return int(session.scalar(select(func.count(Invoice.id)).filter_by(user_id=user_id)) or 0)
 
 
-job = proj.testing.job
+job = proj.jobs.testing.job
 
 
 def new_queue() -> str:
@@ -164,10 +163,10 @@ COMMIT_THEN_DIE = """
 
     from sqlalchemy import event, orm
 
-    import proj
+    import proj.celery
     from proj.db import session_scope
     from proj.models import User
-    from proj.task import shared_task
+    from proj.jobs import shared_task
 
 
     @shared_task(name="tests.relay.record")
@@ -210,7 +209,7 @@ def test_relay_publishes_what_a_dead_process_committed(
     assert job(job_id).published_at is not None
     assert queue_size(celery_app, queue) == 1
     with queue_worker(stack, celery_app, queue):
-        proj.testing.wait_for(lambda: job(job_id).state == State.SUCCEEDED)
+        proj.jobs.testing.wait_for(lambda: job(job_id).state == State.SUCCEEDED)
     assert (effects(user_id), job(job_id).attempts) == (1, 1)
     relays = [thread for thread in threading.enumerate() if thread.name == "proj-relay"]
     assert relays == [], "the stopped worker left its relay running"
@@ -220,10 +219,10 @@ RELAY_THEN_DIE = """
     import os
     from dataclasses import replace
 
-    from proj import outbox
+    from proj.jobs import outbox
     from proj.celery import app
     from proj.config import load_settings
-    from proj.relay import make_outbox
+    from proj.jobs.relay import make_relay
 
 
     def die(bind, job_ids):
@@ -233,7 +232,7 @@ RELAY_THEN_DIE = """
     # The broker has confirmed the messages; the process dies before the
     # rows are marked published.
     outbox.mark_published = die
-    make_outbox(app, replace(load_settings(), relay_grace=0.0)).relay_once()
+    make_relay(app, replace(load_settings().jobs, relay_grace=0.0)).relay_once()
 """
 
 
@@ -261,11 +260,11 @@ def test_relay_dying_before_marking_publishes_again_runs_once(
     assert job(job_id).published_at is not None
     assert queue_size(celery_app, queue) == 2
     with queue_worker(stack, celery_app, queue):
-        proj.testing.wait_for(lambda: queue_size(celery_app, queue) == 0)
-        proj.testing.wait_for(lambda: job(job_id).state == State.SUCCEEDED)
+        proj.jobs.testing.wait_for(lambda: queue_size(celery_app, queue) == 0)
+        proj.jobs.testing.wait_for(lambda: job(job_id).state == State.SUCCEEDED)
         skipped = f"tests.relay.record[{job_id}]: job is succeeded; skipping this delivery"
         running = f"tests.relay.record[{job_id}]: job is running; skipping this delivery"
-        proj.testing.wait_for(
+        proj.jobs.testing.wait_for(
             lambda: {r.getMessage() for r in task_log.buffer} & {skipped, running}
         )
     assert (effects(user_id), job(job_id).attempts) == (1, 1)
@@ -284,10 +283,8 @@ def test_four_relays_publish_every_row_once(
     name = f"tests.relay.bulk.{uuid.uuid4().hex}"
     queue = new_queue()
     stop = threading.Event()
-    boxes = [
-        make_outbox(celery_app, replace(stack.settings, relay_grace=0.0, relay_poll_interval=0.1))
-        for _ in range(RELAYS)
-    ]
+    settings = replace(stack.settings.jobs, relay_grace=0.0, relay_poll_interval=0.1)
+    boxes = [make_relay(celery_app, settings) for _ in range(RELAYS)]
     relays = [threading.Thread(target=box.relay, args=(stop,)) for box in boxes]
     job_ids: list[str] = []
     lock = threading.Lock()
@@ -300,19 +297,19 @@ def test_four_relays_publish_every_row_once(
             return int(session.scalar(query) or 0)
 
     def write(count: int, early: bool = False) -> None:
-        begun = proj.db.utcnow()
+        begun = proj.jobs.utcnow()
         if early and not stack.on_postgres:
             # One writer at a time on SQLite: this transaction cannot stay
             # open while the relays publish, so it begins after they have.
-            proj.testing.wait_for(lambda: published() >= total // 4, timeout=120)
+            proj.jobs.testing.wait_for(lambda: published() >= total // 4, timeout=120)
         with session_scope() as session:
             made = [
                 outbox.enqueue(
                     session,
+                    Jobs.of(celery_app),
                     name,
                     [n],
                     {},
-                    celery_app=celery_app,
                     max_attempts=1,
                     options={"queue": queue},
                 )
@@ -323,7 +320,7 @@ def test_four_relays_publish_every_row_once(
                 # have published newer ones.
                 session.execute(update(Job).where(Job.id.in_(made)).values(created_at=begun))
                 if stack.on_postgres:
-                    proj.testing.wait_for(lambda: published() >= total // 4, timeout=120)
+                    proj.jobs.testing.wait_for(lambda: published() >= total // 4, timeout=120)
             else:
                 time.sleep(random.uniform(0, 0.02))
         with lock:
@@ -345,7 +342,7 @@ def test_four_relays_publish_every_row_once(
             thread.start()
         for thread in [straggler, *threads]:
             thread.join()
-        proj.testing.wait_for(lambda: published() == total, timeout=180, interval=0.2)
+        proj.jobs.testing.wait_for(lambda: published() == total, timeout=180, interval=0.2)
     finally:
         stop.set()
         for thread in relays:
@@ -398,18 +395,18 @@ def test_relay_listens_again_after_losing_its_connection(
         thread = threading.Thread(target=box.relay, args=(stop,))
         thread.start()
         try:
-            [first] = proj.testing.wait_for(listeners)
+            [first] = proj.jobs.testing.wait_for(listeners)
             woken = record.apply_async_on_commit((0,), queue=queue)
-            proj.testing.wait_for(lambda: job(woken).published_at is not None)
+            proj.jobs.testing.wait_for(lambda: job(woken).published_at is not None)
 
             with session_scope() as session:
                 session.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": first})
             missed = record.apply_async_on_commit((0,), queue=queue)
-            proj.testing.wait_for(lambda: job(missed).published_at is not None)
+            proj.jobs.testing.wait_for(lambda: job(missed).published_at is not None)
 
-            [second] = proj.testing.wait_for(lambda: [p for p in listeners() if p != first])
+            [second] = proj.jobs.testing.wait_for(lambda: [p for p in listeners() if p != first])
             again = record.apply_async_on_commit((0,), queue=queue)
-            proj.testing.wait_for(lambda: job(again).published_at is not None)
+            proj.jobs.testing.wait_for(lambda: job(again).published_at is not None)
             assert listeners() == [second]
         finally:
             stop.set()
@@ -441,7 +438,7 @@ def test_relay_only_polls_while_the_fast_path_is_on(
         thread.start()
         try:
             missed = record.apply_async_on_commit((0,), queue=queue)
-            proj.testing.wait_for(lambda: job(missed).published_at is not None)
+            proj.jobs.testing.wait_for(lambda: job(missed).published_at is not None)
             assert listeners() == []
         finally:
             stop.set()

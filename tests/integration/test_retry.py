@@ -16,12 +16,12 @@ import pytest
 from celery import Celery, Task, shared_task
 from sqlalchemy import event, select, text
 
-import proj.testing
+import proj.jobs.testing
 from proj.db import Session, session_scope
-from proj.ledger import Job
+from proj.jobs import SqlAlchemyTask
+from proj.jobs.ledger import Job
+from proj.jobs.retry import TRANSIENT_ERRORS, retry_on
 from proj.models import MAX_ID, User
-from proj.retry import TRANSIENT_ERRORS, retry_on
-from proj.task import SqlAlchemyTask
 from proj.tasks import charge_invoice, send_welcome
 
 if TYPE_CHECKING:
@@ -77,11 +77,11 @@ def work_rows(email: str) -> list[str]:
 
 
 def dead_letters(task_id: str) -> list[Job]:
-    return proj.testing.failed_jobs(task_id)
+    return proj.jobs.testing.failed_jobs(task_id)
 
 
 def dead_letter(task_id: str) -> Job:
-    return proj.testing.failed_job(task_id)
+    return proj.jobs.testing.failed_job(task_id)
 
 
 @shared_task(name="tests.retry.hiccups", bind=True, base=CountdownRecordingTask)
@@ -139,7 +139,7 @@ def loses_connection(self: Task[Any, Any], email: str) -> int:
 def running(celery_app: Celery) -> Iterator[None]:
     """An in-process threads worker shared by the module's tests."""
     celery_app.control.purge()
-    with proj.testing.worker(celery_app, pool="threads", concurrency=2):
+    with proj.jobs.testing.worker(celery_app, pool="threads", concurrency=2):
         yield
 
 
@@ -197,13 +197,13 @@ def test_lost_connection_is_retried(running: None, stack: Stack) -> None:
     and the broken one does not stay checked out."""
     if not stack.on_postgres:
         pytest.skip("ending one connection from the server side needs PostgreSQL")
-    start = proj.testing.checked_out()
+    start = proj.jobs.testing.checked_out()
     email = new_email("lost")
     result = loses_connection.delay(email)
 
     assert result.get(timeout=30) == 1
     assert work_rows(email) == [f"work1.{email}"]
-    proj.testing.wait_for(lambda: proj.testing.checked_out() == start)
+    proj.jobs.testing.wait_for(lambda: proj.jobs.testing.checked_out() == start)
 
 
 def test_missing_id_is_logged_not_retried(running: None) -> None:

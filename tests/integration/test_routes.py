@@ -6,7 +6,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Connection
 
-from proj.maintenance import queue_is_empty, queue_of
+from proj.jobs.reconciler import queue_is_empty, queue_of
 from proj.tasks import generate_report, send_welcome
 
 QUEUES = ("celery", "long")

@@ -19,13 +19,13 @@ from flask import Flask
 from sqlalchemy import event, func, inspect, select, text
 from sqlalchemy.util import ScopedRegistry
 
-import proj.testing
+import proj.jobs.testing
 from proj.db import Session, session_scope
-from proj.errors import TaskArgumentError
-from proj.ledger import Job
+from proj.db import db as web_db
+from proj.jobs import TaskArgumentError
+from proj.jobs.ledger import Job
+from proj.jobs.retry import retry_on
 from proj.models import User
-from proj.retry import retry_on
-from proj.web.extensions import db as web_db
 
 if TYPE_CHECKING:
     from conftest import Stack
@@ -56,11 +56,11 @@ def task_sessions() -> int:
 
 
 def dead_letters(task_id: str) -> list[Job]:
-    return proj.testing.failed_jobs(task_id)
+    return proj.jobs.testing.failed_jobs(task_id)
 
 
 def dead_letter(task_id: str) -> Job:
-    return proj.testing.failed_job(task_id)
+    return proj.jobs.testing.failed_job(task_id)
 
 
 @shared_task(name="tests.session.outcome", bind=True)
@@ -69,7 +69,7 @@ def outcome(self: Task[Any, Any], email: str, ending: str) -> str:
     """Write a row, note the checked-out count, then end as ``ending`` says."""
     Session.add(User(email=f"{self.request.retries}.{email}"))
     Session.flush()
-    SEEN[email].append(proj.testing.checked_out())
+    SEEN[email].append(proj.jobs.testing.checked_out())
     if ending == "fail":
         raise ValueError(f"failing as asked: {email}")
     if ending == "retry" and self.request.retries == 0:
@@ -150,20 +150,20 @@ def add_late(new: str, duplicate: str) -> None:
 def running(request: pytest.FixtureRequest, celery_app: Celery) -> Iterator[str]:
     """An in-process worker on the pool named (shared by the module's tests)."""
     celery_app.control.purge()
-    with proj.testing.worker(celery_app, pool=request.param, concurrency=2):
+    with proj.jobs.testing.worker(celery_app, pool=request.param, concurrency=2):
         yield request.param
 
 
 def test_every_ending_returns_the_connection(running: str) -> None:
     """Success, failure, retry, Ignore and Reject each give the connection back;
     only what the successful runs wrote is committed."""
-    start, sessions = proj.testing.checked_out(), task_sessions()
+    start, sessions = proj.jobs.testing.checked_out(), task_sessions()
     emails = {ending: new_email(ending) for ending in ("ok", "fail", "retry", "ignore", "reject")}
     results = {ending: outcome.delay(email, ending) for ending, email in emails.items()}
     runs = {email: 2 if ending == "retry" else 1 for ending, email in emails.items()}
-    proj.testing.wait_for(lambda: all(len(SEEN[e]) == n for e, n in runs.items()))
-    proj.testing.wait_for(lambda: proj.testing.checked_out() == start)
-    proj.testing.wait_for(lambda: task_sessions() == sessions)
+    proj.jobs.testing.wait_for(lambda: all(len(SEEN[e]) == n for e, n in runs.items()))
+    proj.jobs.testing.wait_for(lambda: proj.jobs.testing.checked_out() == start)
+    proj.jobs.testing.wait_for(lambda: task_sessions() == sessions)
 
     assert all(count > start for e in runs for count in SEEN[e]), "every run held a connection"
     assert results["ok"].get(timeout=30) == emails["ok"]
@@ -182,7 +182,7 @@ def both_met(key: str) -> bool:
 def test_concurrent_runs_have_their_own_sessions(running: str) -> None:
     """Two runs overlapping on the threads pool never share a session or a
     connection, even when the same message is delivered twice."""
-    start = proj.testing.checked_out()
+    start = proj.jobs.testing.checked_out()
     apart, same = uuid.uuid4().hex, uuid.uuid4().hex
     for key in (apart, same):
         MEETINGS[key] = threading.Barrier(2, timeout=30)
@@ -194,11 +194,11 @@ def test_concurrent_runs_have_their_own_sessions(running: str) -> None:
     rendezvous.apply_async((same,), task_id=twice, ignore_result=True)
 
     for key in (apart, same):
-        proj.testing.wait_for(partial(both_met, key))  # the two runs overlapped
+        proj.jobs.testing.wait_for(partial(both_met, key))  # the two runs overlapped
         (session_a, backend_a), (session_b, backend_b) = SEEN[key]
         assert session_a != session_b
         assert backend_a != backend_b
-    proj.testing.wait_for(lambda: proj.testing.checked_out() == start)
+    proj.jobs.testing.wait_for(lambda: proj.jobs.testing.checked_out() == start)
 
 
 @pytest.mark.parametrize("running", ["threads"], indirect=True)
@@ -304,7 +304,7 @@ def test_orm_object_is_refused_at_enqueue(celery_app: Celery) -> None:
             waiting.extend(take_messages(celery_app, queue))
             return bool(waiting)
 
-        proj.testing.wait_for(arrived)
+        proj.jobs.testing.wait_for(arrived)
         assert waiting == [[good]]
     finally:
         delete_queue(celery_app, queue)

@@ -15,9 +15,9 @@ from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import NullPool
 
-import proj.testing
-from proj.db import prepare_engine
-from proj.retry import TRANSIENT_ERRORS
+import proj.jobs.testing
+from proj.jobs.engine import prepare_engine
+from proj.jobs.retry import TRANSIENT_ERRORS
 
 if TYPE_CHECKING:
     from conftest import Stack
@@ -113,7 +113,7 @@ def test_deadlock_is_transient(pg: Engine) -> None:
             watcher.rollback()  # a fresh snapshot of pg_stat_activity each time
             return found
 
-        proj.testing.wait_for(first_waits_for_a_lock)
+        proj.jobs.testing.wait_for(first_waits_for_a_lock)
         update_rolling_back_on_error(second, a)
         blocked.join(timeout=30)
     assert [sqlstate(e) for e in errors] == ["40P01"]

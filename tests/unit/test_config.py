@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from proj.config import load_settings
-from proj.errors import ConfigurationError
+from proj.jobs import ConfigurationError
 
 
 def test_defaults_are_embedded_under_the_data_folder(tmp_path: Path) -> None:
@@ -18,7 +18,7 @@ def test_defaults_are_embedded_under_the_data_folder(tmp_path: Path) -> None:
     assert settings.mail_url == f"file://{tmp_path}/mail"
     conf = settings.celery_connection()
     assert conf["broker_url"] == f"sqlite:///{tmp_path}/broker.sqlite3"
-    assert conf["broker_transport"] == "proj.broker:SQLiteTransport"
+    assert conf["broker_transport"] == "proj.jobs.sqlite_broker:SQLiteTransport"
     assert conf["broker_transport_options"]["polling_interval"] < 0.1
 
 
@@ -34,7 +34,7 @@ def test_servers_come_from_the_environment(tmp_path: Path) -> None:
     )
     assert not settings.embedded
     assert settings.result_backend == "db+postgresql+psycopg2://u@db/app"
-    assert settings.worker_pool_size == 3
+    assert settings.jobs.worker_pool_size == 3
     conf = settings.celery_connection()
     assert conf["broker_url"] == "redis://cache:6379/0"
     assert "broker_transport" not in conf

@@ -8,7 +8,7 @@ import kombu.exceptions
 import pytest
 from sqlalchemy import exc as sa_exc
 
-from proj.retry import TRANSIENT_ERRORS, RetryPolicy, retry_on, retry_policy_of
+from proj.jobs.retry import TRANSIENT_ERRORS, RetryPolicy, retry_on, retry_policy_of
 
 
 class Hiccup(Exception):

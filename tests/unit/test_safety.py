@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
-from proj.celery import create_app
+from proj.celery import make_celery
 from proj.config import load_settings
-from proj.errors import ConfigurationError
-from proj.safety import check_configuration, check_countdown
+from proj.jobs import ConfigurationError
+from proj.jobs.checks import check_configuration, check_countdown
 
 
 def app_for(tmp_path: Path, broker: str, timeout: str = "7200") -> Celery:
@@ -20,7 +20,7 @@ def app_for(tmp_path: Path, broker: str, timeout: str = "7200") -> Celery:
         "CELERY_BROKER_URL": broker,
         "PROJ_VISIBILITY_TIMEOUT": timeout,
     }
-    return create_app(load_settings(env))
+    return make_celery(load_settings(env))
 
 
 def test_redis_timeout_shorter_than_a_retry_countdown_is_refused(tmp_path: Path) -> None:

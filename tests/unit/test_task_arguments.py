@@ -10,9 +10,9 @@ import pytest
 from celery import Celery
 from sqlalchemy.orm import make_transient_to_detached
 
-from proj.errors import TaskArgumentError
+from proj.jobs import Jobs, SqlAlchemyTask, TaskArgumentError
+from proj.jobs.arguments import check_arguments
 from proj.models import User
-from proj.task import SqlAlchemyTask, check_arguments
 
 
 def detached_user(user_id: int) -> User:
@@ -26,6 +26,7 @@ def detached_user(user_id: int) -> User:
 def memory_app() -> Iterator[Celery[Any]]:
     """A Celery app on kombu's in-memory broker, with one SqlAlchemyTask."""
     app = Celery("unit", broker="memory://", task_cls=SqlAlchemyTask, set_as_current=False)
+    Jobs(app, database_url="sqlite://")
 
     @app.task(name="unit.echo", shared=False)
     def echo(value: Any) -> Any:

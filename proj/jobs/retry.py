@@ -22,8 +22,6 @@ import kombu.exceptions
 from celery import Task, current_task
 from sqlalchemy import exc as sa_exc
 
-from proj.db import Session
-
 RETRY_POLICY_ATTR = "retry_policy"
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -96,6 +94,15 @@ TRANSIENT_ERRORS = TransientErrors(
 ErrorSpec = type[BaseException] | TransientErrors
 
 
+def backoff(retries: int, *, base: float, cap: float, jitter: bool = True) -> float:
+    """Seconds to wait before try number ``retries + 1``: ``base * 2**retries``,
+    capped at ``cap``; with ``jitter``, a random share of that (full jitter).
+    The one backoff rule of proj.jobs (task retries, claims, ledger writes)."""
+    # Past 2**64 every ceiling is the cap; a bigger power would overflow a float.
+    ceiling = min(cap, base * 2.0 ** min(retries, 64))
+    return random.uniform(0, ceiling) if jitter else ceiling
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """When and how often a task is retried. Made by :func:`retry_on`."""
@@ -117,18 +124,15 @@ class RetryPolicy:
         return False
 
     def countdown(self, retries: int) -> float:
-        """Seconds to wait before retry number ``retries + 1`` (full jitter)."""
-        # Past 2**64 every ceiling is the cap; a bigger power would overflow a float.
-        ceiling = min(self.max_backoff, self.backoff * 2.0 ** min(retries, 64))
-        return random.uniform(0, ceiling) if self.jitter else ceiling
+        """Seconds to wait before retry number ``retries + 1``."""
+        return backoff(retries, base=self.backoff, cap=self.max_backoff, jitter=self.jitter)
 
     def retry(self, task: Task[Any, Any], exc: Exception) -> NoReturn:
-        """Roll the task's session back and schedule the next attempt.
+        """Schedule the next attempt (a :class:`~proj.jobs.SqlAlchemyTask`
+        rolls its session back first).
 
         Raises ``exc`` itself once ``max_retries`` retries have been made.
         """
-        if Session.registry.has():
-            Session.rollback()
         raise task.retry(
             exc=exc,
             countdown=self.countdown(task.request.retries),
@@ -154,7 +158,7 @@ def retry_on(
     Attempt ``n`` waits up to ``backoff * 2**n`` seconds, capped at
     ``max_backoff`` (a random share of it with ``jitter``). After
     ``max_retries`` retries the error is raised and the task fails; any error
-    not named fails at once. On a :class:`~proj.task.SqlAlchemyTask`, a commit
+    not named fails at once. On a :class:`~proj.jobs.SqlAlchemyTask`, a commit
     that fails with a named error is retried too.
     """
     if not errors:
@@ -182,3 +186,14 @@ def retry_on(
 def retry_policy_of(task: Task[Any, Any]) -> RetryPolicy | None:
     """The :class:`RetryPolicy` ``retry_on`` gave ``task``, if any."""
     return getattr(task.run, RETRY_POLICY_ATTR, None)
+
+
+def max_attempts_of(task: Task[Any, Any], default: int) -> int:
+    """How many attempts ``task``'s jobs get, the one rule for every way a job
+    is made: its ``retry_on`` policy's retries + 1, else the task's own
+    ``max_attempts`` attribute, else ``default`` (``PROJ_MAX_ATTEMPTS``)."""
+    policy = retry_policy_of(task)
+    if policy is not None:
+        return policy.max_retries + 1
+    own = getattr(task, "max_attempts", None)
+    return int(own) if own else default

@@ -1,6 +1,6 @@
-"""proj's own periodic work on the job ledger (on beat, every
-``PROJ_RECONCILE_INTERVAL`` seconds): send again what the broker lost, take back
-what a dead worker held."""
+"""The reconciler: proj's own periodic work on the job ledger (a beat entry
+``Jobs`` adds, every ``PROJ_RECONCILE_INTERVAL`` seconds): send again what the
+broker lost, take back what a dead worker held."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ import socket
 from datetime import timedelta
 from typing import Any
 
-from celery import Celery, current_app, shared_task
-from sqlalchemy import select, update
+from celery import Celery
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from proj.config import current_settings
-from proj.db import Session, utcnow
-from proj.ledger import CLAIMABLE, Job, State
+from proj.jobs import ledger
+from proj.jobs.clock import utcnow
+from proj.jobs.ledger import CLAIMABLE, Job, State
+from proj.jobs.registry import jobs_of
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +72,8 @@ def abandoned(job_id: str, worker: str | None, active: set[str] | None) -> bool:
     return False
 
 
-def reconcile(celery_app: Celery, stale_after: float) -> dict[str, int]:
-    """Hand the relay jobs that were lost, in the task session's transaction.
+def reconcile(session: Session, celery_app: Celery, stale_after: float) -> dict[str, int]:
+    """Hand the relay jobs that were lost, in ``session``'s transaction.
 
     - ``queued`` or ``retrying`` jobs published more than ``stale_after``
       seconds ago, due since then, not started since, whose queue is empty:
@@ -81,7 +83,7 @@ def reconcile(celery_app: Celery, stale_after: float) -> dict[str, int]:
       to ``retrying``.
     """
     cutoff = utcnow() - timedelta(seconds=stale_after)
-    lost = Session.execute(
+    lost = session.execute(
         select(Job.id, Job.name, Job.options).where(
             Job.state.in_(CLAIMABLE),
             Job.published_at < cutoff,
@@ -92,12 +94,8 @@ def reconcile(celery_app: Celery, stale_after: float) -> dict[str, int]:
     empty = {queue for queue in set(queues.values()) if queue_is_empty(celery_app, queue)}
     resend = [job_id for job_id, queue in queues.items() if queue in empty]
     if resend:
-        Session.execute(
-            update(Job)
-            .where(Job.id.in_(resend), Job.state.in_(CLAIMABLE), Job.published_at < cutoff)
-            .values(published_at=None)
-        )
-    running = Session.execute(
+        ledger.resend(session, resend, published_before=cutoff)
+    running = session.execute(
         select(Job.id, Job.worker).where(Job.state == State.RUNNING, Job.started_at < cutoff)
     ).all()
     gone: list[str] = []
@@ -105,16 +103,7 @@ def reconcile(celery_app: Celery, stale_after: float) -> dict[str, int]:
         active = active_jobs(celery_app)
         gone = [job_id for job_id, worker in running if abandoned(job_id, worker, active)]
     if gone:
-        Session.execute(
-            update(Job)
-            .where(Job.id.in_(gone), Job.state == State.RUNNING)
-            .values(
-                state=State.RETRYING,
-                published_at=None,
-                worker=None,
-                error="the worker running it stopped answering",
-            )
-        )
+        ledger.abandon(session, gone)
     if resend or gone:
         logger.warning(
             "reconcile: sending again %d lost and %d abandoned jobs", len(resend), len(gone)
@@ -122,7 +111,8 @@ def reconcile(celery_app: Celery, stale_after: float) -> dict[str, int]:
     return {"resent": len(resend), "abandoned": len(gone)}
 
 
-@shared_task(name="proj.reconcile_jobs")
-def reconcile_jobs() -> dict[str, Any]:
-    """Periodic: :func:`reconcile` with the configured threshold."""
-    return reconcile(current_app, current_settings().stale_after)
+def reconcile_jobs(task: Any) -> dict[str, Any]:
+    """Periodic (``proj.reconcile_jobs``, registered by ``Jobs``): :func:`reconcile`
+    with the configured threshold, in the run's session."""
+    jobs = jobs_of(task.app)
+    return reconcile(task.session, task.app, jobs.settings.stale_after)

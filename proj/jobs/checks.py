@@ -1,14 +1,15 @@
-"""Configurations proj refuses to run with, checked at start-up and at enqueue."""
+"""Configurations proj refuses to run with, checked at start-up (worker and
+beat, connected by ``Jobs``) and at enqueue."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 from celery import Celery
 
-from proj.errors import ConfigurationError
-from proj.retry import retry_policy_of
+from proj.jobs.clock import due_at, utcnow
+from proj.jobs.errors import ConfigurationError
+from proj.jobs.retry import retry_policy_of
 
 REDIS_DEFAULT_VISIBILITY_TIMEOUT = 3600.0
 
@@ -45,7 +46,8 @@ def check_configuration(celery_app: Celery) -> None:
             raise ConfigurationError(
                 f"{task.name} may wait {policy.max_backoff:g} s before a retry, but "
                 f"Redis redelivers unacknowledged messages after {limit:g} s; raise "
-                "PROJ_VISIBILITY_TIMEOUT above the longest countdown."
+                "the broker's visibility_timeout transport option (PROJ_VISIBILITY_TIMEOUT "
+                "in the reference application) above the longest countdown."
             )
 
 
@@ -64,12 +66,6 @@ def check_countdown(celery_app: Celery, options: dict[str, Any]) -> None:
 
 
 def _delay(options: dict[str, Any]) -> float | None:
-    eta = options.get("eta")
-    if eta is None:
-        countdown = options.get("countdown")
-        return None if countdown is None else float(countdown)
-    if isinstance(eta, str):
-        eta = datetime.fromisoformat(eta)
-    if eta.tzinfo is None:
-        eta = eta.replace(tzinfo=UTC)
-    return float((eta - datetime.now(UTC)).total_seconds())
+    now = utcnow()
+    eta = due_at(options, now)
+    return None if eta is None else (eta - now).total_seconds()

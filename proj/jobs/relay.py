@@ -1,7 +1,8 @@
 """The outbox relay: publishes the committed jobs the fast path missed.
 
-It runs as ``proj relay``, or in a thread of each worker (``PROJ_RELAY_IN_WORKER``,
-the default, for small deployments). On PostgreSQL it wakes on ``LISTEN``/
+It runs in a thread of each worker (``PROJ_RELAY_IN_WORKER``, the default, for
+small deployments), or on its own (``Relay(...).relay(stop)``; the reference
+application's ``proj relay``). On PostgreSQL it wakes on ``LISTEN``/
 ``NOTIFY`` and polls as well (a NOTIFY sent while it is disconnected is lost);
 on SQLite it polls.
 """
@@ -20,10 +21,12 @@ from typing import Any
 from celery import Celery, bootsteps
 from sqlalchemy import Engine
 
-from proj.config import Settings, current_settings
-from proj.db import make_engine, utcnow
-from proj.ledger import Job
-from proj.outbox import NOTIFY_CHANNEL, publish_owed
+from proj.jobs.clock import utcnow
+from proj.jobs.engine import make_engine
+from proj.jobs.ledger import Job
+from proj.jobs.outbox import NOTIFY_CHANNEL, publish_owed
+from proj.jobs.registry import jobs_of
+from proj.jobs.settings import JobsSettings
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +36,7 @@ RELAY_POOL_SIZE = 1
 """Connections in a relay's pool (publishing); the listening one is its own."""
 
 
-class Outbox:
+class Relay:
     """Publishes the jobs the fast path did not.
 
     Several relays may run at once (``FOR UPDATE SKIP LOCKED`` on PostgreSQL;
@@ -134,11 +137,12 @@ class Outbox:
                 connection.close()
 
 
-def make_outbox(celery_app: Celery, settings: Settings | None = None) -> Outbox:
-    """An :class:`Outbox` for ``settings``, on an engine of its own."""
-    settings = settings or current_settings()
+def make_relay(celery_app: Celery, settings: JobsSettings | None = None) -> Relay:
+    """A :class:`Relay` for ``celery_app``'s jobs (or ``settings``), on an
+    engine of its own."""
+    settings = settings or jobs_of(celery_app).settings
     engine = make_engine(settings.database_url, RELAY_POOL_SIZE, role="relay")
-    return Outbox(
+    return Relay(
         celery_app,
         engine,
         poll_interval=settings.relay_poll_interval,
@@ -160,15 +164,15 @@ class RelayStep(bootsteps.StartStopStep):
         super().__init__(worker, **kwargs)
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
-        self.outbox: Outbox | None = None
+        self.relay: Relay | None = None
 
     def start(self, worker: Any) -> None:
-        if not current_settings().relay_in_worker:
+        if not jobs_of(worker.app).settings.relay_in_worker:
             return
         self.stopping.clear()
-        self.outbox = make_outbox(worker.app)
+        self.relay = make_relay(worker.app)
         self.thread = threading.Thread(
-            target=self.outbox.relay, args=(self.stopping,), name="proj-relay", daemon=True
+            target=self.relay.relay, args=(self.stopping,), name="proj-relay", daemon=True
         )
         self.thread.start()
 
@@ -177,9 +181,9 @@ class RelayStep(bootsteps.StartStopStep):
         if self.thread is not None:
             self.thread.join(timeout=10)
             self.thread = None
-        if self.outbox is not None:
-            self.outbox.engine.dispose()
-            self.outbox = None
+        if self.relay is not None:
+            self.relay.engine.dispose()
+            self.relay = None
 
     def terminate(self, worker: Any) -> None:
         # A cold shutdown (and an in-process worker's stop) terminates steps

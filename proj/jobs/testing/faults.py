@@ -1,9 +1,11 @@
-"""Servers a test owns, so it can take them down without touching the
-machine's shared PostgreSQL, Redis and RabbitMQ:
+"""Fault injection: servers a test owns, so it can take them down without
+touching the machine's shared PostgreSQL, Redis and RabbitMQ:
 
 - :class:`TcpProxy`: a forwarder in front of a real server; stopping it
   closes every connection through it and refuses new ones, so for its clients
   the server is down; starting it again listens on the same port;
+  blackholing it keeps every connection open but forwards nothing (a network
+  partition, a failover that drops packets) until it is restored;
 - :class:`RedisServer`: a private ``redis-server`` without persistence, which a
   test kills (its data is lost) and starts again;
 - :class:`PostgresCluster`: a private PostgreSQL cluster (``initdb`` in a temp
@@ -26,9 +28,15 @@ from pathlib import Path
 
 import psycopg2
 import redis
-from subprocesses import free_port
 
-from proj.testing import wait_for
+from proj.jobs.testing.workers import wait_for
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 class TcpProxy:
@@ -42,6 +50,8 @@ class TcpProxy:
         self._listener: socket.socket | None = None
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
+        self._flowing = threading.Event()
+        self._flowing.set()
 
     @property
     def running(self) -> bool:
@@ -69,6 +79,15 @@ class TcpProxy:
         for sock in sockets:
             _close(sock)
 
+    def blackhole(self) -> None:
+        """Forward nothing more, either way, while every connection stays open
+        and new ones are accepted: for its clients the server went silent."""
+        self._flowing.clear()
+
+    def restore(self) -> None:
+        """Forward again what was held back, and whatever comes next."""
+        self._flowing.set()
+
     def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
@@ -94,6 +113,7 @@ class TcpProxy:
     def _pump(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while data := source.recv(65536):
+                self._flowing.wait()  # held, not lost, while blackholed
                 sink.sendall(data)
         except OSError:
             pass

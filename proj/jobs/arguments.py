@@ -9,7 +9,7 @@ from kombu.utils.json import dumps
 from sqlalchemy import inspect
 from sqlalchemy.exc import NoInspectionAvailable
 
-from proj.errors import TaskArgumentError
+from proj.jobs.errors import TaskArgumentError
 
 
 def argument_message(task_name: str, problem: str) -> str:

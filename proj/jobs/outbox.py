@@ -4,7 +4,7 @@
 transaction commits, the message is published at once from the same process
 (the fast path); if it rolls back, nothing is published. Whatever the fast path
 misses (the broker was down, the process died right after the commit) the
-relay publishes (:mod:`proj.relay`), through :func:`publish_owed`: it claims
+relay publishes (:mod:`proj.jobs.relay`), through :func:`publish_owed`: it claims
 unpublished rows with ``FOR UPDATE SKIP LOCKED`` (by state, never by "id above
 the last one seen", since rows commit out of order), publishes them in
 confirmed batches, and marks them published in the same transaction.
@@ -15,19 +15,24 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from datetime import datetime, timedelta
-from typing import Any
+from contextlib import AbstractContextManager as ContextManager
+from contextlib import contextmanager, nullcontext
+from typing import TYPE_CHECKING, Any
 
 import kombu.exceptions
 from amqp import spec
 from celery import Celery
 from kombu import Producer
-from sqlalchemy import Connection, event, insert, orm, select, update
+from sqlalchemy import Connection, event, orm, select
 
-from proj.config import current_settings
-from proj.db import in_task_run, utcnow, worker_engine
-from proj.ledger import CLAIMABLE, JOBS, Job, State, jsonable, mark_published
+from proj.jobs import ledger
+from proj.jobs.clock import due_at, parse_eta, utcnow
+from proj.jobs.ledger import CLAIMABLE, Job, jsonable, mark_published
+from proj.jobs.registry import jobs_of
+from proj.jobs.session import in_task_run
+
+if TYPE_CHECKING:
+    from proj.jobs.extension import Jobs
 
 logger = logging.getLogger(__name__)
 
@@ -42,58 +47,30 @@ each with the savepoint it was enqueued in."""
 
 MESSAGE_FIELDS = ("id", "name", "args", "kwargs", "options", "attempts")
 """The columns a job's message is made from."""
-_INSERT_JOB = insert(JOBS)
-
-SessionFinder = Callable[[], orm.Session | None]
-_session_finders: list[SessionFinder] = []
+KEPT_OPTIONS = ("queue", "routing_key", "priority", "expires")
+"""Publishing options a job's row keeps, to send its message with again."""
 
 
-def register_session_finder(finder: SessionFinder) -> None:
-    """Teach ``delay_on_commit`` where the caller's session is (the web tier
-    registers Flask-SQLAlchemy's ``db.session``)."""
-    _session_finders.append(finder)
-
-
-def callers_session() -> orm.Session | None:
-    """The session of the transaction in progress: the running task's, else a
-    registered finder's (the web request's), else None."""
+def callers_session(jobs: Jobs) -> orm.Session | None:
+    """The session of the transaction in progress: the running task's, else the
+    Flask request's ``db.session`` (after ``init_app``), else None."""
     if in_task_run():
-        from proj.db import Session
-
-        return Session()
-    for finder in reversed(_session_finders):
-        found = finder()
-        if found is not None:
-            return found
-    return None
+        return jobs.session()
+    return jobs.callers_session()
 
 
-def publish_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], datetime]:
-    """JSON-safe publishing options, with a countdown turned into an ETA."""
-    options = dict(options)
-    now = utcnow()
-    eta = options.pop("eta", None)
-    countdown = options.pop("countdown", None)
-    if countdown is not None:
-        eta = now + timedelta(seconds=float(countdown))
-    if isinstance(eta, str):
-        eta = datetime.fromisoformat(eta)
-    kept = {
-        k: v for k, v in options.items() if k in ("queue", "routing_key", "priority", "expires")
-    }
-    if eta is not None and eta > now:
-        kept["eta"] = eta.isoformat()
-        return jsonable(kept), eta
-    return jsonable(kept), now
+def owning(session: orm.Session | None, jobs: Jobs) -> ContextManager[orm.Session]:
+    """``session`` as it is, or a session of its own on ``jobs``' engine."""
+    return nullcontext(session) if session is not None else jobs.session_scope()
 
 
 def enqueue(
     session: orm.Session,
+    jobs: Jobs,
     task_name: str,
     args: Sequence[Any],
     kwargs: Mapping[str, Any],
     *,
-    celery_app: Celery,
     max_attempts: int,
     options: Mapping[str, Any],
 ) -> str:
@@ -102,58 +79,43 @@ def enqueue(
     Returns the job id (the Celery task id).
     """
     job_id = str(options.get("task_id") or uuid.uuid4())
-    kept, available_at = publish_options({k: v for k, v in options.items() if k != "task_id"})
+    now = utcnow()
+    eta = due_at(options, now)
+    kept = {k: v for k, v in options.items() if k in KEPT_OPTIONS}
+    if eta is not None and eta > now:
+        kept["eta"] = eta.isoformat()
     row = {
         "id": job_id,
         "name": task_name,
         "args": jsonable(list(args)),
         "kwargs": jsonable(dict(kwargs)),
-        "options": kept,
-        "state": str(State.QUEUED),
-        "attempts": 0,
+        "options": jsonable(kept),
         "max_attempts": max_attempts,
-        "available_at": available_at,
+        "available_at": max(eta or now, now),
     }
-    # At once on the session's connection: the ORM's unit of work would cost
-    # more than the INSERT itself, and the row is the same.
-    session.connection(bind_arguments={"mapper": Job}).execute(_INSERT_JOB, row)
-    _publish_on_commit(session, celery_app, _message(row))
+    ledger.enqueue(session, row)
+    _publish_on_commit(session, jobs, _message({**row, "attempts": 0}))
     return job_id
 
 
-def requeue(session: orm.Session, job: Job, celery_app: Celery) -> bool:
+def requeue(session: orm.Session, jobs: Jobs, job: Job) -> bool:
     """Queue a failed job again in ``session``'s transaction (published after
     the commit), with a fresh budget of attempts. False if it is not failed."""
-    done = session.execute(
-        update(Job)
-        .where(Job.id == job.id, Job.state == State.FAILED)
-        .values(
-            state=State.QUEUED,
-            max_attempts=Job.attempts + Job.max_attempts,
-            available_at=utcnow(),
-            published_at=None,
-            finished_at=None,
-            worker=None,
-        )
-        .execution_options(synchronize_session=False)
-    )
-    if getattr(done, "rowcount", 0) != 1:
+    if not ledger.requeue(session, job.id):
         return False
-    _publish_on_commit(session, celery_app, _message({f: getattr(job, f) for f in MESSAGE_FIELDS}))
+    _publish_on_commit(session, jobs, _message({f: getattr(job, f) for f in MESSAGE_FIELDS}))
     return True
 
 
-def _publish_on_commit(
-    session: orm.Session, celery_app: Celery, message: Mapping[str, Any]
-) -> None:
+def _publish_on_commit(session: orm.Session, jobs: Jobs, message: Mapping[str, Any]) -> None:
     """Have the fast path publish a job's message when ``session``'s transaction commits.
 
     The job belongs to the innermost savepoint in progress, if any: rolling
     that savepoint back drops it, releasing it does not publish it.
     """
-    if current_settings().outbox_fast_path:
+    if jobs.settings.outbox_fast_path or jobs.capture is not None:
         owner = session.get_nested_transaction()
-        session.info.setdefault(PENDING, []).append((celery_app, message, owner))
+        session.info.setdefault(PENDING, []).append((jobs, message, owner))
 
 
 def _message(job: Mapping[str, Any]) -> dict[str, Any]:
@@ -177,7 +139,7 @@ def send(
     """Publish one job's message (with publisher confirms where the broker has them)."""
     options = dict(message["options"])
     if "eta" in options:
-        options["eta"] = datetime.fromisoformat(options["eta"])
+        options["eta"] = parse_eta(options["eta"])
     celery_app.send_task(
         message["name"],
         args=message["args"],
@@ -196,36 +158,32 @@ def send(
     )
 
 
-@event.listens_for(orm.Session, "after_commit")
+_listening: list[bool] = []
+
+
+def listen_for_commits() -> None:
+    """Have every session publish its jobs when its transaction commits, and
+    forget them when it rolls back (once a process; ``Jobs`` calls this)."""
+    if _listening:
+        return
+    _listening.append(True)
+    event.listen(orm.Session, "after_commit", _publish_after_commit)
+    event.listen(orm.Session, "after_soft_rollback", _forget_after_rollback)
+    event.listen(orm.Session, "after_transaction_end", _forget_unfinished)
+
+
 def _publish_after_commit(session: orm.Session) -> None:
     if session.in_nested_transaction():
         return  # a savepoint was released: nothing is committed yet
     pending = session.info.pop(PENDING, None)
     if not pending:
         return
-    by_app: dict[Celery, list[Mapping[str, Any]]] = {}
-    for celery_app, message, _ in pending:
-        by_app.setdefault(celery_app, []).append(message)
+    by_installation: dict[Jobs, list[Mapping[str, Any]]] = {}
+    for jobs, message, _ in pending:
+        by_installation.setdefault(jobs, []).append(message)
     published: list[str] = []
-    for celery_app, messages in by_app.items():
-        sent = 0
-        try:
-            with celery_app.producer_or_acquire() as producer:
-                # One try: a request must not wait out kombu's reconnection
-                # back-off while the broker is down; the relay covers the rest.
-                producer.connection.ensure_connection(max_retries=0)
-                for message in messages:
-                    send(celery_app, message, producer=producer, retry=False)
-                    sent += 1
-        except Exception as exc:
-            for message in messages[sent:]:
-                logger.warning(
-                    "job %s[%s] committed but not published (%s); the relay will publish it",
-                    message["name"],
-                    message["id"],
-                    exc,
-                )
-        published.extend(message["id"] for message in messages[:sent])
+    for jobs, messages in by_installation.items():
+        published.extend(_publish_at_once(jobs, messages))
     if published:
         engine: Any = session.get_bind(mapper=orm.class_mapper(Job))
         try:
@@ -238,7 +196,32 @@ def _publish_after_commit(session: orm.Session) -> None:
             )
 
 
-@event.listens_for(orm.Session, "after_soft_rollback")
+def _publish_at_once(jobs: Jobs, messages: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Publish what a transaction enqueued, trying once; the ids published (the
+    relay publishes the rest)."""
+    if jobs.capture is not None:
+        jobs.capture(messages)
+        return [message["id"] for message in messages]
+    celery_app, sent = jobs.celery_app, 0
+    try:
+        with celery_app.producer_or_acquire() as producer:
+            # One try: a request must not wait out kombu's reconnection
+            # back-off while the broker is down; the relay covers the rest.
+            producer.connection.ensure_connection(max_retries=0)
+            for message in messages:
+                send(celery_app, message, producer=producer, retry=False)
+                sent += 1
+    except Exception as exc:
+        for message in messages[sent:]:
+            logger.warning(
+                "job %s[%s] committed but not published (%s); the relay will publish it",
+                message["name"],
+                message["id"],
+                exc,
+            )
+    return [message["id"] for message in messages[:sent]]
+
+
 def _forget_after_rollback(session: orm.Session, previous: orm.SessionTransaction) -> None:
     pending = session.info.get(PENDING)
     if pending:
@@ -246,7 +229,6 @@ def _forget_after_rollback(session: orm.Session, previous: orm.SessionTransactio
         session.info[PENDING] = kept
 
 
-@event.listens_for(orm.Session, "after_transaction_end")
 def _forget_unfinished(session: orm.Session, transaction: orm.SessionTransaction) -> None:
     # The session's transaction ended without a commit (closed, or rolled
     # back): whatever it enqueued was never written.
@@ -284,9 +266,14 @@ def publish_owed(
         query = query.with_for_update(skip_locked=True)
     rows = connection.execute(query).all()
     if rows:
-        with confirmed_batch(celery_app) as publish:
-            for row in rows:
-                publish(_row_message(row))
+        messages = [_row_message(row) for row in rows]
+        capture = jobs_of(celery_app).capture
+        if capture is not None:
+            capture(messages)
+        else:
+            with confirmed_batch(celery_app) as publish:
+                for message in messages:
+                    publish(message)
         mark_published(connection, [row.id for row in rows])
     return len(rows)
 
@@ -351,12 +338,12 @@ class _Confirms:
             raise kombu.exceptions.OperationalError(f"RabbitMQ refused {self.refused} messages")
 
 
-def send_owed(celery_app: Celery, job_ids: Sequence[str]) -> None:
+def send_owed(jobs: Jobs, job_ids: Sequence[str]) -> None:
     """Publish these jobs now (a retry's next attempt); if the broker cannot
     take them, the relay will."""
     try:
-        with worker_engine().connect() as connection, connection.begin():
-            publish_owed(connection, celery_app, Job.id.in_(job_ids))
+        with jobs.engine.connect() as connection, connection.begin():
+            publish_owed(connection, jobs.celery_app, Job.id.in_(job_ids))
     except Exception as exc:
         logger.warning("jobs %s not published now (%s); the relay will", list(job_ids), exc)
 

@@ -1,13 +1,16 @@
-"""What tests of proj applications need: point proj at a test stack, run an
-in-process worker, and check that nothing leaked.
+"""Real-worker helpers: an in-process worker, waiting
+for a job's state, and checks that nothing leaked.
 
 proj's own tests use these; yours can too::
 
-    celery_app = proj.testing.configure(load_settings(test_env))
-    with proj.testing.worker(celery_app, pool="threads", concurrency=2):
-        send_welcome.delay(user_id)
-        proj.testing.wait_for(lambda: user_welcomed(user_id))
-    assert proj.testing.checked_out() == 0
+    with proj.jobs.testing.worker(celery_app, pool="threads", concurrency=2):
+        job_id = send_welcome.delay_on_commit(user_id)
+        db.session.commit()
+        proj.jobs.testing.wait_for_state(job_id, "succeeded")
+    assert proj.jobs.testing.checked_out() == 0
+
+Each helper takes the Celery app whose jobs it looks at, and defaults to
+Celery's current app.
 """
 
 from __future__ import annotations
@@ -15,30 +18,22 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from celery import Celery
+from celery._state import get_current_app
 from celery.contrib.testing.worker import start_worker
 from celery.worker import WorkController, state
 from sqlalchemy import select
 
-from proj import db
-from proj.celery import create_app
-from proj.config import Settings
-from proj.db import session_scope
-from proj.ledger import Job, State
+from proj.jobs.extension import Jobs
+from proj.jobs.ledger import Job, State
 
 T = TypeVar("T")
 
 
-def configure(settings: Settings) -> Celery:
-    """Point proj at ``settings``: the worker tier's database, and a new Celery
-    app (returned) made current and default, so shared tasks publish through it."""
-    db.configure(settings)
-    celery_app = create_app(settings)
-    celery_app.set_current()
-    celery_app.set_default()
-    return celery_app
+def _jobs(celery_app: Celery | None) -> Jobs:
+    return Jobs.of(celery_app or get_current_app())
 
 
 @contextmanager
@@ -48,7 +43,7 @@ def worker(
     """Run a worker for ``celery_app`` in this process until the block ends.
 
     ``pool`` is ``solo`` or ``threads``; a prefork pool forks, so run
-    ``celery -A proj worker`` as a subprocess for that.
+    ``celery -A yourapp worker`` as a subprocess for that.
     """
     with start_worker(
         celery_app,
@@ -72,36 +67,48 @@ def worker(
         celery_app.control.broadcast("ping", reply=False, destination=[hostname])
 
 
-def checked_out() -> int:
+def checked_out(celery_app: Celery | None = None) -> int:
     """Connections of the worker tier's pool that are checked out right now."""
-    engine = db.existing_worker_engine()
-    pool: Any = engine.pool if engine is not None else None
+    jobs = _jobs(celery_app)
+    pool: Any = jobs._engine.pool if jobs._engine is not None else None
     return int(pool.checkedout()) if hasattr(pool, "checkedout") else 0
 
 
-def job(job_id: str) -> Job:
+def job(job_id: str, celery_app: Celery | None = None) -> Job:
     """The job's ledger row as it is now (detached); fails if there is none."""
-    with session_scope() as session:
+    with _jobs(celery_app).session_scope() as session:
         found = session.get(Job, job_id)
         assert found is not None, f"no ledger row for {job_id}"
         session.expunge(found)
         return found
 
 
-def failed_jobs(job_id: str) -> list[Job]:
+def failed_jobs(job_id: str, celery_app: Celery | None = None) -> list[Job]:
     """The ledger's ``failed`` row for ``job_id``, if there is one (detached)."""
-    with session_scope() as session:
+    with _jobs(celery_app).session_scope() as session:
         query = select(Job).where(Job.id == job_id, Job.state == State.FAILED)
         found = list(session.scalars(query))
         session.expunge_all()
         return found
 
 
-def failed_job(job_id: str, *, timeout: float = 30.0) -> Job:
+def failed_job(job_id: str, *, timeout: float = 30.0, celery_app: Celery | None = None) -> Job:
     """The ``failed`` row of ``job_id``, once written (Celery reports a task's
     FAILURE before it calls ``on_failure``, which writes the row)."""
-    [job] = wait_for(lambda: failed_jobs(job_id), timeout=timeout)
-    return job
+    [found] = wait_for(lambda: failed_jobs(job_id, celery_app), timeout=timeout)
+    return found
+
+
+def wait_for_state(
+    job_id: str, *states: str, timeout: float = 30.0, celery_app: Celery | None = None
+) -> Job:
+    """The job's row once its state is one of ``states``."""
+
+    def reached() -> Job | None:
+        row = job(job_id, celery_app)
+        return row if row.state in states else None
+
+    return cast(Job, wait_for(reached, timeout=timeout))
 
 
 def wait_for(condition: Callable[[], T], *, timeout: float = 30.0, interval: float = 0.05) -> T:

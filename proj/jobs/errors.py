@@ -1,11 +1,11 @@
-"""proj's exceptions.
+"""proj.jobs's exceptions.
 
 Error tree::
 
     ProjError
     ├── ConfigurationError       a setting proj cannot run with
     ├── TaskArgumentError        a task argument that cannot cross the queue
-    └── PaymentDeclined          the payment gateway refused a charge
+    └── NotInstalledError        a task or app that no ``Jobs`` was installed on
 
 Each class's docstring is its default message.
 """
@@ -28,5 +28,5 @@ class TaskArgumentError(ProjError):
     """Task arguments must be JSON values: pass the object's id, not the object."""
 
 
-class PaymentDeclined(ProjError):
-    """The payment gateway declined the charge."""
+class NotInstalledError(ProjError):
+    """This Celery app has no proj.jobs: call Jobs(celery_app, database_url=...) first."""

@@ -12,6 +12,11 @@ Claiming (``queued``/``retrying`` → ``running``, attempts + 1) is a statement
 committed on its own; the move to ``succeeded`` commits with the
 task's own effects. Rows are also the dead-letter store: every task that
 finally fails, and every message a worker cannot run, ends as a ``failed`` row.
+
+This module is the only one that changes a job's ``state``, each change a
+named function: :func:`enqueue`, :func:`claim`, :func:`succeed`,
+:func:`retrying`, :func:`worker_lost`, :func:`record_failure`, :func:`cancel`,
+:func:`requeue`, :func:`resend`, :func:`abandon` and :func:`prune`.
 """
 
 from __future__ import annotations
@@ -33,21 +38,26 @@ from sqlalchemy import (
     Float,
     Index,
     Integer,
+    MetaData,
     String,
     Table,
     Text,
     bindparam,
     case,
+    delete,
+    insert,
     select,
     text,
     update,
 )
 from sqlalchemy.engine import Row
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.sql.elements import BindParameter
 
-from proj.db import Base, UtcDateTime, autocommit, session_scope, utcnow
-from proj.retry import TRANSIENT_ERRORS
+from proj.jobs.clock import UtcDateTime, utcnow
+from proj.jobs.engine import autocommit
+from proj.jobs.retry import TRANSIENT_ERRORS, backoff
+from proj.jobs.session import session_scope
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +90,23 @@ def jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=repr))
 
 
-class Job(Base):
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class LedgerBase(DeclarativeBase):
+    """The ledger's own declarative base: its table is not in the application's
+    metadata (the application's migrations never see it)."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Job(LedgerBase):
     """A job: what to run, where it stands, and how it ended."""
 
     __tablename__ = "jobs"
@@ -230,9 +256,20 @@ def succeed(session: Session, job_id: str, result: Any) -> None:
     )
 
 
-def set_progress(job_id: str, progress: float) -> None:
+def enqueue(session: Session, row: Mapping[str, Any]) -> None:
+    """Write a new ``queued`` job's row at once on ``session``'s connection, in
+    its transaction (the ORM's unit of work would cost more than the INSERT)."""
+    session.connection(bind_arguments={"mapper": Job}).execute(
+        _INSERT_JOB, {**row, "state": str(State.QUEUED), "attempts": 0}
+    )
+
+
+_INSERT_JOB = insert(JOBS)
+
+
+def set_progress(engine: Engine, job_id: str, progress: float) -> None:
     """Record progress (0 to 100) in a transaction of its own, visible at once."""
-    with session_scope() as session:
+    with session_scope(engine) as session:
         session.execute(
             update(Job)
             .where(Job.id == job_id, Job.state == State.RUNNING)
@@ -247,26 +284,27 @@ def patient(write: F) -> F:
 
     @functools.wraps(write)
     def patiently(*args: Any, **kwargs: Any) -> Any:
-        delay, deadline = 0.2, time.monotonic() + PATIENCE
+        tries, deadline = 0, time.monotonic() + PATIENCE
         while True:
             try:
                 return write(*args, **kwargs)
             except Exception as exc:
+                delay = backoff(tries, base=0.2, cap=5.0, jitter=False)
                 if exc not in TRANSIENT_ERRORS or time.monotonic() + delay > deadline:
                     raise
                 logger.warning(
                     "ledger: %s failed (%s); again in %.1f s", write.__name__, exc, delay
                 )
                 time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                tries += 1
 
     return patiently  # type: ignore[return-value]
 
 
 @patient
-def retrying(job_id: str, error: str, available_at: datetime) -> None:
+def retrying(engine: Engine, job_id: str, error: str, available_at: datetime) -> None:
     """Mark a running job to run again from ``available_at``; the caller publishes."""
-    with session_scope() as session:
+    with session_scope(engine) as session:
         session.execute(
             update(Job)
             .where(Job.id == job_id, Job.state == State.RUNNING)
@@ -281,7 +319,7 @@ def retrying(job_id: str, error: str, available_at: datetime) -> None:
 
 
 @patient
-def worker_lost(job_id: str, error: str, worker: str | None = None) -> State | None:
+def worker_lost(engine: Engine, job_id: str, error: str, worker: str | None = None) -> State | None:
     """The worker running the job died: back to ``retrying`` (its message is
     requeued), or ``failed`` if that was its last attempt. Given ``worker``
     (``hostname:pid``, as :func:`claim` records it), only if that process was
@@ -289,7 +327,7 @@ def worker_lost(job_id: str, error: str, worker: str | None = None) -> State | N
     progress alone. Returns the new state, or None if nothing changed."""
     final = Job.attempts >= Job.max_attempts
     owner = () if worker is None else (Job.worker == worker,)
-    with session_scope() as session:
+    with session_scope(engine) as session:
         state = session.scalar(
             update(Job)
             .where(Job.id == job_id, Job.state == State.RUNNING, *owner)
@@ -306,6 +344,7 @@ def worker_lost(job_id: str, error: str, worker: str | None = None) -> State | N
 
 @patient
 def record_failure(
+    engine: Engine,
     *,
     job_id: str,
     name: str,
@@ -325,7 +364,7 @@ def record_failure(
         "finished_at": utcnow(),
         "worker": None,
     }
-    with session_scope() as session:
+    with session_scope(engine) as session:
         done = session.execute(
             update(Job).where(Job.id == job_id, Job.state.not_in(FINISHED)).values(**values)
         )
@@ -343,3 +382,70 @@ def record_failure(
                     **values,
                 )
             )
+
+
+def requeue(session: Session, job_id: str) -> bool:
+    """Queue a failed job again in ``session``'s transaction, with a fresh budget
+    of attempts (the caller publishes it after the commit). False if it is not failed."""
+    done = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == State.FAILED)
+        .values(
+            state=State.QUEUED,
+            max_attempts=Job.attempts + Job.max_attempts,
+            available_at=utcnow(),
+            published_at=None,
+            finished_at=None,
+            worker=None,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return getattr(done, "rowcount", 0) == 1
+
+
+def cancel(session: Session, job_id: str) -> bool:
+    """Cancel a job that has not started, in ``session``'s transaction: it will
+    never run. False if it is not waiting."""
+    done = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state.in_(CLAIMABLE))
+        .values(state=State.CANCELLED, finished_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return getattr(done, "rowcount", 0) == 1
+
+
+def resend(session: Session, job_ids: Sequence[str], published_before: datetime) -> None:
+    """Owe the broker these waiting jobs again (the broker lost them): the
+    relay publishes them next."""
+    session.execute(
+        update(Job)
+        .where(
+            Job.id.in_(job_ids),
+            Job.state.in_(CLAIMABLE),
+            Job.published_at < published_before,
+        )
+        .values(published_at=None)
+    )
+
+
+def abandon(session: Session, job_ids: Sequence[str]) -> None:
+    """These running jobs' workers are gone: back to ``retrying``, owed to the broker."""
+    session.execute(
+        update(Job)
+        .where(Job.id.in_(job_ids), Job.state == State.RUNNING)
+        .values(
+            state=State.RETRYING,
+            published_at=None,
+            worker=None,
+            error="the worker running it stopped answering",
+        )
+    )
+
+
+def prune(session: Session, finished_before: datetime) -> int:
+    """Delete the jobs that finished before ``finished_before``; how many."""
+    result = session.execute(
+        delete(Job).where(Job.state.in_(FINISHED), Job.finished_at < finished_before)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)

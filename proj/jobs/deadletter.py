@@ -1,6 +1,7 @@
-"""Messages a worker cannot run (not JSON, an unknown task, a refused content
-type, no task header) end as ``failed`` ledger rows instead of vanishing into a
-log; so does every task that finally fails (see ``SqlAlchemyTask.on_failure``)."""
+"""Dead letters: messages a worker cannot run (not JSON, an unknown task, a
+refused content type, no task header) end as ``failed`` ledger rows instead of
+vanishing into a log; so does every task that finally fails (see
+:mod:`proj.jobs.worker`)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from typing import Any
 
 from celery.worker.consumer import Consumer
 from kombu.message import Message
+from sqlalchemy import Engine
 
-from proj.ledger import record_failure
+from proj.jobs.ledger import record_failure
+from proj.jobs.registry import jobs_of
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +36,9 @@ def message_arguments(message: Message) -> dict[str, Any]:
     }
 
 
-def record_message(message: Message, reason: str, exc: BaseException | None) -> None:
+def record_message(
+    engine: Engine, message: Message, reason: str, exc: BaseException | None
+) -> None:
     """Record a message the worker drops without running it. Never raises."""
     headers = message.headers or {}
     job_id = str(headers.get("id") or f"dead-letter-{uuid.uuid4()}")
@@ -41,6 +46,7 @@ def record_message(message: Message, reason: str, exc: BaseException | None) -> 
     error = f"{reason} message: {exc!r}" if exc else f"{reason} message"
     try:
         record_failure(
+            engine,
             job_id=job_id,
             name=name,
             error=error,
@@ -56,5 +62,5 @@ class RecordingConsumer(Consumer):
     """Celery's consumer, recording undecodable messages before it drops them."""
 
     def on_decode_error(self, message: Message, exc: Exception) -> None:
-        record_message(message, "undecodable", exc)
+        record_message(jobs_of(self.app).engine, message, "undecodable", exc)
         super().on_decode_error(message, exc)

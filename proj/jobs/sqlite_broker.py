@@ -22,7 +22,7 @@ from sqlalchemy import Engine, create_engine, orm
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.schema import CreateIndex, CreateTable
 
-from proj.db import make_sqlite_folder, prepare_engine
+from proj.jobs.engine import make_sqlite_folder, prepare_engine
 
 _engines: dict[tuple[str, int], tuple[Any, Any]] = {}
 _lock = threading.Lock()

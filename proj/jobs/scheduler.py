@@ -1,5 +1,6 @@
 """A beat scheduler that sends each periodic run once per schedule slot, however
-many ``celery beat`` processes are running (``beat_scheduler`` in celeryconfig).
+many ``celery beat`` processes are running (``Jobs`` makes it the app's
+``beat_scheduler`` unless the app names another).
 
 Each run becomes a ledger job whose id is derived from the task and its slot
 (the period it falls in), so a second beat's copy of the same run finds the
@@ -18,9 +19,9 @@ from celery.result import AsyncResult
 from celery.schedules import schedule as interval
 from sqlalchemy.exc import IntegrityError
 
-from proj.config import current_settings
-from proj.db import session_scope
-from proj.outbox import enqueue
+from proj.jobs.outbox import enqueue
+from proj.jobs.registry import jobs_of
+from proj.jobs.retry import max_attempts_of
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def slot_job_id(entry: ScheduleEntry, now: datetime) -> str:
     return str(uuid.uuid5(SLOTS, f"{entry.task}@{slot_of(entry, now)}"))
 
 
-class LedgerScheduler(PersistentScheduler):
+class SlotScheduler(PersistentScheduler):
     """Celery's persistent scheduler, sending each slot's run through the ledger."""
 
     def apply_async(
@@ -51,15 +52,18 @@ class LedgerScheduler(PersistentScheduler):
         if advance:
             entry = self.reserve(entry)  # type: ignore[assignment]
         job_id = slot_job_id(entry, self.app.now())
+        jobs = jobs_of(self.app)
+        task = self.app.tasks.get(str(entry.task))
+        default = jobs.settings.max_attempts
         try:
-            with session_scope() as session:
+            with jobs.session_scope() as session:
                 enqueue(
                     session,
+                    jobs,
                     str(entry.task),
                     list(entry.args or ()),
                     dict(entry.kwargs or {}),
-                    celery_app=self.app,
-                    max_attempts=current_settings().max_attempts,
+                    max_attempts=max_attempts_of(task, default) if task else default,
                     options={**(entry.options or {}), "task_id": job_id},
                 )
         except IntegrityError:

@@ -1,4 +1,4 @@
-"""The job ledger; dead letters become its failed rows.
+"""Dead letters become failed rows of the job ledger.
 
 Revision ID: 0002
 Revises: 0001
@@ -16,57 +16,27 @@ branch_labels = None
 depends_on = None
 
 TIMESTAMP = sa.DateTime(timezone=True)
-UNPUBLISHED = sa.text("published_at IS NULL")
-
-NOTIFY_FUNCTION = """
-CREATE OR REPLACE FUNCTION proj_jobs_notify() RETURNS trigger AS $$
-BEGIN
-    PERFORM pg_notify('proj_jobs', '');
-    RETURN NULL;
-END
-$$ LANGUAGE plpgsql
-"""
-NOTIFY_TRIGGER = """
-CREATE TRIGGER jobs_notify AFTER INSERT OR UPDATE OF published_at ON jobs
-FOR EACH ROW WHEN (NEW.published_at IS NULL) EXECUTE FUNCTION proj_jobs_notify()
-"""
+JOBS = sa.table(
+    "jobs",
+    sa.column("id", sa.String()),
+    sa.column("name", sa.String()),
+    sa.column("args", sa.JSON()),
+    sa.column("kwargs", sa.JSON()),
+    sa.column("options", sa.JSON()),
+    sa.column("state", sa.String()),
+    sa.column("attempts", sa.Integer()),
+    sa.column("max_attempts", sa.Integer()),
+    sa.column("created_at", TIMESTAMP),
+    sa.column("available_at", TIMESTAMP),
+    sa.column("published_at", TIMESTAMP),
+    sa.column("finished_at", TIMESTAMP),
+    sa.column("error", sa.Text()),
+    sa.column("traceback", sa.Text()),
+)
 
 
 def upgrade() -> None:
-    jobs = op.create_table(
-        "jobs",
-        sa.Column("id", sa.String(length=255), nullable=False),
-        sa.Column("name", sa.String(length=255), nullable=False),
-        sa.Column("args", sa.JSON(), nullable=False),
-        sa.Column("kwargs", sa.JSON(), nullable=False),
-        sa.Column("options", sa.JSON(), nullable=False),
-        sa.Column("state", sa.String(length=16), nullable=False),
-        sa.Column("attempts", sa.Integer(), nullable=False),
-        sa.Column("max_attempts", sa.Integer(), nullable=False),
-        sa.Column("created_at", TIMESTAMP, nullable=False),
-        sa.Column("available_at", TIMESTAMP, nullable=False),
-        sa.Column("published_at", TIMESTAMP, nullable=True),
-        sa.Column("started_at", TIMESTAMP, nullable=True),
-        sa.Column("finished_at", TIMESTAMP, nullable=True),
-        sa.Column("worker", sa.String(length=255), nullable=True),
-        sa.Column("progress", sa.Float(), nullable=True),
-        sa.Column("result", sa.JSON(), nullable=True),
-        sa.Column("error", sa.Text(), nullable=True),
-        sa.Column("traceback", sa.Text(), nullable=True),
-        sa.PrimaryKeyConstraint("id", name=op.f("pk_jobs")),
-    )
-    op.create_index("ix_jobs_state_created_at", "jobs", ["state", "created_at"])
-    op.create_index(
-        "ix_jobs_unpublished",
-        "jobs",
-        ["created_at"],
-        postgresql_where=UNPUBLISHED,
-        sqlite_where=UNPUBLISHED,
-    )
-    if op.get_bind().dialect.name == "postgresql":
-        op.execute(NOTIFY_FUNCTION)
-        op.execute(NOTIFY_TRIGGER)
-
+    # The ledger's own migrations (proj.jobs) made the jobs table first.
     dead_letters = sa.table(
         "dead_letters",
         sa.column("id", sa.Integer()),
@@ -110,7 +80,7 @@ def upgrade() -> None:
             }
         )
     if rows:
-        op.bulk_insert(jobs, rows)
+        op.bulk_insert(JOBS, rows)
     op.drop_table("dead_letters")
 
 

@@ -1,0 +1,42 @@
+"""proj.jobs: background work for Flask + SQLAlchemy on Celery, correct by default.
+
+Importing it starts nothing; ``Jobs(celery_app, database_url=...)`` installs it
+onto one Celery app, ``jobs.init_app(flask_app, db)`` onto one Flask app::
+
+    celery_app = Celery("shop", broker=...)
+    jobs = Jobs(celery_app, database_url=...)
+    jobs.init_app(flask_app, db)
+
+    @celery_app.task(base=SqlAlchemyTask, bind=True)
+    @retry_on(TRANSIENT_ERRORS, max_retries=5)
+    def pay(self, order_id): ...
+"""
+
+from __future__ import annotations
+
+from proj.jobs.clock import UtcDateTime, utcnow
+from proj.jobs.engine import engine_options
+from proj.jobs.errors import ConfigurationError, NotInstalledError, ProjError, TaskArgumentError
+from proj.jobs.extension import Jobs
+from proj.jobs.ledger import Job, State
+from proj.jobs.retry import TRANSIENT_ERRORS, retry_on
+from proj.jobs.settings import JobsSettings
+from proj.jobs.task import SqlAlchemyTask, shared_task
+
+__all__ = [
+    "TRANSIENT_ERRORS",
+    "ConfigurationError",
+    "Job",
+    "Jobs",
+    "JobsSettings",
+    "NotInstalledError",
+    "ProjError",
+    "SqlAlchemyTask",
+    "State",
+    "TaskArgumentError",
+    "UtcDateTime",
+    "engine_options",
+    "retry_on",
+    "shared_task",
+    "utcnow",
+]

@@ -1,0 +1,142 @@
+"""The job API: status and control of jobs, from the ledger.
+
+A blueprint to mount where you like, once ``jobs.init_app(flask_app, db)``
+has run::
+
+    flask_app.register_blueprint(proj.jobs.api.blueprint, url_prefix="/api/jobs")
+
+Every error it answers is JSON: ``{"error": {"code", "message", "fields"?}}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify, request, url_for
+from sqlalchemy import select, tuple_
+from sqlalchemy.orm import Session
+
+from proj.jobs import ledger, outbox
+from proj.jobs.deadletter import UNRUNNABLE
+from proj.jobs.extension import EXTENSION_KEY, Jobs
+from proj.jobs.ledger import Job, State
+
+blueprint = Blueprint("jobs", __name__)
+
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 500
+
+
+class JobApiError(Exception):
+    """An error the job API answers as it is, in JSON."""
+
+    def __init__(
+        self, status: int, code: str, message: str, fields: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.fields = status, code, message, fields
+
+
+@blueprint.errorhandler(JobApiError)
+def _answer(error: JobApiError) -> tuple[Response, int]:
+    body: dict[str, Any] = {"code": error.code, "message": error.message}
+    if error.fields:
+        body["fields"] = error.fields
+    return jsonify(error=body), error.status
+
+
+def _jobs() -> Jobs:
+    jobs: Jobs = current_app.extensions[EXTENSION_KEY]
+    return jobs
+
+
+def _session() -> Session:
+    db = _jobs().flask_db
+    assert db is not None  # init_app put the extension there
+    return db.session()
+
+
+def job_or_404(job_id: str) -> Job:
+    job = _session().get(Job, job_id) if len(job_id) <= 255 else None
+    if job is None:
+        raise JobApiError(404, "not_found", f"no job with id {job_id}")
+    return job
+
+
+@blueprint.get("/<job_id>")
+def get_job(job_id: str) -> Response:
+    return jsonify(job_or_404(job_id).to_json())
+
+
+@blueprint.get("")
+def list_jobs() -> Response:
+    """Newest first; ``state`` filters, ``limit`` pages, ``before`` continues
+    after the last job of the previous page (the ``next`` link has it)."""
+    state = request.args.get("state")
+    if state is not None and state not in set(State):
+        allowed = ", ".join(State)
+        raise JobApiError(400, "invalid_query", f"state must be one of {allowed}", {"state": state})
+    limit = _limit(request.args.get("limit"))
+    query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    if state is not None:
+        query = query.where(Job.state == state)
+    before = request.args.get("before")
+    if before is not None:
+        last = job_or_404(before)
+        query = query.where(tuple_(Job.created_at, Job.id) < (last.created_at, last.id))
+    found = list(_session().scalars(query))
+    page = found[:limit]
+    following = None
+    if len(found) > limit:
+        args: dict[str, Any] = {"limit": limit, "before": page[-1].id}
+        if state is not None:
+            args["state"] = state
+        following = url_for(".list_jobs", **args)
+    return jsonify(jobs=[job.to_json() for job in page], next=following)
+
+
+def _limit(raw: str | None) -> int:
+    if raw is None:
+        return DEFAULT_LIMIT
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+        raise JobApiError(
+            400,
+            "invalid_query",
+            f"limit must be a whole number from 1 to {MAX_LIMIT}",
+            {"limit": raw},
+        )
+    return int(raw)
+
+
+@blueprint.post("/<job_id>/retry")
+def retry_job(job_id: str) -> tuple[Response, int]:
+    """Run a failed job again (its attempts start over)."""
+    job = job_or_404(job_id)
+    if job.state != State.FAILED:
+        raise JobApiError(
+            409, "conflict", f"job {job_id} is {job.state}; only a failed job is retried"
+        )
+    if (job.options or {}).get(UNRUNNABLE):
+        raise JobApiError(409, "conflict", f"job {job_id} is a message no worker could read")
+    session = _session()
+    if not outbox.requeue(session, _jobs(), job):
+        raise JobApiError(409, "conflict", f"job {job_id} changed state; look again")
+    session.refresh(job)
+    answer = job.to_json()  # as requeued: once committed, a worker may take it at once
+    session.commit()
+    return jsonify(answer), 202
+
+
+@blueprint.post("/<job_id>/cancel")
+def cancel_job(job_id: str) -> Response:
+    """Cancel a job that has not started; it will never run."""
+    job = job_or_404(job_id)
+    session = _session()
+    if not ledger.cancel(session, job_id):
+        session.rollback()
+        raise JobApiError(
+            409, "conflict", f"job {job_id} is {job.state}; only a waiting job is cancelled"
+        )
+    session.commit()
+    session.expire(job)
+    return jsonify(job_or_404(job_id).to_json())

@@ -1,0 +1,186 @@
+"""Engines with proj's options and connection hooks.
+
+A URL's driver is the one proj ships (``postgresql://`` and ``postgres://``
+mean psycopg2); a URL naming a driver that is not installed is refused with
+an error that says what to install.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event, exc
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
+
+from proj.jobs.errors import ConfigurationError
+
+PING_AFTER_IDLE = 1.0
+"""Seconds a pooled connection may rest before its next checkout pings it."""
+
+DRIVERS = {"postgresql": "psycopg2", "postgres": "psycopg2"}
+"""The driver a URL that names none gets: the one proj ships."""
+PACKAGES = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "pg8000": "pg8000"}
+"""What to ``pip install`` for a driver, where its package name differs."""
+
+
+def resolve_url(url: str) -> str:
+    """``url`` with the driver proj ships where it names none (SQLAlchemy 2.1
+    would pick psycopg 3 for ``postgresql://``; ``postgres://``, as platforms
+    hand it out, is PostgreSQL too).
+
+    Raises :class:`ConfigurationError` when the URL is not one SQLAlchemy can
+    read, or names a driver that is not installed, saying what to install.
+    """
+    try:
+        parsed = make_url(url)
+    except exc.ArgumentError:
+        raise ConfigurationError(f"{_hidden(url)} is not a database URL.") from None
+    backend, _, driver = parsed.drivername.partition("+")
+    if not driver and backend in DRIVERS:
+        parsed = parsed.set(drivername=f"postgresql+{DRIVERS[backend]}")
+    elif backend == "postgres":
+        parsed = parsed.set(drivername=f"postgresql+{driver}")
+    try:
+        parsed.get_dialect().import_dbapi()
+    except ImportError as error:
+        module = (error.name or driver or backend).split(".")[0]
+        package = PACKAGES.get(module, module)
+        raise ConfigurationError(
+            f"{_hidden(url)} needs the {module} driver, which is not installed: "
+            f"pip install {package} (or name an installed driver, as in postgresql+psycopg2://)."
+        ) from None
+    except exc.NoSuchModuleError:
+        raise ConfigurationError(
+            f"{_hidden(url)}: SQLAlchemy has no dialect {parsed.drivername!r}."
+        ) from None
+    return parsed.render_as_string(hide_password=False)
+
+
+def _hidden(url: str) -> str:
+    try:
+        return repr(make_url(url).render_as_string(hide_password=True))
+    except exc.ArgumentError:
+        return "the URL given"
+
+
+def make_sqlite_folder(url: str) -> None:
+    """Create the folder a SQLite file URL points into (nothing for other URLs)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+
+
+def make_engine(url: str, pool_size: int, *, role: str) -> Engine:
+    """An engine with proj's options and connection hooks (see :func:`prepare_engine`)."""
+    url = resolve_url(url)
+    make_sqlite_folder(url)
+    return prepare_engine(create_engine(url, **engine_options(url, pool_size)), role=role)
+
+
+def engine_options(url: str, pool_size: int) -> dict[str, Any]:
+    """``create_engine`` keyword arguments proj uses for ``url``."""
+    options: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        if ":memory:" not in url and url.rstrip("/") != "sqlite:":
+            options.update(pool_size=pool_size, connect_args={"timeout": 30})
+    else:
+        options.update(pool_size=pool_size, max_overflow=pool_size)
+        if url.startswith("postgresql"):
+            # A server that drops packets must not hang a request or a task
+            # for the operating system's TCP timeout.
+            options["connect_args"] = {"connect_timeout": 5}
+    return options
+
+
+def prepare_engine(engine: Engine, *, role: str) -> Engine:
+    """Attach proj's connection hooks to ``engine`` before it connects.
+
+    - a connection is tagged with the process that opened it and is never used
+      by another (a forked child opens its own instead of touching the parent's);
+    - a connection that rested in the pool for more than :data:`PING_AFTER_IDLE`
+      is pinged before use, and replaced if the server dropped it. SQLAlchemy's
+      ``pool_pre_ping`` pings on every checkout, a round trip per task; a
+      connection back in use within a second does not need one, and a
+      disconnect met in use invalidates the whole pool anyway;
+    - on PostgreSQL, ``application_name`` is ``proj-<role>:<pid>``, so
+      ``pg_stat_activity`` shows which process holds which connection;
+    - on SQLite, write-ahead logging lets the web, worker and beat share a file.
+    """
+
+    @event.listens_for(engine, "connect")
+    def on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        record.info["pid"] = os.getpid()
+        record.info["resting_since"] = time.monotonic()
+        if engine.dialect.name == "sqlite":
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+    @event.listens_for(engine, "checkout")
+    def on_checkout(
+        dbapi_connection: Any,
+        record: ConnectionPoolEntry,
+        proxy: PoolProxiedConnection,
+    ) -> None:
+        if record.info.get("pid") != os.getpid():
+            # Forget the inherited connection without closing it: closing
+            # would end the parent's session on the shared socket.
+            record.dbapi_connection = None  # type: ignore[misc]
+            raise exc.DisconnectionError("connection opened in another process; opening a new one")
+        rested = time.monotonic() - record.info["resting_since"]
+        if rested > PING_AFTER_IDLE and not _answers(engine, dbapi_connection):
+            raise exc.DisconnectionError("the server dropped this connection; opening a new one")
+
+    @event.listens_for(engine, "checkin")
+    def on_checkin(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        record.info["resting_since"] = time.monotonic()
+
+    if engine.dialect.name == "postgresql":
+
+        @event.listens_for(engine, "do_connect")
+        def on_do_connect(dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> None:
+            cparams.setdefault("application_name", f"proj-{role}:{os.getpid()}")
+
+    return engine
+
+
+def _answers(engine: Engine, dbapi_connection: Any) -> bool:
+    """Whether the server still answers on ``dbapi_connection``."""
+    try:
+        return bool(engine.dialect.do_ping(dbapi_connection))
+    except engine.dialect.loaded_dbapi.Error as error:
+        if engine.dialect.is_disconnect(error, dbapi_connection, None):
+            return False
+        raise
+
+
+@contextmanager
+def autocommit(engine: Engine) -> Iterator[Connection]:
+    """A pooled connection on which each statement commits on its own: no
+    ``BEGIN`` and no ``COMMIT`` on the wire.
+
+    On psycopg2 the driver's ``autocommit`` switch is flipped and flipped back
+    before the connection returns to the pool. SQLAlchemy's
+    ``isolation_level="AUTOCOMMIT"`` option would restore the level on return
+    with psycopg2's ``set_isolation_level``, which costs a round trip.
+    """
+    with engine.connect() as connection:
+        if engine.driver != "psycopg2":
+            yield connection.execution_options(isolation_level="AUTOCOMMIT")
+            return
+        driver = connection.connection.driver_connection
+        driver.autocommit = True  # type: ignore[union-attr]
+        try:
+            yield connection
+        finally:
+            connection.rollback()  # nothing on the wire: there is no transaction
+            if not driver.closed:  # type: ignore[union-attr]
+                driver.autocommit = False  # type: ignore[union-attr]

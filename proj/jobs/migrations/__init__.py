@@ -1,0 +1,47 @@
+"""The job ledger's schema: an Alembic history of its own, with its own
+version table, so it never meets the application's ``alembic_version``.
+
+``upgrade(url)`` (``proj jobs upgrade``) migrates the ledger alone; an
+application's own Alembic environment can call :func:`upgrade_connection`
+from its ``env.py`` (see README).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, create_engine, pool
+
+from proj.jobs.engine import make_sqlite_folder, resolve_url
+
+VERSION_TABLE = "proj_jobs_alembic_version"
+"""Where the ledger's revision is kept (the application's stays in ``alembic_version``)."""
+
+
+def alembic_config(url: str | None = None, connection: Connection | None = None) -> Config:
+    """Alembic's configuration for the ledger's history, on ``url`` or ``connection``."""
+    config = Config()
+    config.set_main_option("script_location", str(Path(__file__).parent))
+    config.attributes["database_url"] = url
+    config.attributes["connection"] = connection
+    return config
+
+
+def upgrade(url: str) -> None:
+    """Migrate the ledger on ``url`` to its newest revision; doing it twice
+    changes nothing, and no other table is touched."""
+    url = resolve_url(url)
+    make_sqlite_folder(url)
+    engine = create_engine(url, poolclass=pool.NullPool)
+    try:
+        with engine.begin() as connection:
+            upgrade_connection(connection)
+    finally:
+        engine.dispose()
+
+
+def upgrade_connection(connection: Connection) -> None:
+    """Migrate the ledger on ``connection``, in its transaction."""
+    command.upgrade(alembic_config(connection=connection), "head")

@@ -1,0 +1,18 @@
+"""Alembic's entry point for the ledger's history (its own version table)."""
+
+from __future__ import annotations
+
+from alembic import context
+
+from proj.jobs.ledger import LedgerBase
+from proj.jobs.migrations import VERSION_TABLE
+
+connection = context.config.attributes["connection"]
+context.configure(
+    connection=connection,
+    target_metadata=LedgerBase.metadata,
+    version_table=VERSION_TABLE,
+    render_as_batch=connection.dialect.name == "sqlite",
+)
+with context.begin_transaction():
+    context.run_migrations()

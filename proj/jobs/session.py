@@ -1,0 +1,68 @@
+"""Sessions scoped by the running task.
+
+A :class:`~proj.jobs.Jobs` has one scoped session (``jobs.session``) that
+resolves, inside a task run, to that run's own session, and elsewhere to the
+thread's. Each run has a key of its own (not its task id: a message delivered
+twice runs twice at once), so concurrent runs on the threads pool, and a run
+called eagerly or directly from a request or another task, never share one.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+from sqlalchemy import Engine, orm
+
+_task_scope: ContextVar[str | None] = ContextVar("proj_task_scope", default=None)
+"""The key of the task run in progress in this context."""
+
+
+def current_scope() -> Hashable:
+    """The key a task-scoped session is scoped by: the running task, else the thread."""
+    return _task_scope.get() or ("thread", threading.get_ident())
+
+
+def in_task_run() -> bool:
+    """True while a task run is in progress in this context."""
+    return _task_scope.get() is not None
+
+
+@contextmanager
+def task_scope(key: str) -> Iterator[None]:
+    """Make task-scoped sessions resolve to the session of the run named ``key``."""
+    token = _task_scope.set(key)
+    try:
+        yield
+    finally:
+        _task_scope.reset(token)
+
+
+def scoped_sessions(engine: Callable[[], Engine]) -> orm.scoped_session[orm.Session]:
+    """A session registry scoped by :func:`current_scope`, its sessions bound
+    to ``engine()`` (called when a session is made, so after a fork it is the
+    child's engine)."""
+
+    class RunSessionmaker(orm.sessionmaker[orm.Session]):
+        def __call__(self, **local_kw: object) -> orm.Session:
+            local_kw.setdefault("bind", engine())
+            return super().__call__(**local_kw)
+
+    return orm.scoped_session(RunSessionmaker(), scopefunc=current_scope)
+
+
+@contextmanager
+def session_scope(engine: Engine) -> Iterator[orm.Session]:
+    """A session of its own on ``engine``: commits on success, rolls back on
+    error, closes."""
+    session = orm.Session(engine)
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()

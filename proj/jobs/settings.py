@@ -1,0 +1,112 @@
+"""proj.jobs's settings: defaults in one mapping, overridden from the environment.
+
+Read when a :class:`~proj.jobs.Jobs` is made (never at import), or built by
+hand with :meth:`JobsSettings.from_environ`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from proj.jobs.errors import ConfigurationError
+
+DEFAULTS: Mapping[str, str] = {
+    "DATABASE_URL": "",
+    "PROJ_WORKER_POOL_SIZE": "5",
+    "PROJ_OUTBOX_FAST_PATH": "1",
+    "PROJ_RELAY_IN_WORKER": "1",
+    "PROJ_RELAY_POLL_INTERVAL": "1",
+    "PROJ_RELAY_GRACE": "2",
+    "PROJ_RECONCILE_INTERVAL": "60",
+    "PROJ_STALE_AFTER": "300",
+    "PROJ_MAX_ATTEMPTS": "3",
+    "PROJ_RETENTION_DAYS": "30",
+}
+"""The default of every setting proj.jobs reads, by environment variable."""
+
+
+@dataclass(frozen=True)
+class JobsSettings:
+    """What proj.jobs runs with. Build it with :meth:`from_environ`."""
+
+    database_url: str
+    """Where the job ledger lives (the application's database)."""
+    worker_pool_size: int = 5
+    """Connections in each worker process's pool (the task sessions' engine)."""
+    outbox_fast_path: bool = True
+    """Publish a job as soon as its transaction commits (else the relay does)."""
+    relay_in_worker: bool = True
+    """Run the relay inside each worker (small deployments; else ``proj relay``)."""
+    relay_poll_interval: float = 1.0
+    relay_grace: float = 2.0
+    """Seconds the relay leaves a new row to the fast path."""
+    reconcile_interval: float = 60.0
+    """Seconds between reconciler runs (a beat entry ``Jobs`` adds)."""
+    stale_after: float = 300.0
+    """Seconds after which a published job that never started, or a running
+    job whose worker is gone, is sent again by the reconciler."""
+    max_attempts: int = 3
+    """Attempts a job gets when its task sets none (a worker that dies running
+    it counts as one)."""
+    retention_days: int = 30
+    """Days finished jobs are kept (:func:`proj.jobs.ledger.prune`)."""
+
+    @classmethod
+    def from_environ(
+        cls, environ: Mapping[str, str] | None = None, **overrides: Any
+    ) -> JobsSettings:
+        """Read the settings from ``environ`` (default: ``os.environ``); keyword
+        arguments win over both. Raises :class:`ConfigurationError` naming the
+        variable whose value is not valid."""
+        env = os.environ if environ is None else environ
+
+        def raw(name: str) -> str:
+            return env.get(name) or DEFAULTS[name]
+
+        def flag(name: str) -> bool:
+            value = raw(name).strip().lower()
+            if value not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
+                raise ConfigurationError(f"{name}={raw(name)!r} is not 1 or 0.")
+            return value in ("1", "true", "yes", "on")
+
+        settings = cls(
+            database_url=raw("DATABASE_URL"),
+            worker_pool_size=number("PROJ_WORKER_POOL_SIZE", raw("PROJ_WORKER_POOL_SIZE"), int),
+            outbox_fast_path=flag("PROJ_OUTBOX_FAST_PATH"),
+            relay_in_worker=flag("PROJ_RELAY_IN_WORKER"),
+            relay_poll_interval=number(
+                "PROJ_RELAY_POLL_INTERVAL", raw("PROJ_RELAY_POLL_INTERVAL"), float
+            ),
+            relay_grace=number("PROJ_RELAY_GRACE", raw("PROJ_RELAY_GRACE"), float),
+            reconcile_interval=number(
+                "PROJ_RECONCILE_INTERVAL", raw("PROJ_RECONCILE_INTERVAL"), float
+            ),
+            stale_after=number("PROJ_STALE_AFTER", raw("PROJ_STALE_AFTER"), float),
+            max_attempts=number("PROJ_MAX_ATTEMPTS", raw("PROJ_MAX_ATTEMPTS"), int),
+            retention_days=number("PROJ_RETENTION_DAYS", raw("PROJ_RETENTION_DAYS"), int),
+        )
+        settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+        if not settings.database_url:
+            raise ConfigurationError(
+                "proj.jobs needs a database: pass database_url= or set DATABASE_URL."
+            )
+        return settings
+
+    @property
+    def embedded(self) -> bool:
+        """True when the database is SQLite (the no-servers setup)."""
+        return self.database_url.startswith("sqlite")
+
+
+def number(name: str, value: str, kind: type[int] | type[float]) -> Any:
+    """``value`` as a non-negative ``kind``, or :class:`ConfigurationError` naming ``name``."""
+    try:
+        parsed = kind(value)
+    except ValueError:
+        raise ConfigurationError(f"{name}={value!r} is not a {kind.__name__}.") from None
+    if parsed < 0:
+        raise ConfigurationError(f"{name} must not be negative, got {parsed}.")
+    return parsed

@@ -1,0 +1,207 @@
+"""The worker's side of a job: one run in its unit of work, the ledger claim
+before it, and the recording of how it ended.
+
+A run gets a session of its own (the installation's ``session`` resolves to
+it). When the run returns, the session commits before Celery reports success;
+when it raises (retry, ignore and reject included) it rolls back; either way
+it is removed, so the connection is back in the pool before the next message.
+
+A job enqueued with ``delay_on_commit`` has a ledger row: its run first claims
+the row (a delivery of a job that already ran, was cancelled or is running
+elsewhere is acknowledged and skipped), and the move to ``succeeded`` commits
+with the task's own effects.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from billiard.einfo import ExceptionInfo
+from billiard.exceptions import WorkerLostError
+from celery.exceptions import Ignore, Reject, Retry
+from celery.worker.request import Request
+
+from proj.jobs import ledger, outbox
+from proj.jobs.clock import utcnow
+from proj.jobs.registry import jobs_of
+from proj.jobs.retry import TRANSIENT_ERRORS, backoff, retry_policy_of
+from proj.jobs.session import in_task_run, task_scope
+
+if TYPE_CHECKING:
+    from proj.jobs.task import SqlAlchemyTask
+
+logger = logging.getLogger(__name__)
+
+_runs = itertools.count()
+SESSION_KEY = "proj_session_key"
+"""Where a traced run leaves its session's key on the request, for ``after_return``."""
+CLAIM_BACKOFF_CAP = 60.0
+"""Most seconds a delivery waits before trying again to claim its job."""
+CLAIM = "proj_claim"
+"""Where a run that claimed its ledger row keeps the :class:`~proj.jobs.ledger.Claim`."""
+
+
+def run(task: SqlAlchemyTask, body: Callable[[], Any]) -> Any:
+    """Run ``body`` (the task's own code) as one unit of work; see the module."""
+    jobs = jobs_of(task.app)
+    request = task.request
+    # A key of its own for every run, not the task id: a message delivered
+    # twice runs twice at once, and each run must have its own session.
+    key = f"{request.id}/{next(_runs)}"
+    traced = not request.called_directly
+    claims = traced and is_ledger_job(request) and not in_task_run()
+    if traced:
+        setattr(request, SESSION_KEY, key)  # for after_return
+    session = jobs.session
+    with task_scope(key), jobs.run_context():
+        try:
+            if claims:
+                _claim(task)
+            retval = body()
+            if claims:
+                ledger.succeed(session(), str(request.id), retval)
+            if session.registry.has():
+                _commit(task)
+            return retval
+        except BaseException as exc:
+            if session.registry.has():
+                session.rollback()
+            if isinstance(exc, Reject) and not getattr(exc, "requeue", False):
+                reason = getattr(exc, "reason", exc)
+                record_failure(task, f"rejected: {reason!r}", None, str(request.id), (), {})
+            raise
+        finally:
+            session.remove()
+
+
+def is_ledger_job(request: Any) -> bool:
+    """Whether the message being run is a ledger job's (its header says so;
+    a run applied in-process carries the header under ``headers``)."""
+    return bool(
+        request.get(outbox.JOB_HEADER) or (request.get("headers") or {}).get(outbox.JOB_HEADER)
+    )
+
+
+def _claim(task: SqlAlchemyTask) -> None:
+    jobs, request = jobs_of(task.app), task.request
+    worker = f"{request.hostname}:{os.getpid()}"
+    try:
+        claim = ledger.claim(jobs.engine, str(request.id), worker)
+    except Exception as exc:
+        if exc not in TRANSIENT_ERRORS:
+            raise
+        # The job is still waiting (nothing was claimed): deliver it again
+        # once the database answers.
+        raise task.retry(
+            exc=exc,
+            countdown=backoff(request.retries, base=1.0, cap=CLAIM_BACKOFF_CAP, jitter=False),
+            max_retries=None,
+        ) from exc
+    if not claim.claimed:
+        logger.info(
+            "%s[%s]: job is %s; skipping this delivery",
+            task.name,
+            request.id,
+            claim.state or "unknown to the ledger",
+        )
+        raise Ignore()
+    setattr(request, CLAIM, claim)
+
+
+def _commit(task: SqlAlchemyTask) -> None:
+    try:
+        jobs_of(task.app).session.commit()
+    except Exception as exc:
+        policy = retry_policy_of(task)
+        if policy is not None and policy.matches(exc):
+            policy.retry(task, exc)
+        raise
+
+
+def claim_of(task: SqlAlchemyTask) -> ledger.Claim | None:
+    """The claim of the run in progress, if it is a ledger job's."""
+    claim: ledger.Claim | None = task.request.get(CLAIM)
+    return claim
+
+
+def retry_job(
+    task: SqlAlchemyTask, claim: ledger.Claim, exc: Exception | None, options: Mapping[str, Any]
+) -> NoReturn:
+    """A ledger job's retry: the row moves to ``retrying`` before the next
+    attempt is published, and the ledger's attempts (which count lost workers
+    too) decide when it is the last."""
+    if claim.attempts >= claim.max_attempts:
+        raise exc or Retry("retry")  # the last attempt failed: on_failure records it
+    jobs = jobs_of(task.app)
+    when = options.get("eta") or utcnow() + timedelta(seconds=options.get("countdown") or 0)
+    job_id = str(task.request.id)
+    ledger.retrying(jobs.engine, job_id, repr(exc), when)
+    outbox.send_owed(jobs, [job_id])
+    raise Retry(exc=exc, when=when)
+
+
+def record_failure(
+    task: SqlAlchemyTask,
+    error: str,
+    traceback: str | None,
+    task_id: str,
+    args: Sequence[Any] | None,
+    kwargs: Mapping[str, Any] | None,
+) -> None:
+    """End the job's row ``failed`` (made if the job had none). Never raises."""
+    # Celery may call on_failure outside the run (the request is then
+    # empty): what it passes is what identifies the job.
+    claim = claim_of(task)
+    if claim is None and is_ledger_job(task.request):
+        # This delivery failed before it claimed the job (the claim itself
+        # failed): the job may be running elsewhere, or waiting, and is
+        # not this delivery's to fail. The reconciler sends a waiting one again.
+        logger.error(
+            "%s[%s]: delivery failed before claiming the job (%s); the job is left as it is",
+            task.name,
+            task_id,
+            error,
+        )
+        return
+    try:
+        ledger.record_failure(
+            jobs_of(task.app).engine,
+            job_id=task_id,
+            name=task.name,
+            error=error,
+            traceback=traceback,
+            args=list(args or ()),
+            kwargs=dict(kwargs or {}),
+            attempts=claim.attempts if claim else (task.request.retries or 0) + 1,
+        )
+    except Exception:
+        logger.exception("could not record the failure of %s[%s]", task.name, task_id)
+    logger.warning("%s[%s] failed: %s", task.name, task_id, error)
+
+
+class JobRequest(Request):
+    """The worker's request for a proj task: when a prefork child dies running
+    a ledger job, the row goes back to ``retrying`` (the message is requeued),
+    or ends ``failed`` once its attempts are used up (the message is dropped),
+    so a job that kills its worker every time stops instead of looping."""
+
+    def on_failure(
+        self, exc_info: ExceptionInfo, send_failed_event: bool = True, return_ok: bool = False
+    ) -> None:
+        exc = getattr(exc_info.exception, "exc", exc_info.exception)
+        lost = isinstance(exc, WorkerLostError) and self.request_dict.get(outbox.JOB_HEADER)
+        # The child that died, named as its claim named it (unknown if the
+        # worker never heard the child accept the task: then any run).
+        worker = f"{self.hostname}:{self.worker_pid}" if self.worker_pid else None
+        if lost:
+            engine = jobs_of(self.task.app).engine
+            if ledger.worker_lost(engine, self.id, repr(exc), worker) == ledger.State.FAILED:
+                logger.error("%s[%s]: worker lost on its last attempt; failed", self.name, self.id)
+                self.reject(requeue=False)
+                return
+        super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)

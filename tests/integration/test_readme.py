@@ -1,0 +1,69 @@
+"""README's adoption example, run as written: saved as ``shop.py`` and driven
+in a process of its own, on a new PostgreSQL database (its URL in the
+``postgresql://`` form platforms hand out) and a new RabbitMQ vhost."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import stacks
+
+ROOT = Path(__file__).resolve().parents[2]
+REQUIRED = bool(os.environ.get("CI") or os.environ.get("PROJ_REQUIRE_SERVICES"))
+
+DRIVER = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import shop
+from proj.jobs import migrations, testing
+
+migrations.upgrade(shop.jobs.database_url)
+with shop.flask_app.app_context():
+    shop.db.create_all()
+client = shop.flask_app.test_client()
+with testing.worker(shop.celery_app, pool="threads", concurrency=2):
+    answer = client.post("/orders").get_json()
+    testing.wait_for_state(answer["job"], "succeeded", celery_app=shop.celery_app)
+job = client.get(f"/api/jobs/{answer['job']}").get_json()
+with shop.flask_app.app_context():
+    status = shop.db.session.get(shop.Order, answer["order"]).status
+    shop.db.engine.dispose()
+print(json.dumps({"status": status, "state": job["state"], "result": job["result"]}))
+"""
+
+
+def adoption_example() -> str:
+    """The first Python block of README's "Adopting proj.jobs in your app"."""
+    section = (ROOT / "README.md").read_text().split("## Adopting proj.jobs in your app", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_adoption_example_runs_as_written(tmp_path: Path) -> None:
+    problem = stacks.missing_services("pg-rabbit")
+    if problem:
+        if REQUIRED:
+            pytest.fail(problem)
+        pytest.skip(problem)
+    (tmp_path / "shop.py").write_text(adoption_example())
+    with stacks.postgres_database() as url, stacks.rabbitmq_vhost() as broker:
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("PROJ_", "CELERY_"))},
+            "DATABASE_URL": url.replace("postgresql+psycopg2://", "postgresql://"),
+            "CELERY_BROKER_URL": broker,
+        }
+        done = subprocess.run(
+            [sys.executable, "-c", DRIVER, str(tmp_path)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found == {"status": "paid", "state": "succeeded", "result": "paid"}
