@@ -16,15 +16,7 @@ from sqlalchemy import Engine, MetaData, orm
 from werkzeug.local import LocalProxy
 
 import proj.celery  # noqa: F401  (proj's Celery app, the default one, has proj.jobs)
-from proj.jobs import Jobs
-
-NAMING_CONVENTION = {
-    "ix": "ix_%(column_0_label)s",
-    "uq": "uq_%(table_name)s_%(column_0_name)s",
-    "ck": "ck_%(table_name)s_%(constraint_name)s",
-    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-    "pk": "pk_%(table_name)s",
-}
+from proj.jobs import NAMING_CONVENTION, Jobs
 
 
 class Base(orm.DeclarativeBase):

@@ -18,12 +18,13 @@ from proj.jobs.clock import UtcDateTime, utcnow
 from proj.jobs.engine import engine_options
 from proj.jobs.errors import ConfigurationError, NotInstalledError, ProjError, TaskArgumentError
 from proj.jobs.extension import Jobs
-from proj.jobs.ledger import Job, State
+from proj.jobs.ledger import NAMING_CONVENTION, Job, State
 from proj.jobs.retry import TRANSIENT_ERRORS, retry_on
 from proj.jobs.settings import JobsSettings
 from proj.jobs.task import SqlAlchemyTask, shared_task
 
 __all__ = [
+    "NAMING_CONVENTION",
     "TRANSIENT_ERRORS",
     "ConfigurationError",
     "Job",

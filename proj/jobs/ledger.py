@@ -91,6 +91,7 @@ def jsonable(value: Any) -> Any:
 
 
 NAMING_CONVENTION = {
+    # Constraint and index names Alembic can find again on every database.
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
     "ck": "ck_%(table_name)s_%(constraint_name)s",

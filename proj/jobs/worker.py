@@ -18,7 +18,6 @@ import itertools
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from billiard.einfo import ExceptionInfo
@@ -27,7 +26,7 @@ from celery.exceptions import Ignore, Reject, Retry
 from celery.worker.request import Request
 
 from proj.jobs import ledger, outbox
-from proj.jobs.clock import utcnow
+from proj.jobs.clock import due_at, utcnow
 from proj.jobs.registry import jobs_of
 from proj.jobs.retry import TRANSIENT_ERRORS, backoff, retry_policy_of
 from proj.jobs.session import in_task_run, task_scope
@@ -138,7 +137,7 @@ def retry_job(
     if claim.attempts >= claim.max_attempts:
         raise exc or Retry("retry")  # the last attempt failed: on_failure records it
     jobs = jobs_of(task.app)
-    when = options.get("eta") or utcnow() + timedelta(seconds=options.get("countdown") or 0)
+    when = due_at(options) or utcnow()
     job_id = str(task.request.id)
     ledger.retrying(jobs.engine, job_id, repr(exc), when)
     outbox.send_owed(jobs, [job_id])

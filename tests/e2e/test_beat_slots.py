@@ -1,5 +1,5 @@
 """Two ``celery -A proj beat`` processes running by mistake, with a real worker:
-each period's run of a periodic task still happens once (``proj.beat``'s
+each period's run of a periodic task still happens once (``proj.jobs.scheduler``'s
 ``SlotScheduler`` gives it a job id derived from its slot)."""
 
 from __future__ import annotations

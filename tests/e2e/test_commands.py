@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 import psycopg2
 import pytest
+import stacks
 import yaml
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, inspect, text
@@ -95,6 +96,48 @@ def test_db_upgrade_twice_on_a_fresh_database(stack: Stack, tmp_path: Path) -> N
             with admin.cursor() as cursor:
                 cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             admin.close()
+
+
+def test_jobs_upgrade_touches_only_the_ledger(tmp_path: Path) -> None:
+    """``proj jobs upgrade`` (what an adopter runs) on a database that has its
+    own tables and Alembic history, given as ``postgresql://``: the ledger's
+    table and version table appear; the adopter's tables, ``alembic_version``
+    and its row are left as they were; running it again changes nothing."""
+    problem = stacks.missing_services("pg-rabbit")
+    if problem and "PostgreSQL" in problem:
+        pytest.skip(problem)
+    with stacks.postgres_database() as url:
+        engine = create_engine(url)
+        with engine.begin() as connection:
+            connection.execute(text("CREATE TABLE alembic_version (version_num varchar(32))"))
+            connection.execute(text("INSERT INTO alembic_version VALUES ('adopter_0042')"))
+            connection.execute(text("CREATE TABLE orders (id integer PRIMARY KEY)"))
+        env = {**clean_env(), "DATABASE_URL": url.replace("postgresql+psycopg2:", "postgresql:")}
+        try:
+            for _ in range(2):
+                done = subprocess.run(
+                    [str(BIN / "proj"), "jobs", "upgrade"],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                )
+                assert done.returncode == 0, done.stdout + done.stderr
+                assert "job ledger" in done.stdout and "is up to date" in done.stdout
+                assert set(inspect(engine).get_table_names()) == {
+                    "alembic_version",
+                    "orders",
+                    "jobs",
+                    "proj_jobs_alembic_version",
+                }
+                with engine.connect() as connection:
+                    adopter = connection.execute(text("SELECT version_num FROM alembic_version"))
+                    assert adopter.scalars().all() == ["adopter_0042"]
+                    ledger = text("SELECT version_num FROM proj_jobs_alembic_version")
+                    assert connection.execute(ledger).scalars().all() == ["jobs_0001"]
+                engine.dispose()
+        finally:
+            engine.dispose()
 
 
 def http(method: str, url: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:

@@ -168,10 +168,12 @@ def pay_deliveries(shop: Shop) -> Iterator[list[str]]:
 
 
 def test_a_committed_view_s_job_runs(shop: Shop) -> None:
-    """``POST /orders`` commits the order and its payment's job: a worker
-    runs it once, the order is paid, and the job API says ``succeeded``."""
+    """``POST /orders`` commits the order and its payment's job, whose message
+    goes out with the commit: a worker runs it once, the order is paid, and
+    the job API says ``succeeded``."""
     with shop.worker():
         order_id, job_id = shop.order()
+        assert shop.job(job_id).published_at is not None  # by the commit, not the relay
         done = shop.wait_until_succeeded(job_id)
         answer = shop.client.get(f"/api/jobs/{job_id}")
 

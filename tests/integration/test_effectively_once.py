@@ -34,6 +34,7 @@ from proj.jobs.relay import make_relay
 from proj.jobs.retry import retry_on
 from proj.jobs.scheduler import SlotScheduler, slot_job_id
 from proj.models import Invoice, User
+from proj.tasks import send_welcome
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -352,3 +353,24 @@ def test_two_beats_send_one_run_per_slot(celery_app: Celery, tmp_path: Path) -> 
         assert session.scalar(select(func.count(Job.id)).where(Job.name == task)) == 1
     assert job(job_id).published_at is not None
     assert queue_size(celery_app, queue) == 1
+
+
+def test_beat_and_delay_on_commit_give_a_job_the_same_attempts(
+    celery_app: Celery, tmp_path: Path
+) -> None:
+    """One rule for ``max_attempts``: a task's ``retry_on`` retries + 1 (8 + 1
+    for ``send_welcome``) whether beat sends it or ``delay_on_commit`` does
+    (beat used ``PROJ_MAX_ATTEMPTS``, 3)."""
+    beat = SlotScheduler(app=celery_app, schedule_filename=str(tmp_path / "beat"), lazy=True)
+    entry = ScheduleEntry(
+        name="welcome",
+        task="proj.tasks.send_welcome",
+        args=[0],
+        schedule=timedelta(days=3650),
+        options={"queue": f"tests.once.{uuid.uuid4().hex}"},
+        app=celery_app,
+    )
+    sent = beat.apply_async(entry, advance=False)
+    assert sent is not None
+    by_hand = send_welcome.apply_async_on_commit((0,), queue=entry.options["queue"])
+    assert job(sent.id).max_attempts == job(by_hand).max_attempts == 9
