@@ -47,7 +47,7 @@ from bench import stats, workload
 from proj.celery import make_celery
 from proj.config import load_settings
 from proj.jobs import Jobs
-from proj.jobs.ledger import Job, State
+from proj.jobs.models import Job, State
 from proj.jobs.relay import make_relay
 from proj.migrations import upgrade
 from tests import stacks

@@ -16,9 +16,15 @@ from __future__ import annotations
 
 from proj.jobs.clock import UtcDateTime, utcnow
 from proj.jobs.engine import engine_options
-from proj.jobs.errors import ConfigurationError, NotInstalledError, ProjError, TaskArgumentError
+from proj.jobs.errors import (
+    ConfigurationError,
+    JobCancelled,
+    NotInstalledError,
+    ProjError,
+    TaskArgumentError,
+)
 from proj.jobs.extension import Jobs
-from proj.jobs.ledger import NAMING_CONVENTION, Job, State
+from proj.jobs.models import NAMING_CONVENTION, Job, State
 from proj.jobs.retry import TRANSIENT_ERRORS, retry_on
 from proj.jobs.settings import JobsSettings
 from proj.jobs.task import SqlAlchemyTask, shared_task
@@ -28,6 +34,7 @@ __all__ = [
     "TRANSIENT_ERRORS",
     "ConfigurationError",
     "Job",
+    "JobCancelled",
     "Jobs",
     "JobsSettings",
     "NotInstalledError",

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from proj.jobs import ledger, outbox
 from proj.jobs.deadletter import UNRUNNABLE
 from proj.jobs.extension import EXTENSION_KEY, Jobs
-from proj.jobs.ledger import Job, State
+from proj.jobs.models import Job, State
 
 blueprint = Blueprint("jobs", __name__)
 
@@ -65,7 +65,10 @@ def job_or_404(job_id: str) -> Job:
 
 @blueprint.get("/<job_id>")
 def get_job(job_id: str) -> Response:
-    return jsonify(job_or_404(job_id).to_json())
+    """The job, with ``errors``: each attempt that ended in an error, oldest first."""
+    job = job_or_404(job_id)
+    errors = [attempt.to_json() for attempt in ledger.attempts_of(_session(), job_id)]
+    return jsonify({**job.to_json(), "errors": errors})
 
 
 @blueprint.get("")
@@ -128,15 +131,28 @@ def retry_job(job_id: str) -> tuple[Response, int]:
 
 
 @blueprint.post("/<job_id>/cancel")
-def cancel_job(job_id: str) -> Response:
-    """Cancel a job that has not started; it will never run."""
+def cancel_job(job_id: str) -> tuple[Response, int]:
+    """Cancel a job: a waiting one at once (it will never run: 200); a running
+    one is asked to stop (202), which it sees at its next check
+    (``check_cancelled()``, or its next progress report): then it ends
+    ``cancelled``; a job that never checks finishes as it would have."""
     job = job_or_404(job_id)
     session = _session()
-    if not ledger.cancel(session, job_id):
+    was = ledger.cancel(session, job_id)
+    if was is None:
         session.rollback()
         raise JobApiError(
-            409, "conflict", f"job {job_id} is {job.state}; only a waiting job is cancelled"
+            409,
+            "conflict",
+            f"job {job_id} is {job.state}; only a waiting or running job is cancelled",
         )
     session.commit()
     session.expire(job)
-    return jsonify(job_or_404(job_id).to_json())
+    answer = job_or_404(job_id).to_json()
+    if was == State.RUNNING:
+        answer["message"] = (
+            "the job is running: it is asked to stop and ends cancelled at its next check; "
+            "a job that does not check finishes normally"
+        )
+        return jsonify(answer), 202
+    return jsonify(answer), 200

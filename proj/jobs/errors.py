@@ -5,7 +5,8 @@ Error tree::
     ProjError
     ├── ConfigurationError       a setting proj cannot run with
     ├── TaskArgumentError        a task argument that cannot cross the queue
-    └── NotInstalledError        a task or app that no ``Jobs`` was installed on
+    ├── NotInstalledError        a task or app that no ``Jobs`` was installed on
+    └── JobCancelled             raised in a running job someone asked to stop
 
 Each class's docstring is its default message.
 """
@@ -30,3 +31,7 @@ class TaskArgumentError(ProjError):
 
 class NotInstalledError(ProjError):
     """This Celery app has no proj.jobs: call Jobs(celery_app, database_url=...) first."""
+
+
+class JobCancelled(ProjError):
+    """Someone asked this job to stop; it ends ``cancelled`` and its session rolls back."""

@@ -13,49 +13,57 @@ committed on its own; the move to ``succeeded`` commits with the
 task's own effects. Rows are also the dead-letter store: every task that
 finally fails, and every message a worker cannot run, ends as a ``failed`` row.
 
+Each attempt that ends in an error (retried, failed, its worker lost) leaves
+a ``job_attempts`` row with its error, traceback, worker and times.
+
 This module is the only one that changes a job's ``state``, each change a
 named function: :func:`enqueue`, :func:`claim`, :func:`succeed`,
-:func:`retrying`, :func:`worker_lost`, :func:`record_failure`, :func:`cancel`,
+:func:`retrying`, :func:`worker_lost`, :func:`record_failure`,
+:func:`refused`, :func:`cancel`, :func:`cancelled_while_running`,
 :func:`requeue`, :func:`resend`, :func:`abandon` and :func:`prune`.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from enum import StrEnum
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 from sqlalchemy import (
-    JSON,
     Connection,
     Engine,
-    Float,
-    Index,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    Text,
     bindparam,
     case,
     delete,
     insert,
+    literal,
     select,
     text,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Row
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
-from sqlalchemy.sql.elements import BindParameter
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
 from proj.jobs.clock import UtcDateTime, utcnow
 from proj.jobs.engine import autocommit
+from proj.jobs.models import (
+    ATTEMPTS,
+    CLAIMABLE,
+    FINISHED,
+    JOBS,
+    UNIQUE_WHILE,
+    Job,
+    JobAttempt,
+    State,
+    clip,
+    jsonable,
+)
 from proj.jobs.retry import TRANSIENT_ERRORS, backoff
 from proj.jobs.session import session_scope
 
@@ -63,109 +71,11 @@ logger = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-
-class State(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    RETRYING = "retrying"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-CLAIMABLE = (State.QUEUED, State.RETRYING)
-FINISHED = (State.SUCCEEDED, State.FAILED, State.CANCELLED)
 PATIENCE = 60.0
 """Seconds a ledger write keeps trying while the database is unreachable."""
-TEXT_LIMIT = 20_000
-"""Characters of an error, traceback or undecodable body kept in a row."""
-
-
-def _clip(value: str | None) -> str | None:
-    return value if value is None or len(value) <= TEXT_LIMIT else value[:TEXT_LIMIT] + "…"
-
-
-def jsonable(value: Any) -> Any:
-    """``value`` as plain JSON (anything else as its repr)."""
-    return json.loads(json.dumps(value, default=repr))
-
-
-NAMING_CONVENTION = {
-    # Constraint and index names Alembic can find again on every database.
-    "ix": "ix_%(column_0_label)s",
-    "uq": "uq_%(table_name)s_%(column_0_name)s",
-    "ck": "ck_%(table_name)s_%(constraint_name)s",
-    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-    "pk": "pk_%(table_name)s",
-}
-
-
-class LedgerBase(DeclarativeBase):
-    """The ledger's own declarative base: its table is not in the application's
-    metadata (the application's migrations never see it)."""
-
-    metadata = MetaData(naming_convention=NAMING_CONVENTION)
-
-
-class Job(LedgerBase):
-    """A job: what to run, where it stands, and how it ended."""
-
-    __tablename__ = "jobs"
-    __table_args__ = (
-        Index("ix_jobs_state_created_at", "state", "created_at"),
-        # Only rows the relay still has to publish; stays small.
-        Index(
-            "ix_jobs_unpublished",
-            "created_at",
-            postgresql_where=text("published_at IS NULL"),
-            sqlite_where=text("published_at IS NULL"),
-        ),
-    )
-
-    id: Mapped[str] = mapped_column(String(255), primary_key=True)
-    """The Celery task id."""
-    name: Mapped[str] = mapped_column(String(255))
-    args: Mapped[Any] = mapped_column(JSON, default=list)
-    kwargs: Mapped[Any] = mapped_column(JSON, default=dict)
-    options: Mapped[Any] = mapped_column(JSON, default=dict)
-    """Publishing options to send the message with again (queue, eta, priority…)."""
-    state: Mapped[str] = mapped_column(String(16), default=State.QUEUED)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    max_attempts: Mapped[int] = mapped_column(Integer, default=1)
-    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
-    available_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
-    """When the job may start (its ETA)."""
-    published_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
-    """When the broker confirmed the message; None while the relay owes it."""
-    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
-    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
-    worker: Mapped[str | None] = mapped_column(String(255))
-    """``hostname:pid`` of the process running it."""
-    progress: Mapped[float | None] = mapped_column(Float)
-    result: Mapped[Any | None] = mapped_column(JSON)
-    error: Mapped[str | None] = mapped_column(Text)
-    traceback: Mapped[str | None] = mapped_column(Text)
-
-    def to_json(self) -> dict[str, Any]:
-        def iso(moment: datetime | None) -> str | None:
-            return moment.isoformat() if moment else None
-
-        return {
-            "id": self.id,
-            "name": self.name,
-            "state": self.state,
-            "attempts": self.attempts,
-            "max_attempts": self.max_attempts,
-            "progress": self.progress,
-            "result": self.result,
-            "error": self.error,
-            "created_at": iso(self.created_at),
-            "started_at": iso(self.started_at),
-            "finished_at": iso(self.finished_at),
-        }
-
-
-JOBS = cast(Table, Job.__table__)
+UNIQUE_TRIES = 3
+"""Times :func:`enqueue` tries again when the job holding a unique key ends
+between its insert and its look-up."""
 
 
 @dataclass(frozen=True)
@@ -257,25 +167,61 @@ def succeed(session: Session, job_id: str, result: Any) -> None:
     )
 
 
-def enqueue(session: Session, row: Mapping[str, Any]) -> None:
+def enqueue(session: Session, row: Mapping[str, Any], unique_key: str | None = None) -> str:
     """Write a new ``queued`` job's row at once on ``session``'s connection, in
-    its transaction (the ORM's unit of work would cost more than the INSERT)."""
-    session.connection(bind_arguments={"mapper": Job}).execute(
-        _INSERT_JOB, {**row, "state": str(State.QUEUED), "attempts": 0}
-    )
+    its transaction (the ORM's unit of work would cost more than the INSERT).
+
+    With ``unique_key``, while a job of the same task with that key waits or
+    runs, nothing is written and that job's id is returned; this never raises
+    into the caller's transaction. Returns the id of the job that stands.
+    """
+    connection = session.connection(bind_arguments={"mapper": Job})
+    values = {**row, "state": str(State.QUEUED), "attempts": 0, "unique_key": unique_key}
+    if unique_key is None:
+        connection.execute(_INSERT_JOB, values)
+        return str(row["id"])
+    for _ in range(UNIQUE_TRIES):
+        if connection.execute(_insert_unless_held(connection), values).rowcount:
+            return str(row["id"])
+        holder = connection.scalar(
+            select(Job.id).where(
+                Job.name == row["name"], Job.unique_key == unique_key, Job.state.in_(_HOLDING)
+            )
+        )
+        if holder is not None:
+            return str(holder)
+    raise RuntimeError(f"the unique key {unique_key!r} of {row['name']} kept changing hands")
 
 
 _INSERT_JOB = insert(JOBS)
+_HOLDING = (State.QUEUED, State.RETRYING, State.RUNNING)
 
 
-def set_progress(engine: Engine, job_id: str, progress: float) -> None:
-    """Record progress (0 to 100) in a transaction of its own, visible at once."""
+def _insert_unless_held(connection: Connection) -> Any:
+    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+    return dialect.insert(JOBS).on_conflict_do_nothing(
+        index_elements=["name", "unique_key"], index_where=text(UNIQUE_WHILE)
+    )
+
+
+def set_progress(engine: Engine, job_id: str, progress: float) -> bool:
+    """Record progress (0 to 100) in a transaction of its own, visible at once.
+    Returns whether someone asked the job to stop."""
     with session_scope(engine) as session:
-        session.execute(
+        asked = session.execute(
             update(Job)
             .where(Job.id == job_id, Job.state == State.RUNNING)
             .values(progress=progress)
-        )
+            .returning(Job.cancel_requested_at)
+        ).scalar()
+    return asked is not None
+
+
+def cancel_requested(engine: Engine, job_id: str) -> bool:
+    """Whether someone asked the running job to stop."""
+    with engine.connect() as connection:
+        asked = connection.scalar(select(Job.cancel_requested_at).where(Job.id == job_id))
+    return asked is not None
 
 
 def patient(write: F) -> F:
@@ -302,21 +248,70 @@ def patient(write: F) -> F:
     return patiently  # type: ignore[return-value]
 
 
+ATTEMPT_FIELDS = ("job_id", "attempt", "outcome", "error", "traceback", "worker", "started_at")
+
+
+def _keep_attempt(
+    session: Session,
+    outcome: Any,
+    error: str,
+    traceback: str | None,
+    *where: ColumnElement[bool],
+) -> None:
+    """Add the ``job_attempts`` row of the attempt in progress of each job
+    matching ``where``, before its row moves on (same transaction)."""
+    now = utcnow()
+    session.execute(
+        insert(ATTEMPTS).from_select(
+            [
+                "job_id",
+                "attempt",
+                "outcome",
+                "error",
+                "traceback",
+                "worker",
+                "started_at",
+                "finished_at",
+            ],
+            select(
+                Job.id,
+                Job.attempts,
+                outcome,
+                literal(clip(error)),
+                literal(clip(traceback)),
+                Job.worker,
+                Job.started_at,
+                literal(now, UtcDateTime),
+            ).where(*where),
+        )
+    )
+
+
 @patient
-def retrying(engine: Engine, job_id: str, error: str, available_at: datetime) -> None:
+def retrying(
+    engine: Engine, job_id: str, error: str, traceback: str | None, available_at: datetime
+) -> None:
     """Mark a running job to run again from ``available_at``; the caller publishes."""
+    running = (Job.id == job_id, Job.state == State.RUNNING)
     with session_scope(engine) as session:
+        _keep_attempt(session, literal(str(State.RETRYING)), error, traceback, *running)
         session.execute(
             update(Job)
-            .where(Job.id == job_id, Job.state == State.RUNNING)
+            .where(*running)
             .values(
                 state=State.RETRYING,
-                error=_clip(error),
+                error=clip(error),
+                traceback=clip(traceback),
                 available_at=available_at,
                 published_at=None,
                 worker=None,
             )
         )
+
+
+def _again_or_failed() -> Any:
+    """``retrying``, or ``failed`` for a job whose attempts are used up."""
+    return case((Job.attempts >= Job.max_attempts, str(State.FAILED)), else_=str(State.RETRYING))
 
 
 @patient
@@ -328,14 +323,17 @@ def worker_lost(engine: Engine, job_id: str, error: str, worker: str | None = No
     progress alone. Returns the new state, or None if nothing changed."""
     final = Job.attempts >= Job.max_attempts
     owner = () if worker is None else (Job.worker == worker,)
+    running = (Job.id == job_id, Job.state == State.RUNNING, *owner)
+    error = f"the worker running it was lost: {error}"
     with session_scope(engine) as session:
+        _keep_attempt(session, _again_or_failed(), error, None, *running)
         state = session.scalar(
             update(Job)
-            .where(Job.id == job_id, Job.state == State.RUNNING, *owner)
+            .where(*running)
             .values(
-                state=case((final, State.FAILED), else_=State.RETRYING),
+                state=_again_or_failed(),
                 finished_at=case((final, utcnow()), else_=None),
-                error=_clip(f"the worker running it was lost: {error}"),
+                error=clip(error),
                 worker=None,
             )
             .returning(Job.state)
@@ -360,15 +358,15 @@ def record_failure(
     with plain ``delay()``, or a message that could not be run)."""
     values = {
         "state": State.FAILED,
-        "error": _clip(error),
-        "traceback": _clip(traceback),
+        "error": clip(error),
+        "traceback": clip(traceback),
         "finished_at": utcnow(),
         "worker": None,
     }
+    unfinished = (Job.id == job_id, Job.state.not_in(FINISHED))
     with session_scope(engine) as session:
-        done = session.execute(
-            update(Job).where(Job.id == job_id, Job.state.not_in(FINISHED)).values(**values)
-        )
+        _keep_attempt(session, literal(str(State.FAILED)), error, traceback, *unfinished)
+        done = session.execute(update(Job).where(*unfinished).values(**values))
         if getattr(done, "rowcount", 0) == 0 and session.get(Job, job_id) is None:
             session.add(
                 Job(
@@ -383,6 +381,31 @@ def record_failure(
                     **values,
                 )
             )
+            session.add(
+                JobAttempt(
+                    job_id=job_id,
+                    attempt=attempts,
+                    outcome=State.FAILED,
+                    error=clip(error),
+                    traceback=clip(traceback),
+                )
+            )
+
+
+def refused(connection: Connection, reasons: Mapping[str, str]) -> None:
+    """The broker refused these waiting jobs' messages (or they could not be
+    encoded): they end ``failed`` with the reason, in ``connection``'s
+    transaction, and never hold up the jobs behind them."""
+    for job_id, reason in reasons.items():
+        connection.execute(
+            update(JOBS)
+            .where(JOBS.c.id == job_id, JOBS.c.state.in_(CLAIMABLE))
+            .values(
+                state=str(State.FAILED),
+                error=clip(f"not published: {reason}"),
+                finished_at=utcnow(),
+            )
+        )
 
 
 def requeue(session: Session, job_id: str) -> bool:
@@ -398,22 +421,46 @@ def requeue(session: Session, job_id: str) -> bool:
             published_at=None,
             finished_at=None,
             worker=None,
+            cancel_requested_at=None,
         )
         .execution_options(synchronize_session=False)
     )
     return getattr(done, "rowcount", 0) == 1
 
 
-def cancel(session: Session, job_id: str) -> bool:
-    """Cancel a job that has not started, in ``session``'s transaction: it will
-    never run. False if it is not waiting."""
-    done = session.execute(
+def cancel(session: Session, job_id: str) -> State | None:
+    """Cancel a job, in ``session``'s transaction: a waiting one is ``cancelled``
+    at once (it will never run); a running one is asked to stop (it sees the
+    request at its next check). Returns the state it was in, or None if it has
+    finished (nothing changed)."""
+    state = session.scalar(
         update(Job)
         .where(Job.id == job_id, Job.state.in_(CLAIMABLE))
         .values(state=State.CANCELLED, finished_at=utcnow())
+        .returning(literal(str(State.QUEUED)))
         .execution_options(synchronize_session=False)
     )
-    return getattr(done, "rowcount", 0) == 1
+    if state is not None:
+        return State.QUEUED
+    asked = session.scalar(
+        update(Job)
+        .where(Job.id == job_id, Job.state == State.RUNNING)
+        .values(cancel_requested_at=utcnow())
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    )
+    return State.RUNNING if asked is not None else None
+
+
+@patient
+def cancelled_while_running(engine: Engine, job_id: str) -> None:
+    """The running job stopped because it was asked to: ``cancelled``."""
+    with session_scope(engine) as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == State.RUNNING)
+            .values(state=State.CANCELLED, finished_at=utcnow(), worker=None, progress=None)
+        )
 
 
 def resend(session: Session, job_ids: Sequence[str], published_before: datetime) -> None:
@@ -431,22 +478,34 @@ def resend(session: Session, job_ids: Sequence[str], published_before: datetime)
 
 
 def abandon(session: Session, job_ids: Sequence[str]) -> None:
-    """These running jobs' workers are gone: back to ``retrying``, owed to the broker."""
+    """These running jobs' workers are gone: back to ``retrying``, owed to the
+    broker, or ``failed`` for those whose attempts are used up."""
+    running = (Job.id.in_(job_ids), Job.state == State.RUNNING)
+    error = "the worker running it stopped answering"
+    _keep_attempt(session, _again_or_failed(), error, None, *running)
     session.execute(
         update(Job)
-        .where(Job.id.in_(job_ids), Job.state == State.RUNNING)
+        .where(*running)
         .values(
-            state=State.RETRYING,
+            state=_again_or_failed(),
+            finished_at=case((Job.attempts >= Job.max_attempts, utcnow()), else_=None),
             published_at=None,
             worker=None,
-            error="the worker running it stopped answering",
+            error=error,
         )
     )
 
 
+def attempts_of(session: Session, job_id: str) -> list[JobAttempt]:
+    """The job's attempts that ended in an error, oldest first."""
+    query = select(JobAttempt).where(JobAttempt.job_id == job_id).order_by(JobAttempt.id)
+    return list(session.scalars(query))
+
+
 def prune(session: Session, finished_before: datetime) -> int:
-    """Delete the jobs that finished before ``finished_before``; how many."""
-    result = session.execute(
-        delete(Job).where(Job.state.in_(FINISHED), Job.finished_at < finished_before)
-    )
+    """Delete the jobs that finished before ``finished_before``, and their
+    attempts; how many jobs."""
+    old = select(Job.id).where(Job.state.in_(FINISHED), Job.finished_at < finished_before)
+    session.execute(delete(JobAttempt).where(JobAttempt.job_id.in_(old)))
+    result = session.execute(delete(Job).where(Job.id.in_(old)))
     return int(getattr(result, "rowcount", 0) or 0)

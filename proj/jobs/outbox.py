@@ -14,20 +14,22 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager as ContextManager
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
-import kombu.exceptions
 from amqp import spec
 from celery import Celery
 from kombu import Producer
+from kombu.utils.json import dumps
 from sqlalchemy import Connection, event, orm, select
 
 from proj.jobs import ledger
 from proj.jobs.clock import due_at, parse_eta, utcnow
-from proj.jobs.ledger import CLAIMABLE, Job, jsonable, mark_published
+from proj.jobs.errors import TaskArgumentError
+from proj.jobs.ledger import mark_published
+from proj.jobs.models import CLAIMABLE, Job, jsonable
 from proj.jobs.registry import jobs_of
 from proj.jobs.session import in_task_run
 
@@ -48,6 +50,8 @@ each with the savepoint it was enqueued in."""
 MESSAGE_FIELDS = ("id", "name", "args", "kwargs", "options", "attempts")
 """The columns a job's message is made from."""
 KEPT_OPTIONS = ("queue", "routing_key", "priority", "expires")
+CANVAS_OPTIONS = frozenset({"link", "link_error", "chain", "chord", "group_id"})
+"""Options that would make other tasks run after a job: refused, never dropped."""
 """Publishing options a job's row keeps, to send its message with again."""
 
 
@@ -73,11 +77,29 @@ def enqueue(
     *,
     max_attempts: int,
     options: Mapping[str, Any],
+    unique: str | None = None,
 ) -> str:
     """Add the job's row to ``session``'s transaction; publish after it commits.
 
-    Returns the job id (the Celery task id).
+    With ``unique``, while a job of this task with that key waits or runs,
+    nothing is added and that job's id is returned. Returns the job id (the
+    Celery task id). Raises :class:`TaskArgumentError` for options a ledger job
+    cannot keep (callbacks, chains) and for arguments larger than
+    ``max_message_size``.
     """
+    canvas = sorted(CANVAS_OPTIONS & set(options))
+    if canvas:
+        raise TaskArgumentError(
+            f"{task_name}: {', '.join(canvas)} cannot go with delay_on_commit (a ledger "
+            "job's message is sent again as it was enqueued, without them); enqueue the "
+            "next step from the task itself with delay_on_commit."
+        )
+    size = len(dumps([list(args), dict(kwargs)]))
+    if jobs.settings.max_message_size and size > jobs.settings.max_message_size:
+        raise TaskArgumentError(
+            f"{task_name}: the arguments take {size} bytes, more than PROJ_MAX_MESSAGE_SIZE "
+            f"({jobs.settings.max_message_size}); pass ids and load the data in the task."
+        )
     job_id = str(options.get("task_id") or uuid.uuid4())
     now = utcnow()
     eta = due_at(options, now)
@@ -93,9 +115,10 @@ def enqueue(
         "max_attempts": max_attempts,
         "available_at": max(eta or now, now),
     }
-    ledger.enqueue(session, row)
-    _publish_on_commit(session, jobs, _message({**row, "attempts": 0}))
-    return job_id
+    standing = ledger.enqueue(session, row, unique_key=unique)
+    if standing == job_id:
+        _publish_on_commit(session, jobs, _message({**row, "attempts": 0}))
+    return standing
 
 
 def requeue(session: orm.Session, jobs: Jobs, job: Job) -> bool:
@@ -253,7 +276,9 @@ def publish_owed(
 ) -> int:
     """In ``connection``'s transaction: lock unpublished rows matching
     ``conditions`` (skipping rows another relay holds), publish their
-    messages, mark them published. Returns how many; commit is the caller's."""
+    messages, mark them published. A message the broker refuses, or that
+    cannot be sent at all, fails its job (with the reason) and holds up none
+    of the others. Returns how many were published; commit is the caller's."""
     if connection.dialect.name == "sqlite":
         connection.exec_driver_sql("BEGIN IMMEDIATE")  # one publisher at a time
     query = (
@@ -265,49 +290,80 @@ def publish_owed(
     if connection.dialect.name == "postgresql":
         query = query.with_for_update(skip_locked=True)
     rows = connection.execute(query).all()
-    if rows:
-        messages = [_row_message(row) for row in rows]
-        capture = jobs_of(celery_app).capture
-        if capture is not None:
-            capture(messages)
-        else:
-            with confirmed_batch(celery_app) as publish:
-                for message in messages:
-                    publish(message)
-        mark_published(connection, [row.id for row in rows])
-    return len(rows)
+    if not rows:
+        return 0
+    messages = [_row_message(row) for row in rows]
+    capture = jobs_of(celery_app).capture
+    if capture is not None:
+        capture(messages)
+        refused: dict[str, str] = {}
+    else:
+        refused = publish_batch(celery_app, messages)
+    if refused:
+        ledger.refused(connection, refused)
+        for message in messages:
+            if message["id"] in refused:
+                logger.error(
+                    "relay: job %s[%s] not published (%s); it is failed",
+                    message["name"],
+                    message["id"],
+                    refused[message["id"]],
+                )
+    published = [row.id for row in rows if row.id not in refused]
+    if published:
+        mark_published(connection, published)
+    return len(published)
 
 
-@contextmanager
-def confirmed_batch(celery_app: Celery) -> Iterator[Callable[[Mapping[str, Any]], None]]:
-    """A ``publish(message)`` whose messages the broker has all taken once the
-    block ends.
+def publish_batch(celery_app: Celery, messages: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """Publish ``messages``; once it returns, the broker has taken all but those
+    it returns, by job id, with the reason it refused them or they could not be
+    sent. A lost connection raises (none is taken for published).
 
     On RabbitMQ the channel is in publisher-confirm mode and the confirms of
     the whole batch are awaited together at the end (one at a time would cost
-    a round trip a message); raises if RabbitMQ refuses any. Other brokers
-    take each message before ``publish`` returns.
+    a round trip a message). A channel the broker closes (a message over its
+    size limit) sends the batch again one message at a time, to find which.
     """
-    options = {"confirm_publish": False}  # confirmed here, per batch
-    with celery_app.connection_for_write(transport_options=options) as connection:
-        channel: Any = connection.channel()
+    with celery_app.connection_for_write(transport_options={"confirm_publish": False}) as link:
         try:
-            confirms = _Confirms(channel) if connection.transport.driver_type == "amqp" else None
-            producer = Producer(channel)
+            return _publish_on_one_channel(celery_app, link, messages)
+        except link.channel_errors:
+            refused: dict[str, str] = {}
+            for message in messages:
+                try:
+                    refused.update(_publish_on_one_channel(celery_app, link, [message]))
+                except link.channel_errors as exc:
+                    refused[message["id"]] = f"the broker closed the channel: {exc}"
+            return refused
 
-            def publish(message: Mapping[str, Any]) -> None:
+
+def _publish_on_one_channel(
+    celery_app: Celery, link: Any, messages: Sequence[Mapping[str, Any]]
+) -> dict[str, str]:
+    channel: Any = link.channel()
+    try:
+        confirms = _Confirms(channel) if link.transport.driver_type == "amqp" else None
+        producer = Producer(channel)
+        refused: dict[str, str] = {}
+        for message in messages:
+            try:
                 # No retry: a connection lost mid-batch fails the batch (its
                 # rows stay owed, for the next round) rather than publishing
                 # the rest on a new channel whose confirms nobody awaits.
                 send(celery_app, message, producer=producer, retry=False)
-                if confirms is not None:
-                    confirms.sent += 1
-
-            yield publish
+            except (*link.connection_errors, *link.channel_errors):
+                raise
+            except Exception as exc:  # this message cannot be sent at all
+                refused[message["id"]] = f"{exc.__class__.__name__}: {exc}"
+                continue
             if confirms is not None:
-                confirms.wait()
-        finally:
-            channel.close()
+                confirms.sent(message["id"])
+        if confirms is not None:
+            refused.update(confirms.wait())
+        return refused
+    finally:
+        channel.close()
 
 
 class _Confirms:
@@ -316,26 +372,34 @@ class _Confirms:
 
     def __init__(self, channel: Any) -> None:
         self.channel = channel
-        self.sent = 0
-        self.confirmed: set[int] = set()
-        self.refused = 0
+        self.jobs: dict[int, str] = {}
+        """Job id by delivery tag (the channel numbers its messages from 1)."""
+        self.answered: set[int] = set()
+        self.refused: set[int] = set()
         channel.confirm_select()
         channel.events["basic_ack"].add(self._ack)
         channel.events["basic_nack"].add(self._nack)
 
+    def sent(self, job_id: str) -> None:
+        self.jobs[len(self.jobs) + 1] = job_id
+
+    def _tags(self, tag: int, multiple: bool) -> set[int]:
+        return set(range(1, tag + 1)) - self.answered if multiple else {tag}
+
     def _ack(self, tag: int, multiple: bool) -> None:
-        self.confirmed.update(range(1, tag + 1) if multiple else (tag,))
+        self.answered |= self._tags(tag, multiple)
 
     def _nack(self, tag: int, multiple: bool) -> None:
-        self.refused += 1
-        self._ack(tag, multiple)
+        tags = self._tags(tag, multiple)
+        self.refused |= tags
+        self.answered |= tags
 
-    def wait(self) -> None:
-        """Return once every message sent is confirmed; raise if any was refused."""
-        while len(self.confirmed) < self.sent:
+    def wait(self) -> dict[str, str]:
+        """Once every message sent is answered: the ones RabbitMQ refused."""
+        while len(self.answered) < len(self.jobs):
             self.channel.wait([spec.Basic.Ack, spec.Basic.Nack], timeout=CONFIRM_TIMEOUT)
-        if self.refused:
-            raise kombu.exceptions.OperationalError(f"RabbitMQ refused {self.refused} messages")
+        reason = "RabbitMQ refused the message (basic.nack: a queue limit, or an internal error)"
+        return {self.jobs[tag]: reason for tag in sorted(self.refused)}
 
 
 def send_owed(jobs: Jobs, job_ids: Sequence[str]) -> None:

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from proj.jobs import ledger
 from proj.jobs.clock import utcnow
-from proj.jobs.ledger import CLAIMABLE, Job, State
+from proj.jobs.models import CLAIMABLE, Job, State
 from proj.jobs.registry import jobs_of
 
 logger = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from sqlalchemy import Engine
 
 from proj.jobs.clock import utcnow
 from proj.jobs.engine import make_engine
-from proj.jobs.ledger import Job
+from proj.jobs.models import Job
 from proj.jobs.outbox import NOTIFY_CHANNEL, publish_owed
 from proj.jobs.registry import jobs_of
 from proj.jobs.settings import JobsSettings

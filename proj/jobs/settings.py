@@ -24,6 +24,7 @@ DEFAULTS: Mapping[str, str] = {
     "PROJ_STALE_AFTER": "300",
     "PROJ_MAX_ATTEMPTS": "3",
     "PROJ_RETENTION_DAYS": "30",
+    "PROJ_MAX_MESSAGE_SIZE": "1048576",
 }
 """The default of every setting proj.jobs reads, by environment variable."""
 
@@ -53,6 +54,9 @@ class JobsSettings:
     it counts as one)."""
     retention_days: int = 30
     """Days finished jobs are kept (:func:`proj.jobs.ledger.prune`)."""
+    max_message_size: int = 1_048_576
+    """Largest a job's arguments may be, in bytes of JSON (0: no limit): a job
+    over it is refused at ``delay_on_commit`` rather than by the broker later."""
 
     @classmethod
     def from_environ(
@@ -87,6 +91,7 @@ class JobsSettings:
             stale_after=number("PROJ_STALE_AFTER", raw("PROJ_STALE_AFTER"), float),
             max_attempts=number("PROJ_MAX_ATTEMPTS", raw("PROJ_MAX_ATTEMPTS"), int),
             retention_days=number("PROJ_RETENTION_DAYS", raw("PROJ_RETENTION_DAYS"), int),
+            max_message_size=number("PROJ_MAX_MESSAGE_SIZE", raw("PROJ_MAX_MESSAGE_SIZE"), int),
         )
         settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
         if not settings.database_url:

@@ -19,7 +19,7 @@ from sqlalchemy import orm
 from proj.jobs import ledger, outbox, worker
 from proj.jobs.arguments import argument_message, check_arguments, check_json
 from proj.jobs.checks import check_countdown
-from proj.jobs.errors import TaskArgumentError
+from proj.jobs.errors import JobCancelled, TaskArgumentError
 from proj.jobs.registry import jobs_of
 from proj.jobs.retry import max_attempts_of
 from proj.jobs.session import task_scope
@@ -59,10 +59,27 @@ class SqlAlchemyTask(celery.Task[Any, Any]):
 
     def set_progress(self, percent: float) -> None:
         """Record how far the run is (0 to 100) on its ledger row, at once
-        (in a transaction of its own); nothing for a job without a row."""
+        (in a transaction of its own); nothing for a job without a row.
+
+        Raises :class:`~proj.jobs.JobCancelled` if someone asked the job to stop.
+        """
         if worker.claim_of(self) is not None:
             progress = max(0.0, min(100.0, percent))
-            ledger.set_progress(jobs_of(self.app).engine, str(self.request.id), progress)
+            if ledger.set_progress(jobs_of(self.app).engine, str(self.request.id), progress):
+                raise JobCancelled()
+
+    def cancel_requested(self) -> bool:
+        """Whether someone asked this job to stop (``POST /api/jobs/<id>/cancel``
+        while it runs); False for a task without a ledger row."""
+        if worker.claim_of(self) is None:
+            return False
+        return ledger.cancel_requested(jobs_of(self.app).engine, str(self.request.id))
+
+    def check_cancelled(self) -> None:
+        """Raise :class:`~proj.jobs.JobCancelled` if someone asked this job to
+        stop: its session rolls back and the job ends ``cancelled``."""
+        if self.cancel_requested():
+            raise JobCancelled()
 
     def retry(
         self,
@@ -136,11 +153,18 @@ class SqlAlchemyTask(celery.Task[Any, Any]):
         kwargs: Mapping[str, Any] | None = None,
         *,
         session: orm.Session | None = None,
+        unique: str | None = None,
         **options: Any,
     ) -> str:
         """Enqueue the job in ``session``'s transaction (default: the running
         task's, else the Flask request's ``db.session``, else a transaction of
         its own).
+
+        ``unique``: a key; while a job of this task with that key is waiting
+        or running, nothing is enqueued and that job's id is returned (it never
+        raises into the caller's transaction). ``link``, ``link_error`` and
+        chains are refused with :class:`~proj.jobs.TaskArgumentError`: enqueue
+        the next step from the task with ``delay_on_commit``.
 
         The job's ledger row is written in that transaction: if it rolls back,
         nothing is ever published; once it commits, the message is published
@@ -162,6 +186,7 @@ class SqlAlchemyTask(celery.Task[Any, Any]):
                 kwargs or {},
                 max_attempts=max_attempts,
                 options=options,
+                unique=unique,
             )
 
     def delay_on_commit(self, *args: Any, **kwargs: Any) -> str:

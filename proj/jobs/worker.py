@@ -18,6 +18,7 @@ import itertools
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
+from traceback import format_exception
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from billiard.einfo import ExceptionInfo
@@ -27,6 +28,8 @@ from celery.worker.request import Request
 
 from proj.jobs import ledger, outbox
 from proj.jobs.clock import due_at, utcnow
+from proj.jobs.errors import JobCancelled
+from proj.jobs.models import State
 from proj.jobs.registry import jobs_of
 from proj.jobs.retry import TRANSIENT_ERRORS, backoff, retry_policy_of
 from proj.jobs.session import in_task_run, task_scope
@@ -70,6 +73,10 @@ def run(task: SqlAlchemyTask, body: Callable[[], Any]) -> Any:
         except BaseException as exc:
             if session.registry.has():
                 session.rollback()
+            if isinstance(exc, JobCancelled) and claims:
+                ledger.cancelled_while_running(jobs.engine, str(request.id))
+                logger.info("%s[%s]: stopped, as asked; cancelled", task.name, request.id)
+                raise Ignore() from exc
             if isinstance(exc, Reject) and not getattr(exc, "requeue", False):
                 reason = getattr(exc, "reason", exc)
                 record_failure(task, f"rejected: {reason!r}", None, str(request.id), (), {})
@@ -139,7 +146,8 @@ def retry_job(
     jobs = jobs_of(task.app)
     when = due_at(options) or utcnow()
     job_id = str(task.request.id)
-    ledger.retrying(jobs.engine, job_id, repr(exc), when)
+    trace = "".join(format_exception(exc)) if exc is not None else None
+    ledger.retrying(jobs.engine, job_id, repr(exc), trace, when)
     outbox.send_owed(jobs, [job_id])
     raise Retry(exc=exc, when=when)
 
@@ -199,7 +207,7 @@ class JobRequest(Request):
         worker = f"{self.hostname}:{self.worker_pid}" if self.worker_pid else None
         if lost:
             engine = jobs_of(self.task.app).engine
-            if ledger.worker_lost(engine, self.id, repr(exc), worker) == ledger.State.FAILED:
+            if ledger.worker_lost(engine, self.id, repr(exc), worker) == State.FAILED:
                 logger.error("%s[%s]: worker lost on its last attempt; failed", self.name, self.id)
                 self.reject(requeue=False)
                 return

@@ -106,7 +106,8 @@ def get_invoice(invoice_id: int) -> Response:
 @api.post("/invoices/<int:invoice_id>/charge")
 def charge(invoice_id: int) -> tuple[Response, int, dict[str, str]]:
     invoice = get_or_404(Invoice, invoice_id)
-    job_id = charge_invoice.delay_on_commit(invoice.id)
+    # Asked again while a charge of this invoice waits or runs: the same job.
+    job_id = charge_invoice.apply_async_on_commit((invoice.id,), unique=invoice.idempotency_key)
     db.session.commit()
     return accepted(job_id)
 

@@ -18,7 +18,7 @@ from subprocesses import Commands
 
 from proj.db import session_scope
 from proj.jobs import utcnow
-from proj.jobs.ledger import Job, State
+from proj.jobs.models import Job, State
 from proj.jobs.scheduler import slot_job_id, slot_of
 
 if TYPE_CHECKING:

@@ -128,13 +128,14 @@ def test_jobs_upgrade_touches_only_the_ledger(tmp_path: Path) -> None:
                     "alembic_version",
                     "orders",
                     "jobs",
+                    "job_attempts",
                     "proj_jobs_alembic_version",
                 }
                 with engine.connect() as connection:
                     adopter = connection.execute(text("SELECT version_num FROM alembic_version"))
                     assert adopter.scalars().all() == ["adopter_0042"]
                     ledger = text("SELECT version_num FROM proj_jobs_alembic_version")
-                    assert connection.execute(ledger).scalars().all() == ["jobs_0001"]
+                    assert connection.execute(ledger).scalars().all() == ["jobs_0002"]
                 engine.dispose()
         finally:
             engine.dispose()

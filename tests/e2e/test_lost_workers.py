@@ -21,7 +21,7 @@ from sqlalchemy import select
 from subprocesses import Command, Commands
 
 from proj.db import session_scope, worker_engine
-from proj.jobs.ledger import Job, State
+from proj.jobs.models import Job, State
 
 if TYPE_CHECKING:
     from conftest import Stack

@@ -36,7 +36,7 @@ from subprocesses import BIN, Command, Commands, enqueue_effects
 
 from proj.db import worker_engine
 from proj.jobs import utcnow
-from proj.jobs.ledger import Job, State
+from proj.jobs.models import Job, State
 from proj.jobs.testing.faults import (
     PostgresCluster,
     RedisServer,

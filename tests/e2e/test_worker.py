@@ -29,7 +29,7 @@ from subprocesses import Command, Commands
 import proj.jobs.testing
 from proj.db import session_scope
 from proj.jobs import utcnow
-from proj.jobs.ledger import Job, State
+from proj.jobs.models import Job, State
 from proj.jobs.testing import wait_for
 from proj.models import Invoice, User
 from proj.payments import LedgerCharge
@@ -311,7 +311,7 @@ def test_beat_sends_cleanup_on_schedule(
     it each time and deletes the finished jobs older than the retention period,
     and only those."""
     since = worker.size()
-    retention = timedelta(days=stack.settings.retention_days)
+    retention = timedelta(days=stack.settings.jobs.retention_days)
     run = tag()
     with session_scope() as session:
         session.add_all(

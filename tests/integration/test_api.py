@@ -16,7 +16,7 @@ from werkzeug.test import TestResponse
 
 import proj.jobs.testing
 from proj.db import session_scope
-from proj.jobs.ledger import FINISHED, State
+from proj.jobs.models import FINISHED, State
 from proj.models import MAX_ID, Invoice, User
 from proj.payments import LedgerCharge
 

@@ -29,7 +29,7 @@ from sqlalchemy.exc import IntegrityError
 import proj.jobs.testing
 from proj.db import Session, session_scope
 from proj.jobs import Jobs, SqlAlchemyTask, outbox, shared_task, utcnow
-from proj.jobs.ledger import Job, State
+from proj.jobs.models import Job, State
 from proj.jobs.relay import make_relay
 from proj.jobs.retry import retry_on
 from proj.jobs.scheduler import SlotScheduler, slot_job_id

@@ -164,9 +164,12 @@ def test_unknown_job_is_404(client: FlaskClient) -> None:
         assert response.get_json()["error"]["code"] == "not_found"
 
 
-def test_running_job_cannot_be_cancelled_nor_retried(client: FlaskClient, purged: Celery) -> None:
-    """While a job runs, cancel and retry are 409 and change nothing; it then
-    succeeds, and a succeeded job cannot be retried either."""
+def test_a_running_job_that_never_checks_finishes_normally(
+    client: FlaskClient, purged: Celery
+) -> None:
+    """While a job runs, retry is 409 and changes nothing; cancel is 202 and
+    says the job is asked to stop; a job that never checks then succeeds as
+    it would have, and a succeeded job can be neither retried nor cancelled."""
     key = uuid.uuid4().hex
     RUNNING[key], RELEASE[key] = threading.Event(), threading.Event()
     job_id = wait.apply_async_on_commit((key,))
@@ -174,16 +177,20 @@ def test_running_job_cannot_be_cancelled_nor_retried(client: FlaskClient, purged
         with proj.jobs.testing.worker(purged, pool="threads", concurrency=2):
             assert RUNNING[key].wait(timeout=30)
             assert get_job(client, job_id)["state"] == "running"
-            for action in ("cancel", "retry"):
-                response = client.post(f"/api/jobs/{job_id}/{action}")
-                assert response.status_code == 409
-                assert response.get_json()["error"]["code"] == "conflict"
-            assert get_job(client, job_id)["state"] == "running"
+            response = client.post(f"/api/jobs/{job_id}/retry")
+            assert response.status_code == 409
+            assert response.get_json()["error"]["code"] == "conflict"
+            asked = client.post(f"/api/jobs/{job_id}/cancel")
+            assert asked.status_code == 202
+            assert asked.get_json()["state"] == "running"
+            assert asked.get_json()["cancel_requested_at"] is not None
+            assert "finishes normally" in asked.get_json()["message"]
             RELEASE[key].set()
             proj.jobs.testing.wait_for(lambda: in_state(client, job_id, State.SUCCEEDED))
     finally:
         RELEASE[key].set()
     assert client.post(f"/api/jobs/{job_id}/retry").status_code == 409
+    assert client.post(f"/api/jobs/{job_id}/cancel").status_code == 409
     assert RUNS[job_id] == 1
 
 

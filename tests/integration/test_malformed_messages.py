@@ -15,7 +15,7 @@ from sqlalchemy import select
 import proj.jobs.testing
 from proj.db import session_scope
 from proj.jobs.deadletter import UNRUNNABLE
-from proj.jobs.ledger import Job, State
+from proj.jobs.models import Job, State
 from proj.models import User
 from proj.tasks import send_welcome
 

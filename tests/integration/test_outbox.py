@@ -21,7 +21,7 @@ import proj.jobs.testing
 from proj.db import Session, session_scope
 from proj.db import db as web_db
 from proj.jobs import SqlAlchemyTask, shared_task, utcnow
-from proj.jobs.ledger import Job, State
+from proj.jobs.models import Job, State
 from proj.jobs.retry import TRANSIENT_ERRORS, retry_on
 from proj.models import User
 

@@ -33,7 +33,7 @@ import proj.jobs.testing
 from proj.celery import make_celery
 from proj.db import Session, session_scope
 from proj.jobs import Jobs, outbox, shared_task
-from proj.jobs.ledger import Job, State
+from proj.jobs.models import Job, State
 from proj.jobs.relay import Relay, make_relay
 from proj.models import Invoice, User
 

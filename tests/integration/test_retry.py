@@ -19,7 +19,7 @@ from sqlalchemy import event, select, text
 import proj.jobs.testing
 from proj.db import Session, session_scope
 from proj.jobs import SqlAlchemyTask
-from proj.jobs.ledger import Job
+from proj.jobs.models import Job
 from proj.jobs.retry import TRANSIENT_ERRORS, retry_on
 from proj.models import MAX_ID, User
 from proj.tasks import charge_invoice, send_welcome

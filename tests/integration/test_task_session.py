@@ -23,7 +23,7 @@ import proj.jobs.testing
 from proj.db import Session, session_scope
 from proj.db import db as web_db
 from proj.jobs import TaskArgumentError
-from proj.jobs.ledger import Job
+from proj.jobs.models import Job
 from proj.jobs.retry import retry_on
 from proj.models import User
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from alembic import context
 
-from proj.jobs.ledger import LedgerBase
 from proj.jobs.migrations import VERSION_TABLE
+from proj.jobs.models import LedgerBase
 
 connection = context.config.attributes["connection"]
 context.configure(

@@ -27,7 +27,7 @@ from celery.worker import WorkController, state
 from sqlalchemy import select
 
 from proj.jobs.extension import Jobs
-from proj.jobs.ledger import Job, State
+from proj.jobs.models import Job, State
 
 T = TypeVar("T")
 

@@ -1,0 +1,170 @@
+"""The ledger's tables: ``jobs`` (one row per job) and ``job_attempts`` (each
+attempt that ended in an error), on a declarative base of their own.
+
+Only :mod:`proj.jobs.ledger` changes them.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, cast
+
+from sqlalchemy import JSON, Float, Index, Integer, MetaData, String, Table, Text, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from proj.jobs.clock import UtcDateTime, utcnow
+
+
+class State(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+CLAIMABLE = (State.QUEUED, State.RETRYING)
+FINISHED = (State.SUCCEEDED, State.FAILED, State.CANCELLED)
+TEXT_LIMIT = 20_000
+"""Characters of an error, traceback or undecodable body kept in a row."""
+
+
+def clip(value: str | None) -> str | None:
+    """``value`` cut to :data:`TEXT_LIMIT` characters."""
+    return value if value is None or len(value) <= TEXT_LIMIT else value[:TEXT_LIMIT] + "…"
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON (anything else as its repr)."""
+    return json.loads(json.dumps(value, default=repr))
+
+
+UNIQUE_WHILE = "unique_key IS NOT NULL AND state IN ('queued', 'retrying', 'running')"
+"""While a job holds its unique key: from enqueue until it finishes."""
+
+NAMING_CONVENTION = {
+    # Constraint and index names Alembic can find again on every database.
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment else None
+
+
+class LedgerBase(DeclarativeBase):
+    """The ledger's own declarative base: its table is not in the application's
+    metadata (the application's migrations never see it)."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Job(LedgerBase):
+    """A job: what to run, where it stands, and how it ended."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        Index("ix_jobs_state_created_at", "state", "created_at"),
+        # Only rows the relay still has to publish; stays small.
+        Index(
+            "ix_jobs_unpublished",
+            "created_at",
+            postgresql_where=text("published_at IS NULL"),
+            sqlite_where=text("published_at IS NULL"),
+        ),
+        # One waiting or running job a task and unique key (see ``unique=``).
+        Index(
+            "uq_jobs_name_unique_key",
+            "name",
+            "unique_key",
+            unique=True,
+            postgresql_where=text(UNIQUE_WHILE),
+            sqlite_where=text(UNIQUE_WHILE),
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    """The Celery task id."""
+    name: Mapped[str] = mapped_column(String(255))
+    args: Mapped[Any] = mapped_column(JSON, default=list)
+    kwargs: Mapped[Any] = mapped_column(JSON, default=dict)
+    options: Mapped[Any] = mapped_column(JSON, default=dict)
+    """Publishing options to send the message with again (queue, eta, priority…)."""
+    state: Mapped[str] = mapped_column(String(16), default=State.QUEUED)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    available_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    """When the job may start (its ETA)."""
+    published_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    """When the broker confirmed the message; None while the relay owes it."""
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    worker: Mapped[str | None] = mapped_column(String(255))
+    """``hostname:pid`` of the process running it."""
+    progress: Mapped[float | None] = mapped_column(Float)
+    result: Mapped[Any | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+    traceback: Mapped[str | None] = mapped_column(Text)
+    unique_key: Mapped[str | None] = mapped_column(String(255))
+    """While the job waits or runs, no other job of its task has this key."""
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    """When someone asked the running job to stop (it sees it at its next check)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "state": self.state,
+            "attempts": self.attempts,
+            "max_attempts": self.max_attempts,
+            "progress": self.progress,
+            "result": self.result,
+            "error": self.error,
+            "created_at": iso(self.created_at),
+            "started_at": iso(self.started_at),
+            "finished_at": iso(self.finished_at),
+            "cancel_requested_at": iso(self.cancel_requested_at),
+        }
+
+
+JOBS = cast(Table, Job.__table__)
+
+
+class JobAttempt(LedgerBase):
+    """An attempt of a job that ended in an error: retried, failed, or lost
+    with its worker. A job's successful attempt is its own row's."""
+
+    __tablename__ = "job_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(255), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    outcome: Mapped[str] = mapped_column(String(16))
+    """The state the attempt left the job in: ``retrying`` or ``failed``."""
+    error: Mapped[str | None] = mapped_column(Text)
+    traceback: Mapped[str | None] = mapped_column(Text)
+    worker: Mapped[str | None] = mapped_column(String(255))
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    finished_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "attempt": self.attempt,
+            "outcome": self.outcome,
+            "error": self.error,
+            "traceback": self.traceback,
+            "worker": self.worker,
+            "started_at": iso(self.started_at),
+            "finished_at": iso(self.finished_at),
+        }
+
+
+ATTEMPTS = cast(Table, JobAttempt.__table__)

@@ -1,0 +1,262 @@
+"""Reliability of the ledger on real stacks: a job the broker refuses does not
+hold up the relay, unique jobs, stopping a running job, every failed
+attempt kept, callbacks and oversize arguments refused at enqueue, and the
+reconciler's bound on attempts."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+import pytest
+from celery import Celery
+from flask.testing import FlaskClient
+from sqlalchemy import func, select, update
+
+import proj.jobs.testing
+from proj.db import Session, session_scope
+from proj.jobs import Jobs, SqlAlchemyTask, TaskArgumentError, retry_on, shared_task, utcnow
+from proj.jobs.models import Job, State
+from proj.jobs.relay import make_relay
+from proj.models import Invoice, User
+
+if TYPE_CHECKING:
+    from conftest import Stack
+
+job = proj.jobs.testing.job
+STARTED: dict[str, threading.Event] = {}
+
+
+class Wobble(Exception):
+    """The error ``always_wobbles`` raises, and retries."""
+
+
+@shared_task(name="tests.reliability.note", bind=True)
+def note(self: SqlAlchemyTask, email: str) -> str:
+    Session.add(User(email=email))
+    return email
+
+
+@shared_task(name="tests.reliability.always_wobbles", bind=True)
+@retry_on(Wobble, max_retries=2, backoff=0.05, max_backoff=0.05, jitter=False)
+def always_wobbles(self: SqlAlchemyTask) -> None:
+    raise Wobble(f"wobble on attempt {self.request.retries + 1}")
+
+
+@shared_task(name="tests.reliability.patient", bind=True)
+def patient(self: SqlAlchemyTask, email: str, key: str) -> str:
+    """Write a user, then check every 50 ms whether to stop (for up to 30 s)."""
+    Session.add(User(email=email))
+    Session.flush()
+    STARTED[key].set()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        self.check_cancelled()
+        time.sleep(0.05)
+    return email
+
+
+def new_email() -> str:
+    return f"reliability-{uuid.uuid4().hex}@example.com"
+
+
+def signed_up(email: str) -> bool:
+    with session_scope() as session:
+        return session.scalar(select(User.id).filter_by(email=email)) is not None
+
+
+@pytest.fixture
+def fast_path_off(celery_app: Celery) -> object:
+    jobs = Jobs.of(celery_app)
+    settings = jobs.settings
+    jobs.settings = replace(settings, outbox_fast_path=False)
+    yield None
+    jobs.settings = settings
+
+
+def test_a_job_the_broker_cannot_take_does_not_hold_up_the_others(
+    stack: Stack, purged: Celery, fast_path_off: None
+) -> None:
+    """With the fast path off, a job whose message cannot be sent (its
+    ``expires`` is no date) is the oldest owed row; one relay pass fails it
+    with the reason and publishes the five behind it, which run."""
+    bad = note.apply_async_on_commit((new_email(),), expires="not a date")
+    emails = [new_email() for _ in range(5)]
+    good = [note.apply_async_on_commit((email,)) for email in emails]
+    relay = make_relay(purged, replace(Jobs.of(purged).settings, relay_grace=0.0))
+    try:
+        assert relay.relay_once() == 5
+        assert relay.relay_once() == 0  # nothing left owed: the bad row is not retried
+    finally:
+        relay.engine.dispose()
+    failed = job(bad)
+    assert failed.state == State.FAILED
+    assert (failed.error or "").startswith("not published: ValueError")
+    with proj.jobs.testing.worker(purged, pool="threads", concurrency=2):
+        for job_id in good:
+            proj.jobs.testing.wait_for_state(job_id, State.SUCCEEDED)
+    assert all(signed_up(email) for email in emails)
+
+
+def test_a_message_rabbitmq_refuses_fails_its_job_only(
+    stack: Stack, purged: Celery, fast_path_off: None
+) -> None:
+    """A queue whose policy refuses messages over 1,000 bytes (reject-publish):
+    the oversize job at the head of the relay's batch is nacked and fails; the
+    small ones behind it are confirmed and published."""
+    if stack.name != "pg-rabbit":
+        pytest.skip("publisher confirms and queue policies are RabbitMQ's")
+    vhost = stack.env["CELERY_BROKER_URL"].rsplit("/", 1)[1]
+    queue = f"tests.small.{uuid.uuid4().hex}"
+    policy = '{"max-length-bytes": 1000, "overflow": "reject-publish"}'
+    subprocess.run(
+        ["rabbitmqctl", "-q", "set_policy", "-p", vhost, "small", "^tests\\.small\\.", policy],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    big = note.apply_async_on_commit(("x" * 5000,), queue=queue)
+    small = [note.apply_async_on_commit((new_email(),), queue=queue) for _ in range(3)]
+    relay = make_relay(purged, replace(Jobs.of(purged).settings, relay_grace=0.0))
+    try:
+        assert relay.relay_once() == 3
+    finally:
+        relay.engine.dispose()
+    assert job(big).state == State.FAILED
+    assert "RabbitMQ refused the message" in (job(big).error or "")
+    assert [job(s).published_at is not None for s in small] == [True] * 3
+
+
+def test_a_unique_job_enqueued_fifty_times_at_once_is_one_job(purged: Celery) -> None:
+    """Fifty transactions enqueue the same task with the same key at once:
+    one row, every caller gets its id, none of their transactions fails; once
+    the job has run, the key is free again."""
+    key = f"unique-{uuid.uuid4().hex}"
+    email = new_email()
+
+    def enqueue(_: int) -> str:
+        with session_scope() as session:
+            return note.apply_async_on_commit((email,), session=session, unique=key)
+
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        ids = set(pool.map(enqueue, range(50)))
+    assert len(ids) == 1
+    with session_scope() as session:
+        rows = session.scalar(select(func.count(Job.id)).where(Job.unique_key == key))
+    assert rows == 1
+    with proj.jobs.testing.worker(purged):
+        proj.jobs.testing.wait_for_state(ids.pop(), State.SUCCEEDED)
+    assert note.apply_async_on_commit((email,), unique=key) not in ids
+
+
+def test_charging_again_while_a_charge_waits_answers_the_same_job(
+    client: FlaskClient, purged: Celery
+) -> None:
+    """``POST /api/invoices/<id>/charge`` asked again while the first charge
+    is waiting answers the same ``job_id``, and the invoice is charged once."""
+    with session_scope() as session:
+        user = User(email=new_email())
+        session.add(user)
+        session.flush()
+        invoice = Invoice(user_id=user.id, amount_cents=1234)
+        session.add(invoice)
+        session.flush()
+        invoice_id = invoice.id
+    answers = [client.post(f"/api/invoices/{invoice_id}/charge") for _ in range(3)]
+    assert [a.status_code for a in answers] == [202] * 3
+    assert len({a.get_json()["job_id"] for a in answers}) == 1
+    with proj.jobs.testing.worker(purged):
+        proj.jobs.testing.wait_for_state(answers[0].get_json()["job_id"], State.SUCCEEDED)
+    assert client.get(f"/api/invoices/{invoice_id}").get_json()["status"] == "charged"
+
+
+def test_a_running_job_asked_to_stop_ends_cancelled(
+    stack: Stack, client: FlaskClient, purged: Celery
+) -> None:
+    """Cancel on a running job that checks: 202, then the job stops at its next
+    check, its work rolls back, and it ends ``cancelled`` with one attempt."""
+    if not stack.on_postgres:
+        pytest.skip("SQLite has one writer: the job's open write would hold the cancel up")
+    key, email = uuid.uuid4().hex, new_email()
+    STARTED[key] = threading.Event()
+    job_id = patient.apply_async_on_commit((email, key))
+    with proj.jobs.testing.worker(purged, pool="threads", concurrency=2):
+        assert STARTED[key].wait(timeout=30)
+        assert client.post(f"/api/jobs/{job_id}/cancel").status_code == 202
+        stopped = proj.jobs.testing.wait_for_state(job_id, State.CANCELLED, timeout=10)
+    assert stopped.attempts == 1 and stopped.finished_at is not None
+    assert not signed_up(email)
+
+
+def test_every_failed_attempt_is_kept(client: FlaskClient, purged: Celery) -> None:
+    """Three failing attempts: ``errors`` has three entries, oldest first, each
+    with its error, traceback, worker and times; the last one failed the job."""
+    job_id = always_wobbles.apply_async_on_commit()
+    with proj.jobs.testing.worker(purged):
+        proj.jobs.testing.wait_for_state(job_id, State.FAILED)
+    answer = client.get(f"/api/jobs/{job_id}").get_json()
+    errors = answer["errors"]
+    assert [(e["attempt"], e["outcome"]) for e in errors] == [
+        (1, "retrying"),
+        (2, "retrying"),
+        (3, "failed"),
+    ]
+    for n, entry in enumerate(errors, start=1):
+        assert f"wobble on attempt {n}" in entry["error"]
+        assert "Wobble" in entry["traceback"]
+        assert entry["worker"] and entry["started_at"] and entry["finished_at"]
+
+
+def test_callbacks_and_oversize_arguments_are_refused_at_enqueue(celery_app: Celery) -> None:
+    """``link``, ``link_error`` and chains with ``delay_on_commit`` are refused,
+    not dropped; arguments over ``PROJ_MAX_MESSAGE_SIZE`` too. No row is written."""
+    before = count_jobs()
+    with pytest.raises(TaskArgumentError, match="link cannot go with delay_on_commit"):
+        note.apply_async_on_commit((new_email(),), link=note.s(new_email()))
+    with pytest.raises(TaskArgumentError, match="link_error"):
+        note.apply_async_on_commit((new_email(),), link_error=note.s(new_email()))
+    too_big = Jobs.of(celery_app).settings.max_message_size + 1
+    with pytest.raises(TaskArgumentError, match="PROJ_MAX_MESSAGE_SIZE"):
+        note.apply_async_on_commit(("x" * too_big,))
+    assert count_jobs() == before
+
+
+def count_jobs() -> int:
+    with session_scope() as session:
+        return int(session.scalar(select(func.count(Job.id))) or 0)
+
+
+def test_the_reconciler_fails_a_lost_job_past_its_maximum(purged: Celery) -> None:
+    """A running job on its last attempt whose worker is gone: the reconciler
+    moves it to ``failed`` (not ``retrying``), keeping the attempt's error."""
+    job_id = note.apply_async_on_commit((new_email(),), queue=f"tests.{uuid.uuid4().hex}")
+    past = utcnow() - timedelta(hours=1)
+    with session_scope() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(
+                state=State.RUNNING,
+                attempts=3,
+                max_attempts=3,
+                started_at=past,
+                worker=f"gone@{socket.gethostname()}:{dead_pid()}",
+            )
+        )
+    result = purged.tasks["proj.reconcile_jobs"].apply().get()
+    assert result["abandoned"] >= 1
+    lost = job(job_id)
+    assert (lost.state, lost.finished_at is not None) == (State.FAILED, True)
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
