@@ -24,6 +24,7 @@ DEFAULTS: Mapping[str, str] = {
     "CELERY_BROKER_URL": "sqla+sqlite:///{data_dir}/broker.sqlite3",
     "CELERY_RESULT_BACKEND": "db+{database_url}",
     "PROJ_WEB_POOL_SIZE": "5",
+    "PROJ_WEB_STATEMENT_TIMEOUT": "5",
     "PROJ_MAIL_URL": "file://{data_dir}/mail",
     "PROJ_MAIL_FROM": "proj@localhost",
     "PROJ_DIGEST_TO": "ops@localhost",
@@ -50,6 +51,9 @@ class Settings:
     result_backend: str
     web_pool_size: int
     """Connections in the web tier's pool (Flask-SQLAlchemy's engine)."""
+    web_statement_timeout: float
+    """Seconds a request's statement may run before PostgreSQL cancels it (the
+    request answers 503)."""
     mail_url: str
     """``smtp://host:port`` or ``file:///folder`` (one ``.eml`` file a message)."""
     mail_from: str
@@ -127,6 +131,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         broker_url=text("CELERY_BROKER_URL"),
         result_backend=result_backend,
         web_pool_size=read("PROJ_WEB_POOL_SIZE", int),
+        web_statement_timeout=read("PROJ_WEB_STATEMENT_TIMEOUT", float),
         mail_url=text("PROJ_MAIL_URL"),
         mail_from=text("PROJ_MAIL_FROM"),
         digest_to=text("PROJ_DIGEST_TO"),

@@ -76,25 +76,69 @@ def make_sqlite_folder(url: str) -> None:
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
 
 
-def make_engine(url: str, pool_size: int, *, role: str) -> Engine:
-    """An engine with proj's options and connection hooks (see :func:`prepare_engine`)."""
+CONNECT_TIMEOUT = 5
+"""Seconds to open a connection, or to take one from a full pool."""
+UNANSWERED_AFTER = 10
+"""Seconds a PostgreSQL connection may go without the server acknowledging what
+was sent (or answering keepalives while idle) before it counts as lost."""
+
+
+def make_engine(
+    url: str,
+    pool_size: int,
+    *,
+    role: str,
+    statement_timeout: float = 0,
+    lock_timeout: float = 0,
+) -> Engine:
+    """An engine with proj's options and connection hooks (see
+    :func:`engine_options` and :func:`prepare_engine`)."""
     url = resolve_url(url)
     make_sqlite_folder(url)
-    return prepare_engine(create_engine(url, **engine_options(url, pool_size)), role=role)
+    options = engine_options(
+        url, pool_size, statement_timeout=statement_timeout, lock_timeout=lock_timeout
+    )
+    return prepare_engine(create_engine(url, **options), role=role)
 
 
-def engine_options(url: str, pool_size: int) -> dict[str, Any]:
-    """``create_engine`` keyword arguments proj uses for ``url``."""
+def engine_options(
+    url: str, pool_size: int, *, statement_timeout: float = 0, lock_timeout: float = 0
+) -> dict[str, Any]:
+    """``create_engine`` keyword arguments proj uses for ``url``: a pool of
+    ``pool_size`` (as many again in overflow) that gives up on a checkout after
+    :data:`CONNECT_TIMEOUT`; on PostgreSQL every wait bounded, so a server
+    that stops answering (a partition, a failover that drops packets) gives
+    an error in seconds instead of a hang:
+
+    - ``connect_timeout``, TCP keepalives and ``tcp_user_timeout``
+      (:data:`CONNECT_TIMEOUT`, :data:`UNANSWERED_AFTER`);
+    - ``statement_timeout`` and ``lock_timeout`` in seconds (0: none), which
+      the server enforces (SQLSTATE 57014 and 55P03, both transient).
+    """
     options: dict[str, Any] = {}
     if url.startswith("sqlite"):
         if ":memory:" not in url and url.rstrip("/") != "sqlite:":
             options.update(pool_size=pool_size, connect_args={"timeout": 30})
-    else:
-        options.update(pool_size=pool_size, max_overflow=pool_size)
-        if url.startswith("postgresql"):
-            # A server that drops packets must not hang a request or a task
-            # for the operating system's TCP timeout.
-            options["connect_args"] = {"connect_timeout": 5}
+        return options
+    options.update(pool_size=pool_size, max_overflow=pool_size, pool_timeout=CONNECT_TIMEOUT)
+    if url.startswith("postgresql"):
+        limits = " ".join(
+            f"-c {name}={int(seconds * 1000)}"
+            for name, seconds in (
+                ("statement_timeout", statement_timeout),
+                ("lock_timeout", lock_timeout),
+            )
+            if seconds
+        )
+        options["connect_args"] = {
+            "connect_timeout": CONNECT_TIMEOUT,
+            "keepalives": 1,
+            "keepalives_idle": UNANSWERED_AFTER // 2,
+            "keepalives_interval": 1,
+            "keepalives_count": UNANSWERED_AFTER // 2,
+            "tcp_user_timeout": UNANSWERED_AFTER * 1000,
+            **({"options": limits} if limits else {}),
+        }
     return options
 
 

@@ -94,8 +94,13 @@ class Jobs:
         if engine is None:
             with self._lock:
                 if self._engine is None:
-                    size = self.settings.worker_pool_size
-                    self._engine = make_engine(self.database_url, size, role="worker")
+                    self._engine = make_engine(
+                        self.database_url,
+                        self.settings.worker_pool_size,
+                        role="worker",
+                        statement_timeout=self.settings.worker_statement_timeout,
+                        lock_timeout=self.settings.lock_timeout,
+                    )
                 engine = self._engine
         return engine
 

@@ -315,16 +315,25 @@ def _again_or_failed() -> Any:
 
 
 @patient
-def worker_lost(engine: Engine, job_id: str, error: str, worker: str | None = None) -> State | None:
-    """The worker running the job died: back to ``retrying`` (its message is
-    requeued), or ``failed`` if that was its last attempt. Given ``worker``
-    (``hostname:pid``, as :func:`claim` records it), only if that process was
-    the one running it: a duplicate delivery lost elsewhere leaves the run in
-    progress alone. Returns the new state, or None if nothing changed."""
+def worker_lost(
+    engine: Engine,
+    job_id: str,
+    error: str,
+    worker: str | None = None,
+    *,
+    requeued: bool = True,
+) -> State | None:
+    """The worker running the job died: back to ``retrying``, or ``failed`` if
+    that was its last attempt. Given ``worker`` (``hostname:pid``, as
+    :func:`claim` records it), only if that process was the one running it: a
+    duplicate delivery lost elsewhere leaves the run in progress alone. With
+    ``requeued`` false (the message was acknowledged: a hard time limit), the
+    job is owed to the broker again. Returns the new state, or None if
+    nothing changed."""
     final = Job.attempts >= Job.max_attempts
     owner = () if worker is None else (Job.worker == worker,)
     running = (Job.id == job_id, Job.state == State.RUNNING, *owner)
-    error = f"the worker running it was lost: {error}"
+    owed = {} if requeued else {"published_at": None}
     with session_scope(engine) as session:
         _keep_attempt(session, _again_or_failed(), error, None, *running)
         state = session.scalar(
@@ -335,6 +344,7 @@ def worker_lost(engine: Engine, job_id: str, error: str, worker: str | None = No
                 finished_at=case((final, utcnow()), else_=None),
                 error=clip(error),
                 worker=None,
+                **owed,
             )
             .returning(Job.state)
         )

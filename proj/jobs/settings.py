@@ -25,6 +25,8 @@ DEFAULTS: Mapping[str, str] = {
     "PROJ_MAX_ATTEMPTS": "3",
     "PROJ_RETENTION_DAYS": "30",
     "PROJ_MAX_MESSAGE_SIZE": "1048576",
+    "PROJ_WORKER_STATEMENT_TIMEOUT": "0",
+    "PROJ_LOCK_TIMEOUT": "10",
 }
 """The default of every setting proj.jobs reads, by environment variable."""
 
@@ -54,6 +56,11 @@ class JobsSettings:
     it counts as one)."""
     retention_days: int = 30
     """Days finished jobs are kept (:func:`proj.jobs.ledger.prune`)."""
+    worker_statement_timeout: float = 0
+    """Seconds a statement of a task may run before PostgreSQL cancels it (0: no limit)."""
+    lock_timeout: float = 10
+    """Seconds a statement may wait for a lock before PostgreSQL gives up (a
+    transient error: the task retries)."""
     max_message_size: int = 1_048_576
     """Largest a job's arguments may be, in bytes of JSON (0: no limit): a job
     over it is refused at ``delay_on_commit`` rather than by the broker later."""
@@ -92,6 +99,10 @@ class JobsSettings:
             max_attempts=number("PROJ_MAX_ATTEMPTS", raw("PROJ_MAX_ATTEMPTS"), int),
             retention_days=number("PROJ_RETENTION_DAYS", raw("PROJ_RETENTION_DAYS"), int),
             max_message_size=number("PROJ_MAX_MESSAGE_SIZE", raw("PROJ_MAX_MESSAGE_SIZE"), int),
+            worker_statement_timeout=number(
+                "PROJ_WORKER_STATEMENT_TIMEOUT", raw("PROJ_WORKER_STATEMENT_TIMEOUT"), float
+            ),
+            lock_timeout=number("PROJ_LOCK_TIMEOUT", raw("PROJ_LOCK_TIMEOUT"), float),
         )
         settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
         if not settings.database_url:

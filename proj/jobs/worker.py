@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from billiard.einfo import ExceptionInfo
 from billiard.exceptions import WorkerLostError
 from celery.exceptions import Ignore, Reject, Retry
+from celery.worker import state as worker_state
 from celery.worker.request import Request
 
 from proj.jobs import ledger, outbox
@@ -193,9 +194,9 @@ def record_failure(
 
 class JobRequest(Request):
     """The worker's request for a proj task: when a prefork child dies running
-    a ledger job, the row goes back to ``retrying`` (the message is requeued),
-    or ends ``failed`` once its attempts are used up (the message is dropped),
-    so a job that kills its worker every time stops instead of looping."""
+    a ledger job, or passes its hard time limit, the row goes back to
+    ``retrying`` or ends ``failed`` once its attempts are used up, so a job
+    that kills its worker every time stops instead of looping."""
 
     def on_failure(
         self, exc_info: ExceptionInfo, send_failed_event: bool = True, return_ok: bool = False
@@ -207,8 +208,27 @@ class JobRequest(Request):
         worker = f"{self.hostname}:{self.worker_pid}" if self.worker_pid else None
         if lost:
             engine = jobs_of(self.task.app).engine
-            if ledger.worker_lost(engine, self.id, repr(exc), worker) == State.FAILED:
+            error = f"the worker running it was lost: {exc!r}"
+            if ledger.worker_lost(engine, self.id, error, worker) == State.FAILED:
                 logger.error("%s[%s]: worker lost on its last attempt; failed", self.name, self.id)
                 self.reject(requeue=False)
                 return
         super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        """A ledger job past its hard time limit (its child is killed) ends the
+        attempt at once: ``retrying`` and published again, or ``failed`` once
+        its attempts are used up; its message is acknowledged."""
+        if soft or not self.request_dict.get(outbox.JOB_HEADER) or worker_state.should_terminate:
+            super().on_timeout(soft, timeout)
+            return
+        worker_state.task_ready(self)
+        error = f"hard time limit ({timeout:g} s) exceeded"
+        logger.error("%s[%s]: %s", self.name, self.id, error)
+        jobs = jobs_of(self.task.app)
+        worker = f"{self.hostname}:{self.worker_pid}" if self.worker_pid else None
+        state = ledger.worker_lost(jobs.engine, self.id, error, worker, requeued=False)
+        if self.task.acks_late:
+            self.acknowledge()
+        if state == State.RETRYING:
+            outbox.send_owed(jobs, [self.id])

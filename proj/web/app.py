@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
 from flask import Flask, Response, current_app, jsonify, url_for
-from sqlalchemy import text
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.pool import NullPool
 
 from proj.config import Settings, current_settings
 from proj.db import db
@@ -37,9 +41,19 @@ def create_app(settings: Settings | None = None, celery_app: Celery | None = Non
         SECRET_KEY=settings.secret_key,
         MAX_CONTENT_LENGTH=settings.max_content_length,
         SQLALCHEMY_DATABASE_URI=jobs.database_url,
-        SQLALCHEMY_ENGINE_OPTIONS=engine_options(jobs.database_url, settings.web_pool_size),
+        SQLALCHEMY_ENGINE_OPTIONS=engine_options(
+            jobs.database_url,
+            settings.web_pool_size,
+            statement_timeout=settings.web_statement_timeout,
+            lock_timeout=jobs.settings.lock_timeout,
+        ),
     )
     app.extensions["proj.celery"] = celery_app
+    # The health check's own connections: never one of a request's, and a
+    # check left waiting on a silent server holds none of the pool's.
+    app.extensions["proj.health_engine"] = create_engine(
+        jobs.database_url, poolclass=NullPool, **_connect_args(jobs.database_url)
+    )
     db.init_app(app)
     jobs.init_app(app, db)
     app.register_blueprint(api)
@@ -48,6 +62,12 @@ def create_app(settings: Settings | None = None, celery_app: Celery | None = Non
     app.add_url_rule("/", view_func=index)
     app.add_url_rule("/healthz", view_func=healthz)
     return app
+
+
+def _connect_args(url: str) -> dict[str, Any]:
+    if url.startswith("postgresql"):
+        return {"connect_args": {"connect_timeout": max(1, int(HEALTH_TIMEOUT))}}
+    return {}
 
 
 def index() -> Response:
@@ -67,27 +87,61 @@ def index() -> Response:
 def healthz() -> Any:
     """200 when the database and the broker answer; 503 naming the one that does not.
 
-    Each is asked once, for at most :data:`HEALTH_TIMEOUT` seconds: a health
-    check answers promptly rather than waiting for a server to come back.
+    Both are asked at once, each on a connection of its own, and the answer
+    comes within :data:`HEALTH_TIMEOUT` seconds whatever they do: a server
+    that accepts connections and then says nothing counts as not answering.
     """
-    problems: dict[str, str] = {}
-    try:
-        db.session.execute(text("SELECT 1"))
-        db.session.rollback()
-    except Exception as exc:
-        problems["database"] = f"not answering: {exc.__class__.__name__}"
     celery_app: Celery = current_app.extensions["proj.celery"]
-    try:
-        with celery_app.connection_for_write(
-            connect_timeout=HEALTH_TIMEOUT, transport_options=_timeouts(celery_app)
-        ) as connection:
-            connection.ensure_connection(max_retries=0)
-    except Exception as exc:
-        problems["broker"] = f"not answering: {exc.__class__.__name__}"
+    engine: Engine = current_app.extensions["proj.health_engine"]
+    checks = {
+        "database": lambda: _database_answers(engine),
+        "broker": lambda: _broker_answers(celery_app),
+    }
+    problems = {
+        name: problem for name, problem in _ask_at_once(checks, HEALTH_TIMEOUT).items() if problem
+    }
     if problems:
         names = " and ".join(sorted(problems))
         return error_response(503, "unavailable", f"{names} not answering", problems)
     return jsonify(status="ok", database="ok", broker="ok")
+
+
+def _ask_at_once(checks: dict[str, Callable[[], None]], timeout: float) -> dict[str, str | None]:
+    """Run each check in a thread of its own; what went wrong with each (None:
+    it answered), counting one still running after ``timeout`` as silent. A
+    silent check's thread is left to end when its connection does."""
+    found: dict[str, str | None] = {}
+
+    def ask(name: str, check: Callable[[], None]) -> None:
+        try:
+            check()
+            found[name] = None
+        except Exception as exc:
+            found[name] = f"not answering: {exc.__class__.__name__}"
+
+    threads = [
+        threading.Thread(target=ask, args=item, name=f"healthz-{item[0]}", daemon=True)
+        for item in checks.items()
+    ]
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    silent = f"not answering: no answer in {timeout:g} s"
+    return {name: found.get(name, silent) for name in checks}
+
+
+def _database_answers(engine: Engine) -> None:
+    with engine.connect() as connection:
+        connection.execute(text("SELECT 1"))
+
+
+def _broker_answers(celery_app: Celery) -> None:
+    with celery_app.connection_for_write(
+        connect_timeout=HEALTH_TIMEOUT, transport_options=_timeouts(celery_app)
+    ) as connection:
+        connection.ensure_connection(max_retries=0)
 
 
 def _timeouts(celery_app: Celery) -> dict[str, float]:

@@ -108,6 +108,12 @@ def record_effect(self: SqlAlchemyTask, tag: str, n: int, seconds: float = 0.0) 
     return n
 
 
+@shared_task(name="e2e.overtime", base=SqlAlchemyTask, time_limit=1, max_attempts=2)
+def overtime() -> None:
+    """Take far longer than its hard time limit (1 s), every time."""
+    time.sleep(30)
+
+
 @shared_task(name="e2e.kill_own_worker")
 def kill_own_worker() -> None:
     """kill -9 the process running it, every time."""

@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING, Any
 import psutil
 import pytest
 from celery import Celery
-from e2e_tasks import create_effects_table, effects, kill_own_worker, record_effect
+from e2e_tasks import create_effects_table, effects, kill_own_worker, overtime, record_effect
 from sqlalchemy import select
 from subprocesses import Command, Commands
 
 from proj.db import session_scope, worker_engine
+from proj.jobs import ledger
 from proj.jobs.models import Job, State
 
 if TYPE_CHECKING:
@@ -169,4 +170,24 @@ def test_a_job_that_kills_its_worker_stops_at_its_maximum(
     log = worker.output(since)
     assert log.count(f"e2e.kill_own_worker[{job_id}] received") == 3
     assert log.count("exited with 'signal 9 (SIGKILL)'") == 3
+    assert worker.popen.poll() is None
+
+
+def test_a_job_past_its_hard_time_limit_ends_its_attempt_at_once(
+    celery_app: Celery, worker: Command
+) -> None:
+    """A job whose task overruns its hard time limit (1 s) every time, with
+    ``max_attempts=2``: each overrun ends the attempt at once (``retrying``,
+    published again; not ``running`` until the reconciler's 300 s), and the
+    second ends the job ``failed``, each attempt's error kept."""
+    job_id = overtime.delay_on_commit()
+    worker.until(lambda: states([job_id]) == Counter({State.FAILED: 1}), timeout=60)
+    [job] = jobs([job_id])
+    assert (job.attempts, job.max_attempts) == (2, 2)
+    with session_scope() as session:
+        errors = [(a.attempt, a.outcome, a.error) for a in ledger.attempts_of(session, job_id)]
+    assert errors == [
+        (1, "retrying", "hard time limit (1 s) exceeded"),
+        (2, "failed", "hard time limit (1 s) exceeded"),
+    ]
     assert worker.popen.poll() is None

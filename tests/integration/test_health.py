@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,10 +12,12 @@ from typing import TYPE_CHECKING, Any
 import celery
 import pytest
 from flask.testing import FlaskClient
+from sqlalchemy import make_url
 
 import proj.celery
 from proj.config import Settings, load_settings
 from proj.db import db as web_db
+from proj.jobs.testing.faults import TcpProxy
 from proj.web import create_app
 
 if TYPE_CHECKING:
@@ -24,8 +27,11 @@ CLOSED_BROKERS = ["amqp://guest:guest@127.0.0.1:1//", "redis://127.0.0.1:1/0"]
 CLOSED_DATABASE = "postgresql+psycopg2://postgres@127.0.0.1:1/x"
 
 
-def ask_health(settings: Settings) -> tuple[int, dict[str, Any]]:
-    """GET /healthz on a web app whose database and broker are those of ``settings``.
+def ask_health(
+    settings: Settings, *, before: Callable[[], object] | None = None
+) -> tuple[int, dict[str, Any]]:
+    """GET /healthz on a web app whose database and broker are those of
+    ``settings`` (after a first GET and ``before()``, if given).
 
     Fails, rather than hangs, if the answer takes more than 30 s.
     """
@@ -34,6 +40,9 @@ def ask_health(settings: Settings) -> tuple[int, dict[str, Any]]:
         flask_app = create_app(settings, proj.celery.make_celery(settings))
     finally:
         current.set_current()  # a new Celery app makes itself current in this thread
+    if before is not None:
+        assert flask_app.test_client().get("/healthz").status_code == 200
+        before()
     answers: list[tuple[int, dict[str, Any]]] = []
 
     def ask() -> None:
@@ -99,3 +108,19 @@ def test_silent_broker(tmp_path: Path, scheme: str) -> None:
         }[scheme]
         settings = replace(load_settings({"PROJ_DATA_DIR": str(tmp_path)}), broker_url=url)
         assert list(unavailable(ask_health(settings))) == ["broker"]
+
+
+def test_silent_database_behind_a_blackholed_proxy(stack: Stack) -> None:
+    """PostgreSQL behind a proxy: the health check answers 200; then the proxy
+    keeps every connection open and forwards nothing, and the next check still
+    answers, 503 naming the database only (a check on a connection kept from
+    the first would wait for the server forever)."""
+    if not stack.on_postgres:
+        pytest.skip("a database server to put behind the proxy: this stack runs SQLite")
+    url = make_url(stack.settings.database_url)
+    with TcpProxy((str(url.host), int(url.port or 5432))) as proxy:
+        silent = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+        jobs = replace(stack.settings.jobs, database_url=silent)
+        fields = unavailable(ask_health(replace(stack.settings, jobs=jobs), before=proxy.blackhole))
+        proxy.restore()
+    assert list(fields) == ["database"]

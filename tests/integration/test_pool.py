@@ -1,7 +1,7 @@
 """The worker pool's connections. Against a server that drops them: one that
 rested longer than ``PING_AFTER_IDLE`` is pinged and replaced before use, and
 one back in use sooner is not pinged (the first statement meets the drop,
-and the whole pool is replaced). And ``db.autocommit``: each statement
+and the whole pool is replaced). And ``proj.jobs.engine.autocommit``: each statement
 commits on its own, and the connection goes back to the pool transactional."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import NullPool
 
-from proj import db
+from proj.jobs import engine as db
 from proj.jobs.engine import make_engine
 
 if TYPE_CHECKING:

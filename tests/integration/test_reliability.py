@@ -18,14 +18,26 @@ from typing import TYPE_CHECKING
 import pytest
 from celery import Celery
 from flask.testing import FlaskClient
-from sqlalchemy import func, select, update
+from sqlalchemy import create_engine, func, select, text, update
 
 import proj.jobs.testing
+from proj.celery import make_celery
 from proj.db import Session, session_scope
-from proj.jobs import Jobs, SqlAlchemyTask, TaskArgumentError, retry_on, shared_task, utcnow
+from proj.db import db as web_db
+from proj.jobs import (
+    TRANSIENT_ERRORS,
+    Jobs,
+    SqlAlchemyTask,
+    TaskArgumentError,
+    ledger,
+    retry_on,
+    shared_task,
+    utcnow,
+)
 from proj.jobs.models import Job, State
 from proj.jobs.relay import make_relay
 from proj.models import Invoice, User
+from proj.web import create_app
 
 if TYPE_CHECKING:
     from conftest import Stack
@@ -260,3 +272,61 @@ def dead_pid() -> int:
     process = subprocess.Popen(["true"])
     process.wait()
     return process.pid
+
+
+@shared_task(name="tests.reliability.sleepy", bind=True)
+@retry_on(TRANSIENT_ERRORS, max_retries=1, backoff=0.05, max_backoff=0.05, jitter=False)
+def sleepy(self: SqlAlchemyTask, seconds: float) -> None:
+    Session.execute(text("SELECT pg_sleep(:seconds)"), {"seconds": seconds})
+
+
+def test_a_statement_past_the_workers_timeout_is_a_transient_error(
+    stack: Stack, celery_app: Celery
+) -> None:
+    """With ``PROJ_WORKER_STATEMENT_TIMEOUT`` at 0.3 s, a task's 3 s statement is
+    cancelled by PostgreSQL; the task retries it (a transient error), and
+    fails once its attempts are used up, each attempt's error kept."""
+    if not stack.on_postgres:
+        pytest.skip("statement_timeout is PostgreSQL's")
+    jobs = replace(stack.settings.jobs, worker_statement_timeout=0.3)
+    own = make_celery(replace(stack.settings, jobs=jobs))
+    try:
+        job_id = own.tasks["tests.reliability.sleepy"].apply_async_on_commit((3,))
+        with proj.jobs.testing.worker(own):
+            failed = proj.jobs.testing.wait_for_state(job_id, State.FAILED, celery_app=own)
+        with Jobs.of(own).session_scope() as session:
+            errors = [attempt.error or "" for attempt in ledger.attempts_of(session, job_id)]
+    finally:
+        Jobs.of(own).dispose()
+        own.close()
+        celery_app.set_current()
+        celery_app.set_default()
+    assert failed.attempts == 2
+    assert len(errors) == 2 and all("statement timeout" in error for error in errors)
+
+
+def test_a_request_waiting_on_a_lock_answers_503(stack: Stack, celery_app: Celery) -> None:
+    """With ``PROJ_LOCK_TIMEOUT`` at 0.5 s, a sign-up that waits for a lock
+    another connection holds gets a JSON 503 instead of waiting; once the lock
+    is gone, the same request succeeds."""
+    if not stack.on_postgres:
+        pytest.skip("lock_timeout is PostgreSQL's")
+    installed = Jobs.of(celery_app)
+    settings = installed.settings
+    installed.settings = replace(settings, lock_timeout=0.5)
+    holder = create_engine(stack.settings.database_url)
+    try:
+        flask_app = create_app(stack.settings, celery_app)
+        client = flask_app.test_client()
+        with holder.connect() as connection, connection.begin():
+            connection.execute(text("LOCK TABLE users IN ACCESS EXCLUSIVE MODE"))
+            refused = client.post("/api/users", json={"email": new_email()})
+        accepted = client.post("/api/users", json={"email": new_email()})
+        with flask_app.app_context():
+            web_db.engine.dispose()
+    finally:
+        installed.settings = settings
+        holder.dispose()
+    assert refused.status_code == 503
+    assert refused.get_json()["error"]["code"] == "database_unavailable"
+    assert accepted.status_code == 201
