@@ -30,6 +30,7 @@ from proj.jobs.clock import utcnow
 from proj.jobs.deadletter import record_message
 from proj.jobs.engine import make_engine, prepare_engine, resolve_url
 from proj.jobs.errors import ConfigurationError
+from proj.jobs.heartbeat import HeartbeatStep
 from proj.jobs.reconciler import reconcile_jobs
 from proj.jobs.registry import install, jobs_of
 from proj.jobs.relay import RelayStep
@@ -169,6 +170,7 @@ class Jobs:
         app = self.celery_app
         install(app, self)
         app.steps["worker"].add(RelayStep)
+        app.steps["worker"].add(HeartbeatStep)
         app.task(name=RECONCILE_TASK, base=SqlAlchemyTask, bind=True, shared=False)(reconcile_jobs)
         if app.configured:  # type: ignore[attr-defined]
             self._configure(app)

@@ -168,3 +168,20 @@ class JobAttempt(LedgerBase):
 
 
 ATTEMPTS = cast(Table, JobAttempt.__table__)
+
+
+class WorkerBeat(LedgerBase):
+    """A worker's last heartbeat (see :mod:`proj.jobs.heartbeat`)."""
+
+    __tablename__ = "job_workers"
+
+    hostname: Mapped[str] = mapped_column(String(255), primary_key=True)
+    """The worker's node name (``celery@host``), as its jobs' ``worker`` begins."""
+    pid: Mapped[int] = mapped_column(Integer)
+    """Its main process."""
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    """When this incarnation began: a job it claimed earlier was another's."""
+    beat_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+WORKERS = cast(Table, WorkerBeat.__table__)

@@ -7,14 +7,15 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from datetime import timedelta
+from collections.abc import Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Celery
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from proj.jobs import ledger
+from proj.jobs import heartbeat, ledger
 from proj.jobs.clock import utcnow
 from proj.jobs.models import CLAIMABLE, Job, State
 from proj.jobs.registry import jobs_of
@@ -72,15 +73,39 @@ def abandoned(job_id: str, worker: str | None, active: set[str] | None) -> bool:
     return False
 
 
+def gone_with_their_worker(
+    session: Session, celery_app: Celery, running: Sequence[Any], cutoff: datetime
+) -> list[str]:
+    """The ids of these running jobs (``id, worker, started_at``) whose run is
+    over. A worker that beats (:mod:`proj.jobs.heartbeat`) is gone when its
+    last heartbeat is older than ``cutoff``, and a job it claimed before its
+    current incarnation began is gone too; no broker is asked. For a worker
+    without heartbeats, :func:`abandoned` decides."""
+    known = heartbeat.beats(session, {node_of(worker) for _, worker, _ in running})
+    unheard = [(job_id, worker) for job_id, worker, _ in running if node_of(worker) not in known]
+    active = active_jobs(celery_app) if unheard else None
+    gone = [job_id for job_id, worker in unheard if abandoned(job_id, worker, active)]
+    for job_id, worker, started_at in running:
+        beat = known.get(node_of(worker))
+        if beat is not None and (beat.beat_at < cutoff or started_at < beat.started_at):
+            gone.append(job_id)
+    return gone
+
+
+def node_of(worker: str | None) -> str:
+    """The worker's node name (``celery@host``) in a job's ``worker`` (``node:pid``)."""
+    return (worker or "").rpartition(":")[0]
+
+
 def reconcile(session: Session, celery_app: Celery, stale_after: float) -> dict[str, int]:
     """Hand the relay jobs that were lost, in ``session``'s transaction.
 
     - ``queued`` or ``retrying`` jobs published more than ``stale_after``
       seconds ago, due since then, not started since, whose queue is empty:
       the broker lost them (as Redis does when it restarts without persistence);
-    - ``running`` jobs started more than ``stale_after`` seconds ago on a worker
-      that no live worker reports running (see :func:`abandoned`): they go back
-      to ``retrying``.
+    - ``running`` jobs started more than ``stale_after`` seconds ago whose
+      worker is gone (see :func:`gone_with_their_worker`): they go back to
+      ``retrying``, or end ``failed`` if that was their last attempt.
     """
     cutoff = utcnow() - timedelta(seconds=stale_after)
     lost = session.execute(
@@ -96,12 +121,11 @@ def reconcile(session: Session, celery_app: Celery, stale_after: float) -> dict[
     if resend:
         ledger.resend(session, resend, published_before=cutoff)
     running = session.execute(
-        select(Job.id, Job.worker).where(Job.state == State.RUNNING, Job.started_at < cutoff)
+        select(Job.id, Job.worker, Job.started_at).where(
+            Job.state == State.RUNNING, Job.started_at < cutoff
+        )
     ).all()
-    gone: list[str] = []
-    if running:
-        active = active_jobs(celery_app)
-        gone = [job_id for job_id, worker in running if abandoned(job_id, worker, active)]
+    gone = gone_with_their_worker(session, celery_app, running, cutoff) if running else []
     if gone:
         ledger.abandon(session, gone)
     if resend or gone:

@@ -27,6 +27,7 @@ DEFAULTS: Mapping[str, str] = {
     "PROJ_MAX_MESSAGE_SIZE": "1048576",
     "PROJ_WORKER_STATEMENT_TIMEOUT": "0",
     "PROJ_LOCK_TIMEOUT": "10",
+    "PROJ_HEARTBEAT_INTERVAL": "10",
 }
 """The default of every setting proj.jobs reads, by environment variable."""
 
@@ -61,6 +62,9 @@ class JobsSettings:
     lock_timeout: float = 10
     """Seconds a statement may wait for a lock before PostgreSQL gives up (a
     transient error: the task retries)."""
+    heartbeat_interval: float = 10
+    """Seconds between a worker's heartbeats (0: none; the reconciler then asks
+    the broker who runs what)."""
     max_message_size: int = 1_048_576
     """Largest a job's arguments may be, in bytes of JSON (0: no limit): a job
     over it is refused at ``delay_on_commit`` rather than by the broker later."""
@@ -103,6 +107,9 @@ class JobsSettings:
                 "PROJ_WORKER_STATEMENT_TIMEOUT", raw("PROJ_WORKER_STATEMENT_TIMEOUT"), float
             ),
             lock_timeout=number("PROJ_LOCK_TIMEOUT", raw("PROJ_LOCK_TIMEOUT"), float),
+            heartbeat_interval=number(
+                "PROJ_HEARTBEAT_INTERVAL", raw("PROJ_HEARTBEAT_INTERVAL"), float
+            ),
         )
         settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
         if not settings.database_url:

@@ -29,7 +29,7 @@ from sqlalchemy.exc import IntegrityError
 import proj.jobs.testing
 from proj.db import Session, session_scope
 from proj.jobs import Jobs, SqlAlchemyTask, outbox, shared_task, utcnow
-from proj.jobs.models import Job, State
+from proj.jobs.models import Job, State, WorkerBeat
 from proj.jobs.relay import make_relay
 from proj.jobs.retry import retry_on
 from proj.jobs.scheduler import SlotScheduler, slot_job_id
@@ -281,8 +281,15 @@ def test_reconciler_takes_back_a_dead_workers_job(stack: Stack, purged: Celery) 
     with proj.jobs.testing.worker(purged, pool="threads", concurrency=2, hostname=hostname):
         kept = record.apply_async_on_commit((kept_user, key))
         assert RUNNING[key].wait(timeout=30)
+        beating = select(WorkerBeat).where(WorkerBeat.hostname == hostname)
+        proj.jobs.testing.wait_for(lambda: one_row(beating))
         with session_scope() as session:  # running for long, as far as the ledger says
             session.execute(update(Job).where(Job.id == kept).values(started_at=past))
+            session.execute(
+                update(WorkerBeat)
+                .where(WorkerBeat.hostname == hostname)
+                .values(started_at=past - timedelta(minutes=1))
+            )
         result = purged.tasks["proj.reconcile_jobs"].apply().get()
         assert result["abandoned"] >= 1
         assert job(kept).state == State.RUNNING
@@ -293,6 +300,39 @@ def test_reconciler_takes_back_a_dead_workers_job(stack: Stack, purged: Celery) 
         proj.jobs.testing.wait_for(lambda: job(kept).state == State.SUCCEEDED)
     assert (effects(lost_user), job(lost).attempts) == (1, 2)
     assert (effects(kept_user), job(kept).attempts) == (1, 1)
+
+
+def one_row(query: Any) -> Any:
+    with session_scope() as session:
+        return session.execute(query).first()
+
+
+def test_reconciler_goes_by_heartbeats(stack: Stack, purged: Celery) -> None:
+    """Running jobs of workers that beat: one whose worker's last heartbeat is
+    older than ``PROJ_STALE_AFTER`` is taken back, and so is one claimed
+    before its worker's current incarnation began; one whose worker beats is
+    left alone, though no worker answers the broker's inspect (none runs)."""
+    past = utcnow() - LONG_AGO
+    hosts = {name: f"{name}-{uuid.uuid4().hex[:8]}@elsewhere" for name in ("dead", "new", "live")}
+    with session_scope() as session:
+        for name, host in hosts.items():
+            session.add(
+                WorkerBeat(
+                    hostname=host,
+                    pid=1,
+                    started_at=utcnow() if name == "new" else past,
+                    beat_at=past if name == "dead" else utcnow(),
+                )
+            )
+    running = {"state": State.RUNNING, "attempts": 1, "started_at": past, "published_at": past}
+    claimed = {
+        name: insert_job(new_user(), worker=f"{host}:4242", **running)
+        for name, host in hosts.items()
+    }
+    result = purged.tasks["proj.reconcile_jobs"].apply().get()
+    assert result["abandoned"] >= 2
+    states = {name: job(job_id).state for name, job_id in claimed.items()}
+    assert states == {"dead": State.RETRYING, "new": State.RETRYING, "live": State.RUNNING}
 
 
 def test_slot_job_id_is_per_task_and_slot() -> None:

@@ -1,5 +1,6 @@
-"""Each failed attempt kept (``job_attempts``), unique jobs (``unique_key``) and
-cancelling a running job (``cancel_requested_at``).
+"""Each failed attempt kept (``job_attempts``), unique jobs (``unique_key``),
+cancelling a running job (``cancel_requested_at``) and worker heartbeats
+(``job_workers``).
 
 Revision ID: jobs_0002
 Revises: jobs_0001
@@ -46,9 +47,18 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_job_attempts")),
     )
     op.create_index(op.f("ix_job_attempts_job_id"), "job_attempts", ["job_id"])
+    op.create_table(
+        "job_workers",
+        sa.Column("hostname", sa.String(length=255), nullable=False),
+        sa.Column("pid", sa.Integer(), nullable=False),
+        sa.Column("started_at", TIMESTAMP, nullable=False),
+        sa.Column("beat_at", TIMESTAMP, nullable=False),
+        sa.PrimaryKeyConstraint("hostname", name=op.f("pk_job_workers")),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("job_workers")
     op.drop_table("job_attempts")
     op.drop_index("uq_jobs_name_unique_key", table_name="jobs")
     with op.batch_alter_table("jobs") as jobs:
