@@ -8,9 +8,11 @@ import contextlib
 import os
 import re
 import signal
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import psutil
@@ -21,7 +23,7 @@ from sqlalchemy import select
 from subprocesses import Command, Commands
 
 from proj.db import session_scope, worker_engine
-from proj.jobs import ledger
+from proj.jobs import Jobs, ledger
 from proj.jobs.models import Job, State
 
 if TYPE_CHECKING:
@@ -191,3 +193,45 @@ def test_a_job_past_its_hard_time_limit_ends_its_attempt_at_once(
         (2, "failed", "hard time limit (1 s) exceeded"),
     ]
     assert worker.popen.poll() is None
+
+
+def test_the_main_process_killed_mid_drain_loses_and_repeats_nothing(
+    stack: Stack, celery_app: Celery, commands: Commands
+) -> None:
+    """200 jobs; while a worker drains them, its main process is killed with
+    SIGKILL (its children follow). A new worker starts; the reconciler (run
+    here every second, with ``PROJ_STALE_AFTER`` at 3 s) takes back what the
+    dead worker held, as its heartbeat has stopped: every job ends
+    ``succeeded`` with its effect once, none is left ``running``."""
+    if not stack.on_postgres:
+        pytest.skip("the embedded broker's file is left locked by a killed process")
+    create_effects_table(worker_engine())
+    env = stack.process_env(PROJ_HEARTBEAT_INTERVAL="1")
+    first = commands.worker(env)
+    run = tag()
+    job_ids = enqueue(run, 200)
+    first.until(lambda: states(job_ids)[State.SUCCEEDED] >= 40, timeout=60)
+    family = first.children()
+    os.kill(first.pid, signal.SIGKILL)
+    first.popen.wait(timeout=10)
+    _, alive = psutil.wait_procs(family, timeout=10)
+    for child in alive:  # orphans that did not notice: the machine went down
+        child.kill()
+    cut_off = states(job_ids)
+    assert cut_off[State.SUCCEEDED] < 200, "the drain was over before the kill"
+
+    jobs_settings = Jobs.of(celery_app).settings
+    Jobs.of(celery_app).settings = replace(jobs_settings, stale_after=3.0)
+    second = commands.worker(env)
+    try:
+
+        def drained() -> bool:
+            celery_app.tasks["proj.reconcile_jobs"].apply().get()
+            time.sleep(1)
+            return states(job_ids) == Counter({State.SUCCEEDED: 200})
+
+        second.until(drained, timeout=120)
+    finally:
+        Jobs.of(celery_app).settings = jobs_settings
+    assert effect_counts(run) == Counter(dict.fromkeys(range(200), 1))
+    assert second.popen.poll() is None
