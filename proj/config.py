@@ -25,6 +25,7 @@ DEFAULTS: Mapping[str, str] = {
     "CELERY_RESULT_BACKEND": "db+{database_url}",
     "PROJ_WEB_POOL_SIZE": "5",
     "PROJ_WEB_STATEMENT_TIMEOUT": "5",
+    "PROJ_WEB_ANSWER_WITHIN": "8",
     "PROJ_MAIL_URL": "file://{data_dir}/mail",
     "PROJ_MAIL_FROM": "proj@localhost",
     "PROJ_DIGEST_TO": "ops@localhost",
@@ -54,6 +55,9 @@ class Settings:
     web_statement_timeout: float
     """Seconds a request's statement may run before PostgreSQL cancels it (the
     request answers 503)."""
+    web_answer_within: float
+    """Seconds a request waits for PostgreSQL to answer at all before it gives
+    up on the connection and answers 503 (0: as long as TCP allows)."""
     mail_url: str
     """``smtp://host:port`` or ``file:///folder`` (one ``.eml`` file a message)."""
     mail_from: str
@@ -132,6 +136,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         result_backend=result_backend,
         web_pool_size=read("PROJ_WEB_POOL_SIZE", int),
         web_statement_timeout=read("PROJ_WEB_STATEMENT_TIMEOUT", float),
+        web_answer_within=read("PROJ_WEB_ANSWER_WITHIN", float),
         mail_url=text("PROJ_MAIL_URL"),
         mail_from=text("PROJ_MAIL_FROM"),
         digest_to=text("PROJ_DIGEST_TO"),

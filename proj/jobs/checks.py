@@ -9,6 +9,7 @@ from celery import Celery
 
 from proj.jobs.clock import due_at, utcnow
 from proj.jobs.errors import ConfigurationError
+from proj.jobs.registry import jobs_of
 from proj.jobs.retry import retry_policy_of
 
 REDIS_DEFAULT_VISIBILITY_TIMEOUT = 3600.0
@@ -23,12 +24,37 @@ def visibility_timeout(celery_app: Celery) -> float | None:
     return float(options.get("visibility_timeout", REDIS_DEFAULT_VISIBILITY_TIMEOUT))
 
 
+def unacked_limit(celery_app: Celery) -> tuple[float, str] | None:
+    """How long the broker lets a worker hold a message unacknowledged, and
+    what sets it: Redis's visibility timeout (then it delivers the message
+    again), RabbitMQ's ``consumer_timeout`` (then it closes the channel and
+    delivers everything the channel held again); None elsewhere."""
+    redis = visibility_timeout(celery_app)
+    if redis is not None:
+        return redis, (
+            "Redis redelivers unacknowledged messages after its visibility timeout; "
+            "raise it (the broker's visibility_timeout transport option, "
+            "PROJ_VISIBILITY_TIMEOUT in the reference application)"
+        )
+    if str(celery_app.conf.broker_url or "").startswith(("amqp:", "amqps:", "pyamqp:")):
+        limit = jobs_of(celery_app).settings.rabbitmq_consumer_timeout
+        if limit:
+            return limit, (
+                "RabbitMQ closes a channel that holds a message unacknowledged past its "
+                "consumer_timeout; raise consumer_timeout on the server and "
+                "PROJ_RABBITMQ_CONSUMER_TIMEOUT with it"
+            )
+    return None
+
+
 def check_configuration(celery_app: Celery) -> None:
     """Refuse a configuration proj cannot keep its promises with.
 
     - only JSON crosses the queue (pickle would run whatever a message says);
-    - on Redis, the visibility timeout must outlast every retry countdown,
-      or a message waiting for its retry is delivered twice.
+    - on Redis, the visibility timeout, and on RabbitMQ the consumer timeout,
+      must outlast every task's hard time limit and retry countdown: a worker
+      holds a message unacknowledged while it runs and while it waits for its
+      ETA, and past that limit the broker delivers it again.
     """
     conf = celery_app.conf
     for name in ("accept_content", "result_accept_content"):
@@ -36,32 +62,38 @@ def check_configuration(celery_app: Celery) -> None:
             raise ConfigurationError(
                 f"{name} = {conf[name]!r}: proj accepts JSON only; remove the others."
             )
-    limit = visibility_timeout(celery_app)
-    if limit is None:
+    found = unacked_limit(celery_app)
+    if found is None:
         return
+    limit, remedy = found
     celery_app.loader.import_default_modules()
     for task in celery_app.tasks.values():
         policy = retry_policy_of(task)
         if policy is not None and policy.max_backoff >= limit:
             raise ConfigurationError(
                 f"{task.name} may wait {policy.max_backoff:g} s before a retry, but "
-                f"Redis redelivers unacknowledged messages after {limit:g} s; raise "
-                "the broker's visibility_timeout transport option (PROJ_VISIBILITY_TIMEOUT "
-                "in the reference application) above the longest countdown."
+                f"{remedy} above the longest countdown ({limit:g} s now)."
+            )
+        hard = task.time_limit or conf.task_time_limit
+        if hard and hard >= limit:
+            raise ConfigurationError(
+                f"{task.name} may run for {hard:g} s (its hard time limit), but "
+                f"{remedy} above the longest time limit ({limit:g} s now)."
             )
 
 
 def check_countdown(celery_app: Celery, options: dict[str, Any]) -> None:
-    """Refuse a countdown or ETA that Redis would cut short by redelivering."""
+    """Refuse a countdown or ETA the broker would cut short by redelivering."""
     delay = _delay(options)
-    if delay is None:
+    found = unacked_limit(celery_app)
+    if delay is None or found is None:
         return
-    limit = visibility_timeout(celery_app)
-    if limit is not None and delay >= limit:
+    limit, remedy = found
+    if delay >= limit:
         raise ConfigurationError(
-            f"a delay of {delay:g} s is not shorter than Redis's visibility timeout "
-            f"({limit:g} s): the message would be delivered twice. Raise "
-            "PROJ_VISIBILITY_TIMEOUT or shorten the countdown."
+            f"a delay of {delay:g} s is not shorter than the broker allows a message "
+            f"to wait unacknowledged ({limit:g} s): it would be delivered twice. "
+            f"{remedy[0].upper()}{remedy[1:]}, or shorten the delay."
         )
 
 

@@ -18,6 +18,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
+from proj.jobs import deadlines
 from proj.jobs.errors import ConfigurationError
 
 PING_AFTER_IDLE = 1.0
@@ -102,7 +103,12 @@ def make_engine(
 
 
 def engine_options(
-    url: str, pool_size: int, *, statement_timeout: float = 0, lock_timeout: float = 0
+    url: str,
+    pool_size: int,
+    *,
+    statement_timeout: float = 0,
+    lock_timeout: float = 0,
+    answer_within: float = 0,
 ) -> dict[str, Any]:
     """``create_engine`` keyword arguments proj uses for ``url``: a pool of
     ``pool_size`` (as many again in overflow) that gives up on a checkout after
@@ -113,7 +119,10 @@ def engine_options(
     - ``connect_timeout``, TCP keepalives and ``tcp_user_timeout``
       (:data:`CONNECT_TIMEOUT`, :data:`UNANSWERED_AFTER`);
     - ``statement_timeout`` and ``lock_timeout`` in seconds (0: none), which
-      the server enforces (SQLSTATE 57014 and 55P03, both transient).
+      the server enforces (SQLSTATE 57014 and 55P03, both transient);
+    - ``answer_within`` seconds (0: none), which the client enforces on each
+      wait for the server (:mod:`proj.jobs.deadlines`): a server that went
+      silent fails the statement as a lost connection.
     """
     options: dict[str, Any] = {}
     if url.startswith("sqlite"):
@@ -122,6 +131,7 @@ def engine_options(
         return options
     options.update(pool_size=pool_size, max_overflow=pool_size, pool_timeout=CONNECT_TIMEOUT)
     if url.startswith("postgresql"):
+        psycopg2 = make_url(url).get_driver_name() == "psycopg2"
         limits = " ".join(
             f"-c {name}={int(seconds * 1000)}"
             for name, seconds in (
@@ -138,6 +148,7 @@ def engine_options(
             "keepalives_count": UNANSWERED_AFTER // 2,
             "tcp_user_timeout": UNANSWERED_AFTER * 1000,
             **({"options": limits} if limits else {}),
+            **(deadlines.connect_args(answer_within) if answer_within and psycopg2 else {}),
         }
     return options
 

@@ -39,6 +39,7 @@ from sqlalchemy import (
     bindparam,
     case,
     delete,
+    func,
     insert,
     literal,
     select,
@@ -400,6 +401,32 @@ def record_failure(
                     traceback=clip(traceback),
                 )
             )
+
+
+@patient
+def plain_task_lost(
+    engine: Engine, task_id: str, error: str, worker: str | None, max_attempts: int
+) -> int:
+    """A task sent with plain ``delay()`` (it has no row) lost its worker: the
+    number of this attempt, which proj counts as the broker does not. Before
+    the last (``max_attempts``), the attempt is kept (its message goes back to
+    the queue); on the last the caller ends the job with :func:`record_failure`."""
+    with session_scope(engine) as session:
+        before = session.scalar(
+            select(func.count(JobAttempt.id)).where(JobAttempt.job_id == task_id)
+        )
+        attempt = int(before or 0) + 1
+        if attempt < max_attempts:
+            session.add(
+                JobAttempt(
+                    job_id=task_id,
+                    attempt=attempt,
+                    outcome=State.RETRYING,
+                    error=clip(error),
+                    worker=worker,
+                )
+            )
+    return attempt
 
 
 def refused(connection: Connection, reasons: Mapping[str, str]) -> None:

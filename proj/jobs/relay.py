@@ -24,12 +24,14 @@ from sqlalchemy import Engine
 from proj.jobs.clock import utcnow
 from proj.jobs.engine import make_engine
 from proj.jobs.models import Job
-from proj.jobs.outbox import NOTIFY_CHANNEL, publish_owed
+from proj.jobs.publisher import publish_owed
 from proj.jobs.registry import jobs_of
 from proj.jobs.settings import JobsSettings
 
 logger = logging.getLogger(__name__)
 
+NOTIFY_CHANNEL = "proj_jobs"
+"""What the ledger's trigger notifies when a row is owed to the broker (PostgreSQL)."""
 STOP_CHECK = 0.25
 """Seconds a waiting relay may take to notice it is asked to stop."""
 RELAY_POOL_SIZE = 1

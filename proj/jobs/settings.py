@@ -28,6 +28,7 @@ DEFAULTS: Mapping[str, str] = {
     "PROJ_WORKER_STATEMENT_TIMEOUT": "0",
     "PROJ_LOCK_TIMEOUT": "10",
     "PROJ_HEARTBEAT_INTERVAL": "10",
+    "PROJ_RABBITMQ_CONSUMER_TIMEOUT": "1800",
 }
 """The default of every setting proj.jobs reads, by environment variable."""
 
@@ -65,6 +66,10 @@ class JobsSettings:
     heartbeat_interval: float = 10
     """Seconds between a worker's heartbeats (0: none; the reconciler then asks
     the broker who runs what)."""
+    rabbitmq_consumer_timeout: float = 1800
+    """RabbitMQ's ``consumer_timeout`` in seconds (its default: 30 minutes), for
+    the start-up check that every time limit and countdown stays under it (0:
+    not checked)."""
     max_message_size: int = 1_048_576
     """Largest a job's arguments may be, in bytes of JSON (0: no limit): a job
     over it is refused at ``delay_on_commit`` rather than by the broker later."""
@@ -107,6 +112,9 @@ class JobsSettings:
                 "PROJ_WORKER_STATEMENT_TIMEOUT", raw("PROJ_WORKER_STATEMENT_TIMEOUT"), float
             ),
             lock_timeout=number("PROJ_LOCK_TIMEOUT", raw("PROJ_LOCK_TIMEOUT"), float),
+            rabbitmq_consumer_timeout=number(
+                "PROJ_RABBITMQ_CONSUMER_TIMEOUT", raw("PROJ_RABBITMQ_CONSUMER_TIMEOUT"), float
+            ),
             heartbeat_interval=number(
                 "PROJ_HEARTBEAT_INTERVAL", raw("PROJ_HEARTBEAT_INTERVAL"), float
             ),

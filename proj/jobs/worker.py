@@ -27,12 +27,12 @@ from celery.exceptions import Ignore, Reject, Retry
 from celery.worker import state as worker_state
 from celery.worker.request import Request
 
-from proj.jobs import ledger, outbox
+from proj.jobs import ledger, publisher
 from proj.jobs.clock import due_at, utcnow
 from proj.jobs.errors import JobCancelled
 from proj.jobs.models import State
 from proj.jobs.registry import jobs_of
-from proj.jobs.retry import TRANSIENT_ERRORS, backoff, retry_policy_of
+from proj.jobs.retry import TRANSIENT_ERRORS, backoff, max_attempts_of, retry_policy_of
 from proj.jobs.session import in_task_run, task_scope
 
 if TYPE_CHECKING:
@@ -90,7 +90,8 @@ def is_ledger_job(request: Any) -> bool:
     """Whether the message being run is a ledger job's (its header says so;
     a run applied in-process carries the header under ``headers``)."""
     return bool(
-        request.get(outbox.JOB_HEADER) or (request.get("headers") or {}).get(outbox.JOB_HEADER)
+        request.get(publisher.JOB_HEADER)
+        or (request.get("headers") or {}).get(publisher.JOB_HEADER)
     )
 
 
@@ -149,7 +150,7 @@ def retry_job(
     job_id = str(task.request.id)
     trace = "".join(format_exception(exc)) if exc is not None else None
     ledger.retrying(jobs.engine, job_id, repr(exc), trace, when)
-    outbox.send_owed(jobs, [job_id])
+    publisher.send_owed(jobs, [job_id])
     raise Retry(exc=exc, when=when)
 
 
@@ -202,24 +203,44 @@ class JobRequest(Request):
         self, exc_info: ExceptionInfo, send_failed_event: bool = True, return_ok: bool = False
     ) -> None:
         exc = getattr(exc_info.exception, "exc", exc_info.exception)
-        lost = isinstance(exc, WorkerLostError) and self.request_dict.get(outbox.JOB_HEADER)
+        if isinstance(exc, WorkerLostError) and self._last_attempt_lost(exc):
+            logger.error("%s[%s]: worker lost on its last attempt; failed", self.name, self.id)
+            self.reject(requeue=False)
+            return
+        super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
+    def _last_attempt_lost(self, exc: WorkerLostError) -> bool:
+        """Record that the worker running this attempt was lost; True if it was
+        the last attempt (the job is failed, its message is to be dropped)."""
+        jobs = jobs_of(self.task.app)
+        error = f"the worker running it was lost: {exc!r}"
         # The child that died, named as its claim named it (unknown if the
         # worker never heard the child accept the task: then any run).
         worker = f"{self.hostname}:{self.worker_pid}" if self.worker_pid else None
-        if lost:
-            engine = jobs_of(self.task.app).engine
-            error = f"the worker running it was lost: {exc!r}"
-            if ledger.worker_lost(engine, self.id, error, worker) == State.FAILED:
-                logger.error("%s[%s]: worker lost on its last attempt; failed", self.name, self.id)
-                self.reject(requeue=False)
-                return
-        super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+        if self.request_dict.get(publisher.JOB_HEADER):
+            return ledger.worker_lost(jobs.engine, self.id, error, worker) == State.FAILED
+        if not (self.task.acks_late and self.task.reject_on_worker_lost):
+            return False  # Celery does not deliver it again
+        limit = max_attempts_of(self.task, jobs.settings.max_attempts)
+        attempt = ledger.plain_task_lost(jobs.engine, self.id, error, worker, limit)
+        if attempt < limit:
+            return False
+        ledger.record_failure(
+            jobs.engine,
+            job_id=self.id,
+            name=self.name,
+            error=error,
+            args=list(self.args or ()),
+            kwargs=dict(self.kwargs or {}),
+            attempts=attempt,
+        )
+        return True
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
         """A ledger job past its hard time limit (its child is killed) ends the
         attempt at once: ``retrying`` and published again, or ``failed`` once
         its attempts are used up; its message is acknowledged."""
-        if soft or not self.request_dict.get(outbox.JOB_HEADER) or worker_state.should_terminate:
+        if soft or not self.request_dict.get(publisher.JOB_HEADER) or worker_state.should_terminate:
             super().on_timeout(soft, timeout)
             return
         worker_state.task_ready(self)
@@ -231,4 +252,4 @@ class JobRequest(Request):
         if self.task.acks_late:
             self.acknowledge()
         if state == State.RETRYING:
-            outbox.send_owed(jobs, [self.id])
+            publisher.send_owed(jobs, [self.id])

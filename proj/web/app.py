@@ -46,6 +46,7 @@ def create_app(settings: Settings | None = None, celery_app: Celery | None = Non
             settings.web_pool_size,
             statement_timeout=settings.web_statement_timeout,
             lock_timeout=jobs.settings.lock_timeout,
+            answer_within=settings.web_answer_within,
         ),
     )
     app.extensions["proj.celery"] = celery_app

@@ -7,6 +7,7 @@ from typing import Any
 
 from flask import Flask, Response, jsonify
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,13 @@ def register_error_handlers(app: Flask) -> None:
                 503, "database_unavailable", "the database is not answering; try again shortly"
             )
         return internal_error()
+
+    @app.errorhandler(PoolTimeout)
+    def no_connection(error: PoolTimeout) -> tuple[Response, int]:
+        logger.warning("no database connection free: %s", error)
+        return error_response(
+            503, "database_unavailable", "the database is not answering; try again shortly"
+        )
 
     @app.errorhandler(Exception)
     def unexpected(error: Exception) -> tuple[Response, int]:

@@ -235,3 +235,23 @@ def test_the_main_process_killed_mid_drain_loses_and_repeats_nothing(
         Jobs.of(celery_app).settings = jobs_settings
     assert effect_counts(run) == Counter(dict.fromkeys(range(200), 1))
     assert second.popen.poll() is None
+
+
+def test_a_plain_delay_that_kills_its_worker_stops_at_its_maximum(
+    celery_app: Celery, worker: Command
+) -> None:
+    """The same task sent with plain ``.delay()`` (no ledger row to count its
+    deliveries): proj counts the lost attempts itself, so it is delivered three
+    times (``PROJ_MAX_ATTEMPTS``) and then ends as a ``failed`` row, instead of
+    going back to the queue forever."""
+    since = worker.size()
+    task_id = kill_own_worker.delay().id
+    worker.until(lambda: states([task_id]) == Counter({State.FAILED: 1}), timeout=90)
+    [job] = jobs([task_id])
+    assert job.attempts == 3 and "the worker running it was lost" in (job.error or "")
+    with session_scope() as session:
+        outcomes = [a.outcome for a in ledger.attempts_of(session, task_id)]
+    assert outcomes == ["retrying", "retrying", "failed"]
+    after = enqueue(tag(), 4)
+    worker.until(lambda: states(after) == Counter({State.SUCCEEDED: 4}), timeout=60)
+    assert worker.output(since).count(f"e2e.kill_own_worker[{task_id}] received") == 3

@@ -28,7 +28,7 @@ from sqlalchemy.exc import IntegrityError
 
 import proj.jobs.testing
 from proj.db import Session, session_scope
-from proj.jobs import Jobs, SqlAlchemyTask, outbox, shared_task, utcnow
+from proj.jobs import Jobs, SqlAlchemyTask, outbox, publisher, shared_task, utcnow
 from proj.jobs.models import Job, State, WorkerBeat
 from proj.jobs.relay import make_relay
 from proj.jobs.retry import retry_on
@@ -179,7 +179,7 @@ def test_five_deliveries_one_effect_four_skips(purged: Celery, task_log: Bufferi
             proj.jobs.testing.worker(purged, pool="threads", concurrency=4),
         ):
             for _ in range(5):
-                outbox.send(purged, message(job_id))
+                publisher.send(purged, message(job_id))
             assert RUNNING[key].wait(timeout=30)
             proj.jobs.testing.wait_for(lambda: skips(task_log, job_id) >= 4, timeout=60)
             RELEASE[key].set()

@@ -34,7 +34,7 @@ from proj.celery import make_celery
 from proj.db import Session, session_scope
 from proj.jobs import Jobs, outbox, shared_task
 from proj.jobs.models import Job, State
-from proj.jobs.relay import Relay, make_relay
+from proj.jobs.relay import NOTIFY_CHANNEL, Relay, make_relay
 from proj.models import Invoice, User
 
 if TYPE_CHECKING:
@@ -219,7 +219,7 @@ RELAY_THEN_DIE = """
     import os
     from dataclasses import replace
 
-    from proj.jobs import outbox
+    from proj.jobs import publisher
     from proj.celery import app
     from proj.config import load_settings
     from proj.jobs.relay import make_relay
@@ -231,7 +231,7 @@ RELAY_THEN_DIE = """
 
     # The broker has confirmed the messages; the process dies before the
     # rows are marked published.
-    outbox.mark_published = die
+    publisher.mark_published = die
     make_relay(app, replace(load_settings().jobs, relay_grace=0.0)).relay_once()
 """
 
@@ -374,7 +374,7 @@ def listeners() -> list[int]:
                 "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
                 " AND application_name = :name AND query = :query"
             ),
-            {"name": f"proj-relay:{os.getpid()}", "query": f"LISTEN {outbox.NOTIFY_CHANNEL}"},
+            {"name": f"proj-relay:{os.getpid()}", "query": f"LISTEN {NOTIFY_CHANNEL}"},
         )
         return list(found)
 

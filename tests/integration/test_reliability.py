@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 from celery import Celery
+from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import create_engine, func, select, text, update
+from sqlalchemy import create_engine, func, make_url, select, text, update
 
 import proj.jobs.testing
 from proj.celery import make_celery
@@ -36,6 +37,7 @@ from proj.jobs import (
 )
 from proj.jobs.models import Job, State
 from proj.jobs.relay import make_relay
+from proj.jobs.testing.faults import TcpProxy
 from proj.models import Invoice, User
 from proj.web import create_app
 
@@ -330,3 +332,56 @@ def test_a_request_waiting_on_a_lock_answers_503(stack: Stack, celery_app: Celer
     assert refused.status_code == 503
     assert refused.get_json()["error"]["code"] == "database_unavailable"
     assert accepted.status_code == 201
+
+
+def test_a_silent_database_gets_a_503_not_a_hang(stack: Stack, celery_app: Celery) -> None:
+    """The web tier's database behind a proxy: a sign-up succeeds; then the
+    proxy keeps connections open and forwards nothing, and a sign-up on the
+    pooled connection answers a JSON 503 (the client's deadline, not a hang);
+    once the proxy forwards again, sign-ups succeed."""
+    if not stack.on_postgres:
+        pytest.skip("a database server to put behind the proxy: this stack runs SQLite")
+    url = make_url(stack.settings.database_url)
+    with TcpProxy((str(url.host), int(url.port or 5432))) as proxy:
+        through = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+        settings = replace(
+            stack.settings,
+            web_answer_within=1.0,
+            jobs=replace(stack.settings.jobs, database_url=through),
+        )
+        own = make_celery(settings)
+        flask_app = create_app(settings, own)
+        try:
+            first = answer_within(flask_app, 30)
+            proxy.blackhole()
+            silent = answer_within(flask_app, 30)
+            proxy.restore()
+            again = answer_within(flask_app, 30)
+        finally:
+            proxy.restore()
+            with flask_app.app_context():
+                web_db.engine.dispose()
+            Jobs.of(own).dispose()
+            own.close()
+            celery_app.set_current()
+            celery_app.set_default()
+    assert first[0] == 201
+    assert silent == (503, "database_unavailable")
+    assert again[0] == 201
+
+
+def answer_within(flask_app: Flask, seconds: float) -> tuple[int, str]:
+    """A sign-up's status and error code (``""`` if none); fails if no answer
+    comes within ``seconds``."""
+    answers: list[tuple[int, str]] = []
+
+    def sign_up() -> None:
+        response = flask_app.test_client().post("/api/users", json={"email": new_email()})
+        body = response.get_json()
+        answers.append((response.status_code, body.get("error", {}).get("code", "")))
+
+    thread = threading.Thread(target=sign_up, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert answers, f"no answer in {seconds:g} s"
+    return answers[0]

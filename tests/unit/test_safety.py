@@ -1,4 +1,6 @@
-"""Configurations proj refuses: pickle, and Redis countdowns past the visibility timeout."""
+"""Configurations proj refuses: pickle, and time limits or countdowns past what
+the broker lets a message wait unacknowledged (Redis's visibility timeout,
+RabbitMQ's consumer timeout)."""
 
 from __future__ import annotations
 
@@ -14,11 +16,14 @@ from proj.jobs import ConfigurationError
 from proj.jobs.checks import check_configuration, check_countdown
 
 
-def app_for(tmp_path: Path, broker: str, timeout: str = "7200") -> Celery:
+def app_for(
+    tmp_path: Path, broker: str, timeout: str = "7200", consumer_timeout: str = "1800"
+) -> Celery:
     env = {
         "PROJ_DATA_DIR": str(tmp_path),
         "CELERY_BROKER_URL": broker,
         "PROJ_VISIBILITY_TIMEOUT": timeout,
+        "PROJ_RABBITMQ_CONSUMER_TIMEOUT": consumer_timeout,
     }
     return make_celery(load_settings(env))
 
@@ -49,6 +54,26 @@ def test_countdown_and_eta_past_the_visibility_timeout_are_refused(tmp_path: Pat
         check_countdown(celery_app, {"eta": datetime.now(UTC) + timedelta(seconds=500)})
 
 
+def test_rabbitmq_consumer_timeout_bounds_countdowns_and_time_limits(tmp_path: Path) -> None:
+    """RabbitMQ closes a channel holding a message unacknowledged past its
+    consumer timeout: retry backoffs, hard time limits and countdowns must
+    stay under it (``PROJ_RABBITMQ_CONSUMER_TIMEOUT``, RabbitMQ's 30 minutes
+    by default; 0 turns the check off)."""
+    check_configuration(app_for(tmp_path, "amqp://guest@127.0.0.1//"))
+    short = app_for(tmp_path, "amqp://guest@127.0.0.1//", consumer_timeout="60")
+    with pytest.raises(ConfigurationError, match="consumer_timeout"):
+        check_configuration(short)
+    with pytest.raises(ConfigurationError, match="consumer_timeout"):
+        check_countdown(short, {"countdown": 60})
+    check_countdown(short, {"countdown": 59})
+    generous = app_for(tmp_path, "amqp://guest@127.0.0.1//", consumer_timeout="3600")
+    generous.conf.task_time_limit = 3600
+    with pytest.raises(ConfigurationError, match="hard time limit"):
+        check_configuration(generous)
+
+
 def test_other_brokers_take_any_countdown(tmp_path: Path) -> None:
-    celery_app = app_for(tmp_path, "amqp://guest@127.0.0.1//")
+    celery_app = app_for(tmp_path, "amqp://guest@127.0.0.1//", consumer_timeout="0")
     check_countdown(celery_app, {"countdown": 10**6})
+    embedded = app_for(tmp_path, "sqla+sqlite:///" + str(tmp_path / "broker.sqlite3"))
+    check_countdown(embedded, {"countdown": 10**6})

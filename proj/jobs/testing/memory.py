@@ -26,7 +26,7 @@ from celery import Celery, Task
 from celery._state import get_current_app
 
 from proj.jobs.extension import Jobs
-from proj.jobs.outbox import JOB_HEADER
+from proj.jobs.publisher import JOB_HEADER
 
 MAX_ROUNDS = 100
 """Most rounds :meth:`InMemoryQueue.run_enqueued` makes (a job that enqueues

@@ -1,0 +1,252 @@
+"""Publishing a job's message: one function, :func:`send`, for the fast path,
+the relay and a retry's next attempt alike.
+
+:func:`publish_owed` is the relay's pass: it locks unpublished rows with ``FOR
+UPDATE SKIP LOCKED`` (by state, never by "id above the last one seen", since
+rows commit out of order), publishes them in confirmed batches, and marks
+them published in the same transaction. A message the broker refuses, or
+that cannot be sent at all, fails its own job and holds up no other.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from amqp import spec
+from celery import Celery
+from kombu import Producer
+from sqlalchemy import Connection, select
+
+from proj.jobs import ledger
+from proj.jobs.clock import parse_eta, utcnow
+from proj.jobs.ledger import mark_published
+from proj.jobs.models import CLAIMABLE, Job
+from proj.jobs.registry import jobs_of
+
+if TYPE_CHECKING:
+    from proj.jobs.extension import Jobs
+
+logger = logging.getLogger(__name__)
+
+JOB_HEADER = "proj_job"
+"""Message header marking a job that has a ledger row."""
+CONFIRM_TIMEOUT = 30.0
+"""Seconds the relay waits for RabbitMQ to confirm a batch."""
+MESSAGE_FIELDS = ("id", "name", "args", "kwargs", "options", "attempts")
+"""The columns a job's message is made from."""
+
+
+def job_message(job: Mapping[str, Any]) -> dict[str, Any]:
+    """What :func:`send` publishes, from a job's :data:`MESSAGE_FIELDS`."""
+    return {
+        "id": job["id"],
+        "name": job["name"],
+        "args": job["args"],
+        "kwargs": job["kwargs"],
+        "options": job["options"],
+        "retries": max(job["attempts"], 0),
+    }
+
+
+def send(
+    celery_app: Celery,
+    message: Mapping[str, Any],
+    producer: Producer | None = None,
+    retry: bool = True,
+) -> None:
+    """Publish one job's message (with publisher confirms where the broker has them)."""
+    options = dict(message["options"])
+    if "eta" in options:
+        options["eta"] = parse_eta(options["eta"])
+    celery_app.send_task(
+        message["name"],
+        args=message["args"],
+        kwargs=message["kwargs"],
+        task_id=message["id"],
+        headers={JOB_HEADER: True},
+        # The ledger row is the job's state and result (GET /api/jobs/<id>);
+        # Celery's result backend would write them again, and its STARTED
+        # write, made before the task's body runs, would fail the delivery
+        # while the database is away instead of letting the task retry.
+        ignore_result=True,
+        retries=message["retries"],
+        producer=producer,
+        retry=retry,
+        **options,
+    )
+
+
+def publish_at_once(jobs: Jobs, messages: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Publish what a transaction enqueued, trying once; the ids published (the
+    relay publishes the rest)."""
+    if jobs.capture is not None:
+        jobs.capture(messages)
+        return [message["id"] for message in messages]
+    celery_app, sent = jobs.celery_app, 0
+    try:
+        with celery_app.producer_or_acquire() as producer:
+            # One try: a request must not wait out kombu's reconnection
+            # back-off while the broker is down; the relay covers the rest.
+            producer.connection.ensure_connection(max_retries=0)
+            for message in messages:
+                send(celery_app, message, producer=producer, retry=False)
+                sent += 1
+    except Exception as exc:
+        for message in messages[sent:]:
+            logger.warning(
+                "job %s[%s] committed but not published (%s); the relay will publish it",
+                message["name"],
+                message["id"],
+                exc,
+            )
+    return [message["id"] for message in messages[:sent]]
+
+
+def publish_owed(
+    connection: Connection, celery_app: Celery, *conditions: Any, limit: int | None = None
+) -> int:
+    """In ``connection``'s transaction: lock unpublished rows matching
+    ``conditions`` (skipping rows another relay holds), publish their
+    messages, mark them published. A message the broker refuses, or that
+    cannot be sent at all, fails its job (with the reason) and holds up none
+    of the others. Returns how many were published; commit is the caller's."""
+    if connection.dialect.name == "sqlite":
+        connection.exec_driver_sql("BEGIN IMMEDIATE")  # one publisher at a time
+    query = (
+        select(*(getattr(Job, f) for f in MESSAGE_FIELDS), Job.available_at)
+        .where(Job.published_at.is_(None), Job.state.in_(CLAIMABLE), *conditions)
+        .order_by(Job.created_at)
+        .limit(limit)
+    )
+    if connection.dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    rows = connection.execute(query).all()
+    if not rows:
+        return 0
+    messages = [_row_message(row) for row in rows]
+    capture = jobs_of(celery_app).capture
+    if capture is not None:
+        capture(messages)
+        refused: dict[str, str] = {}
+    else:
+        refused = publish_batch(celery_app, messages)
+    if refused:
+        ledger.refused(connection, refused)
+        for message in messages:
+            if message["id"] in refused:
+                logger.error(
+                    "relay: job %s[%s] not published (%s); it is failed",
+                    message["name"],
+                    message["id"],
+                    refused[message["id"]],
+                )
+    published = [row.id for row in rows if row.id not in refused]
+    if published:
+        mark_published(connection, published)
+    return len(published)
+
+
+def publish_batch(celery_app: Celery, messages: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """Publish ``messages``; once it returns, the broker has taken all but those
+    it returns, by job id, with the reason it refused them or they could not be
+    sent. A lost connection raises (none is taken for published).
+
+    On RabbitMQ the channel is in publisher-confirm mode and the confirms of
+    the whole batch are awaited together at the end (one at a time would cost
+    a round trip a message). A channel the broker closes (a message over its
+    size limit) sends the batch again one message at a time, to find which.
+    """
+    with celery_app.connection_for_write(transport_options={"confirm_publish": False}) as link:
+        try:
+            return _publish_on_one_channel(celery_app, link, messages)
+        except link.channel_errors:
+            refused: dict[str, str] = {}
+            for message in messages:
+                try:
+                    refused.update(_publish_on_one_channel(celery_app, link, [message]))
+                except link.channel_errors as exc:
+                    refused[message["id"]] = f"the broker closed the channel: {exc}"
+            return refused
+
+
+def _publish_on_one_channel(
+    celery_app: Celery, link: Any, messages: Sequence[Mapping[str, Any]]
+) -> dict[str, str]:
+    channel: Any = link.channel()
+    try:
+        confirms = _Confirms(channel) if link.transport.driver_type == "amqp" else None
+        producer = Producer(channel)
+        refused: dict[str, str] = {}
+        for message in messages:
+            try:
+                # No retry: a connection lost mid-batch fails the batch (its
+                # rows stay owed, for the next round) rather than publishing
+                # the rest on a new channel whose confirms nobody awaits.
+                send(celery_app, message, producer=producer, retry=False)
+            except (*link.connection_errors, *link.channel_errors):
+                raise
+            except Exception as exc:  # this message cannot be sent at all
+                refused[message["id"]] = f"{exc.__class__.__name__}: {exc}"
+                continue
+            if confirms is not None:
+                confirms.sent(message["id"])
+        if confirms is not None:
+            refused.update(confirms.wait())
+        return refused
+    finally:
+        channel.close()
+
+
+class _Confirms:
+    """RabbitMQ's confirms of what a channel publishes, counted as they come
+    (they can arrive while the channel waits for something else)."""
+
+    def __init__(self, channel: Any) -> None:
+        self.channel = channel
+        self.jobs: dict[int, str] = {}
+        """Job id by delivery tag (the channel numbers its messages from 1)."""
+        self.answered: set[int] = set()
+        self.refused: set[int] = set()
+        channel.confirm_select()
+        channel.events["basic_ack"].add(self._ack)
+        channel.events["basic_nack"].add(self._nack)
+
+    def sent(self, job_id: str) -> None:
+        self.jobs[len(self.jobs) + 1] = job_id
+
+    def _tags(self, tag: int, multiple: bool) -> set[int]:
+        return set(range(1, tag + 1)) - self.answered if multiple else {tag}
+
+    def _ack(self, tag: int, multiple: bool) -> None:
+        self.answered |= self._tags(tag, multiple)
+
+    def _nack(self, tag: int, multiple: bool) -> None:
+        tags = self._tags(tag, multiple)
+        self.refused |= tags
+        self.answered |= tags
+
+    def wait(self) -> dict[str, str]:
+        """Once every message sent is answered: the ones RabbitMQ refused."""
+        while len(self.answered) < len(self.jobs):
+            self.channel.wait([spec.Basic.Ack, spec.Basic.Nack], timeout=CONFIRM_TIMEOUT)
+        reason = "RabbitMQ refused the message (basic.nack: a queue limit, or an internal error)"
+        return {self.jobs[tag]: reason for tag in sorted(self.refused)}
+
+
+def send_owed(jobs: Jobs, job_ids: Sequence[str]) -> None:
+    """Publish these jobs now (a retry's next attempt); if the broker cannot
+    take them, the relay will."""
+    try:
+        with jobs.engine.connect() as connection, connection.begin():
+            publish_owed(connection, jobs.celery_app, Job.id.in_(job_ids))
+    except Exception as exc:
+        logger.warning("jobs %s not published now (%s); the relay will", list(job_ids), exc)
+
+
+def _row_message(row: Any) -> dict[str, Any]:
+    options = {k: v for k, v in (row.options or {}).items() if k != "eta"}
+    if row.available_at > utcnow():
+        options["eta"] = row.available_at.isoformat()
+    return {**job_message(row._mapping), "options": options}
