@@ -202,6 +202,8 @@ class Jobs:
             every = timedelta(seconds=self.settings.reconcile_interval)
             schedule["proj-reconcile-jobs"] = {"task": RECONCILE_TASK, "schedule": every}
         conf.beat_schedule = schedule
+        if not conf.worker_soft_shutdown_timeout:
+            conf.worker_soft_shutdown_timeout = self.settings.shutdown_grace
         if str(conf.broker_url or "").startswith(("sqla+sqlite", "sqlite")):
             sqlite_forks.install_fork_gate()
 

@@ -29,6 +29,7 @@ DEFAULTS: Mapping[str, str] = {
     "PROJ_LOCK_TIMEOUT": "10",
     "PROJ_HEARTBEAT_INTERVAL": "10",
     "PROJ_RABBITMQ_CONSUMER_TIMEOUT": "1800",
+    "PROJ_SHUTDOWN_GRACE": "25",
 }
 """The default of every setting proj.jobs reads, by environment variable."""
 
@@ -66,6 +67,11 @@ class JobsSettings:
     heartbeat_interval: float = 10
     """Seconds between a worker's heartbeats (0: none; the reconciler then asks
     the broker who runs what)."""
+    shutdown_grace: float = 25
+    """Seconds a worker asked to stop lets its running tasks finish before it
+    cuts them off and hands their jobs back (Celery's soft shutdown,
+    ``worker_soft_shutdown_timeout``; SIGTERM starts it when the worker runs
+    with ``REMAP_SIGTERM=SIGQUIT``)."""
     rabbitmq_consumer_timeout: float = 1800
     """RabbitMQ's ``consumer_timeout`` in seconds (its default: 30 minutes), for
     the start-up check that every time limit and countdown stays under it (0:
@@ -112,6 +118,7 @@ class JobsSettings:
                 "PROJ_WORKER_STATEMENT_TIMEOUT", raw("PROJ_WORKER_STATEMENT_TIMEOUT"), float
             ),
             lock_timeout=number("PROJ_LOCK_TIMEOUT", raw("PROJ_LOCK_TIMEOUT"), float),
+            shutdown_grace=number("PROJ_SHUTDOWN_GRACE", raw("PROJ_SHUTDOWN_GRACE"), float),
             rabbitmq_consumer_timeout=number(
                 "PROJ_RABBITMQ_CONSUMER_TIMEOUT", raw("PROJ_RABBITMQ_CONSUMER_TIMEOUT"), float
             ),

@@ -236,6 +236,21 @@ class JobRequest(Request):
         )
         return True
 
+    def cancel(self, pool: Any, signal: Any = None, emit_retry: bool = True) -> None:
+        """A cold shutdown (or the end of a soft one) cuts this run off: its
+        ledger job goes back to ``retrying`` (``failed`` on its last attempt),
+        owed to the broker, so it runs again elsewhere without waiting for the
+        reconciler (the broker's redelivery, if it comes too, is skipped)."""
+        if self.time_start and self.request_dict.get(publisher.JOB_HEADER):
+            worker = f"{self.hostname}:{self.worker_pid}" if self.worker_pid else None
+            engine = jobs_of(self.task.app).engine
+            error = "cut off as the worker shut down"
+            try:
+                ledger.worker_lost(engine, self.id, error, worker, requeued=False)
+            except Exception as exc:
+                logger.warning("%s[%s]: not handed back (%s)", self.name, self.id, exc)
+        super().cancel(pool, signal=signal, emit_retry=emit_retry)
+
     def on_timeout(self, soft: bool, timeout: float) -> None:
         """A ledger job past its hard time limit (its child is killed) ends the
         attempt at once: ``retrying`` and published again, or ``failed`` once

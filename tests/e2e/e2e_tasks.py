@@ -35,6 +35,7 @@ from sqlalchemy import Column, Engine, Float, Integer, MetaData, String, Table, 
 
 from proj.db import Session, session_scope, worker_engine
 from proj.jobs import TRANSIENT_ERRORS, SqlAlchemyTask, retry_on
+from proj.jobs.worker import claim_of
 from proj.models import User
 from proj.payments import LedgerGateway, Receipt
 
@@ -100,6 +101,20 @@ def record_effect(self: SqlAlchemyTask, tag: str, n: int, seconds: float = 0.0) 
     (committed with the job's move to ``succeeded``)."""
     Session.execute(text("SELECT 1"))
     time.sleep(seconds)
+    Session.execute(
+        effects.insert().values(
+            tag=tag, n=n, job_id=str(self.request.id), pid=os.getpid(), at=time.time()
+        )
+    )
+    return n
+
+
+@shared_task(name="e2e.slow_first_run", bind=True)
+def slow_first_run(self: SqlAlchemyTask, tag: str, n: int, seconds: float) -> int:
+    """Take ``seconds`` on the job's first attempt only, then record ``(tag, n)``."""
+    claim = claim_of(self)
+    if claim is not None and claim.attempts == 1:
+        time.sleep(seconds)
     Session.execute(
         effects.insert().values(
             tag=tag, n=n, job_id=str(self.request.id), pid=os.getpid(), at=time.time()

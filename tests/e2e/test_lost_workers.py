@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING, Any
 import psutil
 import pytest
 from celery import Celery
-from e2e_tasks import create_effects_table, effects, kill_own_worker, overtime, record_effect
+from e2e_tasks import (
+    create_effects_table,
+    effects,
+    kill_own_worker,
+    overtime,
+    record_effect,
+    slow_first_run,
+)
 from sqlalchemy import select
 from subprocesses import Command, Commands
 
@@ -255,3 +262,31 @@ def test_a_plain_delay_that_kills_its_worker_stops_at_its_maximum(
     after = enqueue(tag(), 4)
     worker.until(lambda: states(after) == Counter({State.SUCCEEDED: 4}), timeout=60)
     assert worker.output(since).count(f"e2e.kill_own_worker[{task_id}] received") == 3
+
+
+def test_sigterm_lets_short_jobs_finish_and_hands_long_ones_back(
+    stack: Stack, celery_app: Celery, commands: Commands
+) -> None:
+    """SIGTERM to a worker run with ``REMAP_SIGTERM=SIGQUIT`` and a 3 s grace
+    (``PROJ_SHUTDOWN_GRACE``), while it runs a 1 s job and a 60 s one: the
+    short one finishes; the long one is cut off when the grace ends and its
+    job goes back to ``retrying`` at once (not ``running``). A new worker
+    runs it again; each job takes effect once."""
+    if not stack.on_postgres:
+        pytest.skip("the embedded broker's file is left locked by a cut-off child")
+    create_effects_table(worker_engine())
+    env = stack.process_env(REMAP_SIGTERM="SIGQUIT", PROJ_SHUTDOWN_GRACE="3")
+    first = commands.worker(env)
+    run = tag()
+    with session_scope() as session:
+        short = slow_first_run.apply_async_on_commit((run, 0, 1.0), session=session)
+        long = slow_first_run.apply_async_on_commit((run, 1, 60.0), session=session)
+    first.until(lambda: states([short, long]) == Counter({State.RUNNING: 2}), timeout=30)
+    assert first.stop(signal.SIGTERM, timeout=30) == 0
+    after = {job.id: job for job in jobs([short, long])}
+    assert (after[short].state, after[short].attempts) == (State.SUCCEEDED, 1)
+    assert after[long].state == State.RETRYING
+    second = commands.worker(env)
+    second.until(lambda: states([short, long]) == Counter({State.SUCCEEDED: 2}), timeout=60)
+    assert effect_counts(run) == Counter({0: 1, 1: 1})
+    assert [job.attempts for job in jobs([long])] == [2]
