@@ -91,13 +91,18 @@ def make_engine(
     role: str,
     statement_timeout: float = 0,
     lock_timeout: float = 0,
+    answer_within: float = 0,
 ) -> Engine:
     """An engine with proj's options and connection hooks (see
     :func:`engine_options` and :func:`prepare_engine`)."""
     url = resolve_url(url)
     make_sqlite_folder(url)
     options = engine_options(
-        url, pool_size, statement_timeout=statement_timeout, lock_timeout=lock_timeout
+        url,
+        pool_size,
+        statement_timeout=statement_timeout,
+        lock_timeout=lock_timeout,
+        answer_within=answer_within,
     )
     return prepare_engine(create_engine(url, **options), role=role)
 

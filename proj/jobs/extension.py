@@ -101,6 +101,7 @@ class Jobs:
                         role="worker",
                         statement_timeout=self.settings.worker_statement_timeout,
                         lock_timeout=self.settings.lock_timeout,
+                        answer_within=self.settings.worker_answer_within,
                     )
                 engine = self._engine
         return engine

@@ -26,6 +26,7 @@ DEFAULTS: Mapping[str, str] = {
     "PROJ_RETENTION_DAYS": "30",
     "PROJ_MAX_MESSAGE_SIZE": "1048576",
     "PROJ_WORKER_STATEMENT_TIMEOUT": "0",
+    "PROJ_WORKER_ANSWER_WITHIN": "0",
     "PROJ_LOCK_TIMEOUT": "10",
     "PROJ_HEARTBEAT_INTERVAL": "10",
     "PROJ_RABBITMQ_CONSUMER_TIMEOUT": "1800",
@@ -61,6 +62,11 @@ class JobsSettings:
     """Days finished jobs are kept (:func:`proj.jobs.ledger.prune`)."""
     worker_statement_timeout: float = 0
     """Seconds a statement of a task may run before PostgreSQL cancels it (0: no limit)."""
+    worker_answer_within: float = 0
+    """Seconds a task waits for PostgreSQL to answer at all before it gives up
+    on the connection (a transient error: the task retries); 0: as long as
+    TCP allows (keepalives and ``tcp_user_timeout`` end a partition in about
+    10 s). Longer than any statement a task runs."""
     lock_timeout: float = 10
     """Seconds a statement may wait for a lock before PostgreSQL gives up (a
     transient error: the task retries)."""
@@ -116,6 +122,9 @@ class JobsSettings:
             max_message_size=number("PROJ_MAX_MESSAGE_SIZE", raw("PROJ_MAX_MESSAGE_SIZE"), int),
             worker_statement_timeout=number(
                 "PROJ_WORKER_STATEMENT_TIMEOUT", raw("PROJ_WORKER_STATEMENT_TIMEOUT"), float
+            ),
+            worker_answer_within=number(
+                "PROJ_WORKER_ANSWER_WITHIN", raw("PROJ_WORKER_ANSWER_WITHIN"), float
             ),
             lock_timeout=number("PROJ_LOCK_TIMEOUT", raw("PROJ_LOCK_TIMEOUT"), float),
             shutdown_grace=number("PROJ_SHUTDOWN_GRACE", raw("PROJ_SHUTDOWN_GRACE"), float),

@@ -14,6 +14,7 @@ import json
 import re
 import signal
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -383,3 +384,83 @@ def test_proj_relay_publishes_what_the_fast_path_left(
     assert all(job.published_at for job in ledger(engine, Job.id.in_(job_ids)))
     published = re.search(r"stopped after publishing (\d+) jobs", relay.output())
     assert published is not None and int(published[1]) >= 30, relay.output()
+
+
+BLACKHOLE = 20.0
+"""Seconds the database forwards nothing (connections open, no answer)."""
+
+
+def test_a_silent_database_under_sign_up_load(
+    stack: Stack, celery_app: Celery, commands: Commands, tmp_path: Path
+) -> None:
+    """Web and worker reach PostgreSQL through a proxy; while sign-ups keep
+    coming (4 at a time), the proxy blackholes every connection for 20 s, then
+    forwards again. Every sign-up answers within 15 s (a 201, or a JSON 503
+    during the silence: none hangs); the web tier answers 201 again once the
+    database is back; every user signed up is welcomed once, the jobs that met
+    the silence retrying (``PROJ_WORKER_ANSWER_WITHIN=3``) and none left
+    waiting or running."""
+    if not stack.on_postgres:
+        pytest.skip("a database server to put behind the proxy: this stack runs SQLite")
+    mail = tmp_path / "mail"
+    engine = worker_engine()
+    since = utcnow()
+    database_url = stack.settings.database_url
+    with TcpProxy(server_address(database_url)) as proxy:
+        env = stack.process_env(
+            DATABASE_URL=through(database_url, proxy.port),
+            PROJ_MAIL_URL=f"file://{mail}",
+            PROJ_WORKER_ANSWER_WITHIN="3",
+        )
+        worker = commands.worker(env)
+        _, url = commands.web(env)
+        run = tag()
+        answers: list[tuple[str, int, Any]] = []
+        stop = threading.Event()
+
+        def keep_signing_up(lane: int) -> None:
+            n = 0
+            while not stop.is_set():
+                address = f"silent-{lane}-{n}-{run}@e2e.test"
+                try:
+                    status, body = sign_up(url, address, timeout=15.0)
+                except TimeoutError:
+                    status, body = 0, {"error": {"code": "no answer in 15 s"}}
+                answers.append((address, status, body))
+                n += 1
+                time.sleep(0.1)
+
+        lanes = [threading.Thread(target=keep_signing_up, args=(lane,)) for lane in range(4)]
+        for lane in lanes:
+            lane.start()
+        try:
+            time.sleep(2)
+            proxy.blackhole()
+            blackholed_at = len(answers)
+            time.sleep(BLACKHOLE)
+            proxy.restore()
+            restored_at = len(answers)
+            time.sleep(5)
+        finally:
+            proxy.restore()
+            stop.set()
+            for lane in lanes:
+                lane.join(timeout=30)
+        statuses = Counter(status for _, status, _ in answers)
+        assert set(statuses) <= {201, 503}, statuses
+        during = answers[blackholed_at:restored_at]
+        assert any(status == 503 for _, status, _ in during), "no 503 while the database was silent"
+        assert all(
+            body["error"]["code"] == "database_unavailable"
+            for _, status, body in answers
+            if status == 503
+        )
+        assert [status for _, status, _ in answers[-4:]] == [201] * 4, "not back after the silence"
+        signed_up = {body["id"] for _, status, body in answers if status == 201}
+        worker.until(lambda: welcomed(engine, signed_up) == len(signed_up), timeout=90)
+        jobs = welcome_jobs(engine, signed_up, since)
+        worker.until(all_succeeded(engine, [job.id for job in jobs]), timeout=60)
+        assert worker.stop() == 0
+    sent = mail_recipients(mail)
+    addresses = [address for address, status, _ in answers if status == 201]
+    assert {address: sent[address] for address in addresses} == dict.fromkeys(addresses, 1)
