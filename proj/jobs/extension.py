@@ -47,8 +47,9 @@ EXTENSION_KEY = "proj.jobs"
 
 class Jobs:
     """proj.jobs on ``celery_app``: task sessions on a worker pool of their own,
-    fork safety, ledger claims, the relay in its workers, beat's slot
-    scheduler, dead letters and start-up configuration checks.
+    fork safety, ledger claims, the relay and heartbeats in its workers,
+    beat's slot scheduler and the reconciler's beat entry, dead letters, the
+    soft shutdown's grace, and start-up configuration checks.
 
     ``database_url`` (default: ``DATABASE_URL``) is where the ledger lives,
     and what tasks' sessions connect to; other settings come from ``settings``

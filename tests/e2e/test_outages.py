@@ -464,3 +464,36 @@ def test_a_silent_database_under_sign_up_load(
     sent = mail_recipients(mail)
     addresses = [address for address, status, _ in answers if status == 201]
     assert {address: sent[address] for address in addresses} == dict.fromkeys(addresses, 1)
+
+
+IN_FLIGHT = 500
+
+
+def test_rabbitmq_restarted_with_jobs_in_flight(
+    stack: Stack, celery_app: Celery, commands: Commands
+) -> None:
+    """500 jobs committed; while a worker drains them, RabbitMQ's application
+    is stopped and started again (``rabbitmqctl stop_app``/``start_app``: its
+    durable queues and persistent messages survive, every connection is cut).
+    The worker reconnects; every job ends ``succeeded`` with its effect once
+    (a message whose acknowledgement the restart lost is delivered again, and
+    its claim skips it)."""
+    if stack.name != "pg-rabbit":
+        pytest.skip("restarts the machine's RabbitMQ: the pg-rabbit stack's")
+    engine = worker_engine()
+    create_effects_table(engine)
+    env = stack.process_env()
+    worker = commands.worker(env)
+    run = tag()
+    job_ids = enqueue_effects(env, run, IN_FLIGHT, seconds=0.01)
+    worker.until(lambda: states(engine, job_ids)[State.SUCCEEDED] >= 50, timeout=60)
+    subprocess.run(["rabbitmqctl", "-q", "stop_app"], check=True, timeout=120)
+    try:
+        cut_off = states(engine, job_ids)
+        time.sleep(2)
+    finally:
+        subprocess.run(["rabbitmqctl", "-q", "start_app"], check=True, timeout=120)
+    assert cut_off[State.SUCCEEDED] < IN_FLIGHT, "the drain was over before the restart"
+    worker.until(all_succeeded(engine, job_ids), timeout=180)
+    assert effect_counts(engine, run) == Counter(dict.fromkeys(range(IN_FLIGHT), 1))
+    assert worker.popen.poll() is None
