@@ -77,19 +77,21 @@ def gone_with_their_worker(
     session: Session, celery_app: Celery, running: Sequence[Any], cutoff: datetime
 ) -> list[str]:
     """The ids of these running jobs (``id, worker, started_at``) whose run is
-    over. A worker that beats (:mod:`proj.jobs.heartbeat`) is gone when its
-    last heartbeat is older than ``cutoff``, and a job it claimed before its
-    current incarnation began is gone too; no broker is asked. For a worker
-    without heartbeats, :func:`abandoned` decides."""
+    over. A worker that beats (:mod:`proj.jobs.heartbeat`) and whose last
+    heartbeat is older than ``cutoff`` is gone, with all its jobs, and so is a
+    job claimed before its worker's current incarnation began: no broker is
+    asked for those. For the others, :func:`abandoned` decides (a live worker
+    may have claimed a job whose answer it never heard)."""
     known = heartbeat.beats(session, {node_of(worker) for _, worker, _ in running})
-    unheard = [(job_id, worker) for job_id, worker, _ in running if node_of(worker) not in known]
-    active = active_jobs(celery_app) if unheard else None
-    gone = [job_id for job_id, worker in unheard if abandoned(job_id, worker, active)]
+    gone, unsure = [], []
     for job_id, worker, started_at in running:
         beat = known.get(node_of(worker))
         if beat is not None and (beat.beat_at < cutoff or started_at < beat.started_at):
             gone.append(job_id)
-    return gone
+        else:
+            unsure.append((job_id, worker))
+    active = active_jobs(celery_app) if unsure else None
+    return gone + [job_id for job_id, worker in unsure if abandoned(job_id, worker, active)]
 
 
 def node_of(worker: str | None) -> str:

@@ -8,11 +8,9 @@ import contextlib
 import os
 import re
 import signal
-import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import psutil
@@ -24,13 +22,12 @@ from e2e_tasks import (
     kill_own_worker,
     overtime,
     record_effect,
-    slow_first_run,
 )
 from sqlalchemy import select
 from subprocesses import Command, Commands
 
 from proj.db import session_scope, worker_engine
-from proj.jobs import Jobs, ledger
+from proj.jobs import ledger
 from proj.jobs.models import Job, State
 
 if TYPE_CHECKING:
@@ -202,48 +199,6 @@ def test_a_job_past_its_hard_time_limit_ends_its_attempt_at_once(
     assert worker.popen.poll() is None
 
 
-def test_the_main_process_killed_mid_drain_loses_and_repeats_nothing(
-    stack: Stack, celery_app: Celery, commands: Commands
-) -> None:
-    """200 jobs; while a worker drains them, its main process is killed with
-    SIGKILL (its children follow). A new worker starts; the reconciler (run
-    here every second, with ``PROJ_STALE_AFTER`` at 3 s) takes back what the
-    dead worker held, as its heartbeat has stopped: every job ends
-    ``succeeded`` with its effect once, none is left ``running``."""
-    if not stack.on_postgres:
-        pytest.skip("the embedded broker's file is left locked by a killed process")
-    create_effects_table(worker_engine())
-    env = stack.process_env(PROJ_HEARTBEAT_INTERVAL="1")
-    first = commands.worker(env)
-    run = tag()
-    job_ids = enqueue(run, 200)
-    first.until(lambda: states(job_ids)[State.SUCCEEDED] >= 40, timeout=60)
-    family = first.children()
-    os.kill(first.pid, signal.SIGKILL)
-    first.popen.wait(timeout=10)
-    _, alive = psutil.wait_procs(family, timeout=10)
-    for child in alive:  # orphans that did not notice: the machine went down
-        child.kill()
-    cut_off = states(job_ids)
-    assert cut_off[State.SUCCEEDED] < 200, "the drain was over before the kill"
-
-    jobs_settings = Jobs.of(celery_app).settings
-    Jobs.of(celery_app).settings = replace(jobs_settings, stale_after=3.0)
-    second = commands.worker(env)
-    try:
-
-        def drained() -> bool:
-            celery_app.tasks["proj.reconcile_jobs"].apply().get()
-            time.sleep(1)
-            return states(job_ids) == Counter({State.SUCCEEDED: 200})
-
-        second.until(drained, timeout=120)
-    finally:
-        Jobs.of(celery_app).settings = jobs_settings
-    assert effect_counts(run) == Counter(dict.fromkeys(range(200), 1))
-    assert second.popen.poll() is None
-
-
 def test_a_plain_delay_that_kills_its_worker_stops_at_its_maximum(
     celery_app: Celery, worker: Command
 ) -> None:
@@ -262,31 +217,3 @@ def test_a_plain_delay_that_kills_its_worker_stops_at_its_maximum(
     after = enqueue(tag(), 4)
     worker.until(lambda: states(after) == Counter({State.SUCCEEDED: 4}), timeout=60)
     assert worker.output(since).count(f"e2e.kill_own_worker[{task_id}] received") == 3
-
-
-def test_sigterm_lets_short_jobs_finish_and_hands_long_ones_back(
-    stack: Stack, celery_app: Celery, commands: Commands
-) -> None:
-    """SIGTERM to a worker run with ``REMAP_SIGTERM=SIGQUIT`` and a 3 s grace
-    (``PROJ_SHUTDOWN_GRACE``), while it runs a 1 s job and a 60 s one: the
-    short one finishes; the long one is cut off when the grace ends and its
-    job goes back to ``retrying`` at once (not ``running``). A new worker
-    runs it again; each job takes effect once."""
-    if not stack.on_postgres:
-        pytest.skip("the embedded broker's file is left locked by a cut-off child")
-    create_effects_table(worker_engine())
-    env = stack.process_env(REMAP_SIGTERM="SIGQUIT", PROJ_SHUTDOWN_GRACE="3")
-    first = commands.worker(env)
-    run = tag()
-    with session_scope() as session:
-        short = slow_first_run.apply_async_on_commit((run, 0, 1.0), session=session)
-        long = slow_first_run.apply_async_on_commit((run, 1, 60.0), session=session)
-    first.until(lambda: states([short, long]) == Counter({State.RUNNING: 2}), timeout=30)
-    assert first.stop(signal.SIGTERM, timeout=30) == 0
-    after = {job.id: job for job in jobs([short, long])}
-    assert (after[short].state, after[short].attempts) == (State.SUCCEEDED, 1)
-    assert after[long].state == State.RETRYING
-    second = commands.worker(env)
-    second.until(lambda: states([short, long]) == Counter({State.SUCCEEDED: 2}), timeout=60)
-    assert effect_counts(run) == Counter({0: 1, 1: 1})
-    assert [job.attempts for job in jobs([long])] == [2]
