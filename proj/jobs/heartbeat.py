@@ -19,6 +19,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from proj.jobs.clock import utcnow
+from proj.jobs.engine import make_engine
 from proj.jobs.models import WORKERS, WorkerBeat
 from proj.jobs.registry import jobs_of
 
@@ -70,19 +71,22 @@ class HeartbeatStep(bootsteps.StartStopStep):
         super().__init__(worker, **kwargs)
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
+        self.engine: Engine | None = None
 
     def start(self, worker: Any) -> None:
-        jobs = jobs_of(worker.app)
-        every = jobs.settings.heartbeat_interval
+        settings = jobs_of(worker.app).settings
+        every = settings.heartbeat_interval
         if not every:
             return
         hostname, started_at = str(worker.hostname), utcnow()
+        # A connection of its own: never one the tasks' pool counts or waits for.
+        engine = self.engine = make_engine(settings.database_url, 1, role="heartbeat")
         self.stopping.clear()
 
         def keep_beating() -> None:
             while not self.stopping.is_set():
                 try:
-                    beat(jobs.engine, hostname, started_at)
+                    beat(engine, hostname, started_at)
                 except Exception as exc:
                     logger.warning("heartbeat of %s not recorded (%s)", hostname, exc)
                 self.stopping.wait(every)
@@ -91,15 +95,17 @@ class HeartbeatStep(bootsteps.StartStopStep):
         self.thread.start()
 
     def stop(self, worker: Any) -> None:
-        if self.thread is None:
+        if self.thread is None or self.engine is None:
             return
         self.stopping.set()
         self.thread.join(timeout=10)
         self.thread = None
         try:
-            forget(jobs_of(worker.app).engine, str(worker.hostname))
+            forget(self.engine, str(worker.hostname))
         except Exception as exc:
             logger.warning("heartbeat of %s not removed (%s)", worker.hostname, exc)
+        self.engine.dispose()
+        self.engine = None
 
     def terminate(self, worker: Any) -> None:
         self.stop(worker)

@@ -18,7 +18,8 @@ Three variables arrange what the e2e tests need, and only in the worker:
 ``record_effect`` writes a row of ``e2e_effects`` (no unique key: a job that
 took effect twice shows as two rows); :func:`enqueue_effects` enqueues such
 jobs with ``delay_on_commit`` from a process of the test's own making
-(``python -c``, see ``subprocesses.enqueue_effects``).
+(``python -c``, see ``subprocesses.enqueue_effects``). :func:`jobs`,
+:func:`states` and :func:`effect_counts` are what the tests read back.
 """
 
 from __future__ import annotations
@@ -27,14 +28,16 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
 from typing import Any
 
 from celery import shared_task, signals
 from celery.exceptions import Ignore, Reject
-from sqlalchemy import Column, Engine, Float, Integer, MetaData, String, Table, text
+from sqlalchemy import Column, Engine, Float, Integer, MetaData, String, Table, select, text
 
 from proj.db import Session, session_scope, worker_engine
 from proj.jobs import TRANSIENT_ERRORS, SqlAlchemyTask, retry_on
+from proj.jobs.models import Job
 from proj.jobs.worker import claim_of
 from proj.models import User
 from proj.payments import LedgerGateway, Receipt
@@ -188,3 +191,22 @@ def _child_began(**_: Any) -> None:
 if os.environ.get("E2E_WRITE_AT_START"):
     signals.worker_process_init.connect(_child_began, weak=False)
     _write_for(float(os.environ["E2E_WRITE_AT_START"]))
+
+
+def jobs(job_ids: list[str]) -> list[Job]:
+    """These jobs' ledger rows (detached), as the test process sees them."""
+    with session_scope() as session:
+        found = list(session.scalars(select(Job).where(Job.id.in_(job_ids))))
+        session.expunge_all()
+        return found
+
+
+def states(job_ids: list[str]) -> Counter[str]:
+    """How many of these jobs are in each state."""
+    return Counter(job.state for job in jobs(job_ids))
+
+
+def effect_counts(run: str) -> Counter[int]:
+    """How many times each job ``n`` of ``run`` took effect."""
+    with session_scope() as session:
+        return Counter(session.scalars(select(effects.c.n).where(effects.c.tag == run)))

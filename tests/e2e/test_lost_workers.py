@@ -18,17 +18,18 @@ import pytest
 from celery import Celery
 from e2e_tasks import (
     create_effects_table,
-    effects,
+    effect_counts,
+    jobs,
     kill_own_worker,
     overtime,
     record_effect,
+    states,
 )
-from sqlalchemy import select
 from subprocesses import Command, Commands
 
 from proj.db import session_scope, worker_engine
 from proj.jobs import ledger
-from proj.jobs.models import Job, State
+from proj.jobs.models import State
 
 if TYPE_CHECKING:
     from conftest import Stack
@@ -66,22 +67,6 @@ def children(worker: Command) -> set[int]:
             if child.status() != psutil.STATUS_ZOMBIE:
                 alive.add(child.pid)
     return alive
-
-
-def jobs(job_ids: list[str]) -> list[Job]:
-    with session_scope() as session:
-        found = list(session.scalars(select(Job).where(Job.id.in_(job_ids))))
-        session.expunge_all()
-        return found
-
-
-def states(job_ids: list[str]) -> Counter[str]:
-    return Counter(job.state for job in jobs(job_ids))
-
-
-def effect_counts(run: str) -> Counter[int]:
-    with session_scope() as session:
-        return Counter(session.scalars(select(effects.c.n).where(effects.c.tag == run)))
 
 
 def enqueue(run: str, count: int) -> list[str]:

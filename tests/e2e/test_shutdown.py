@@ -15,13 +15,19 @@ from typing import TYPE_CHECKING
 import psutil
 import pytest
 from celery import Celery
-from e2e_tasks import create_effects_table, effects, record_effect, slow_first_run
-from sqlalchemy import select
+from e2e_tasks import (
+    create_effects_table,
+    effect_counts,
+    jobs,
+    record_effect,
+    slow_first_run,
+    states,
+)
 from subprocesses import Commands
 
 from proj.db import session_scope, worker_engine
 from proj.jobs import Jobs
-from proj.jobs.models import Job, State
+from proj.jobs.models import State
 
 if TYPE_CHECKING:
     from conftest import Stack
@@ -31,22 +37,6 @@ pytestmark = pytest.mark.e2e
 
 def tag() -> str:
     return uuid.uuid4().hex[:10]
-
-
-def jobs(job_ids: list[str]) -> list[Job]:
-    with session_scope() as session:
-        found = list(session.scalars(select(Job).where(Job.id.in_(job_ids))))
-        session.expunge_all()
-        return found
-
-
-def states(job_ids: list[str]) -> Counter[str]:
-    return Counter(job.state for job in jobs(job_ids))
-
-
-def effect_counts(run: str) -> Counter[int]:
-    with session_scope() as session:
-        return Counter(session.scalars(select(effects.c.n).where(effects.c.tag == run)))
 
 
 def enqueue(run: str, count: int, seconds: float) -> list[str]:
