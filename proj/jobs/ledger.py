@@ -470,23 +470,19 @@ def cancel(session: Session, job_id: str) -> State | None:
     at once (it will never run); a running one is asked to stop (it sees the
     request at its next check). Returns the state it was in, or None if it has
     finished (nothing changed)."""
-    state = session.scalar(
-        update(Job)
-        .where(Job.id == job_id, Job.state.in_(CLAIMABLE))
-        .values(state=State.CANCELLED, finished_at=utcnow())
-        .returning(literal(str(State.QUEUED)))
-        .execution_options(synchronize_session=False)
-    )
-    if state is not None:
-        return State.QUEUED
-    asked = session.scalar(
-        update(Job)
-        .where(Job.id == job_id, Job.state == State.RUNNING)
-        .values(cancel_requested_at=utcnow())
-        .returning(Job.id)
-        .execution_options(synchronize_session=False)
-    )
-    return State.RUNNING if asked is not None else None
+    for was, values in (
+        (CLAIMABLE, {"state": State.CANCELLED, "finished_at": utcnow()}),
+        ((State.RUNNING,), {"cancel_requested_at": utcnow()}),
+    ):
+        done = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state.in_(was))
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        if getattr(done, "rowcount", 0) == 1:
+            return State(was[0])
+    return None
 
 
 @patient

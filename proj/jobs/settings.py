@@ -98,6 +98,9 @@ class JobsSettings:
         def raw(name: str) -> str:
             return env.get(name) or DEFAULTS[name]
 
+        def read(name: str, kind: type[int] | type[float]) -> Any:
+            return number(name, raw(name), kind)
+
         def flag(name: str) -> bool:
             value = raw(name).strip().lower()
             if value not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
@@ -106,34 +109,22 @@ class JobsSettings:
 
         settings = cls(
             database_url=raw("DATABASE_URL"),
-            worker_pool_size=number("PROJ_WORKER_POOL_SIZE", raw("PROJ_WORKER_POOL_SIZE"), int),
+            worker_pool_size=read("PROJ_WORKER_POOL_SIZE", int),
             outbox_fast_path=flag("PROJ_OUTBOX_FAST_PATH"),
             relay_in_worker=flag("PROJ_RELAY_IN_WORKER"),
-            relay_poll_interval=number(
-                "PROJ_RELAY_POLL_INTERVAL", raw("PROJ_RELAY_POLL_INTERVAL"), float
-            ),
-            relay_grace=number("PROJ_RELAY_GRACE", raw("PROJ_RELAY_GRACE"), float),
-            reconcile_interval=number(
-                "PROJ_RECONCILE_INTERVAL", raw("PROJ_RECONCILE_INTERVAL"), float
-            ),
-            stale_after=number("PROJ_STALE_AFTER", raw("PROJ_STALE_AFTER"), float),
-            max_attempts=number("PROJ_MAX_ATTEMPTS", raw("PROJ_MAX_ATTEMPTS"), int),
-            retention_days=number("PROJ_RETENTION_DAYS", raw("PROJ_RETENTION_DAYS"), int),
-            max_message_size=number("PROJ_MAX_MESSAGE_SIZE", raw("PROJ_MAX_MESSAGE_SIZE"), int),
-            worker_statement_timeout=number(
-                "PROJ_WORKER_STATEMENT_TIMEOUT", raw("PROJ_WORKER_STATEMENT_TIMEOUT"), float
-            ),
-            worker_answer_within=number(
-                "PROJ_WORKER_ANSWER_WITHIN", raw("PROJ_WORKER_ANSWER_WITHIN"), float
-            ),
-            lock_timeout=number("PROJ_LOCK_TIMEOUT", raw("PROJ_LOCK_TIMEOUT"), float),
-            shutdown_grace=number("PROJ_SHUTDOWN_GRACE", raw("PROJ_SHUTDOWN_GRACE"), float),
-            rabbitmq_consumer_timeout=number(
-                "PROJ_RABBITMQ_CONSUMER_TIMEOUT", raw("PROJ_RABBITMQ_CONSUMER_TIMEOUT"), float
-            ),
-            heartbeat_interval=number(
-                "PROJ_HEARTBEAT_INTERVAL", raw("PROJ_HEARTBEAT_INTERVAL"), float
-            ),
+            relay_poll_interval=read("PROJ_RELAY_POLL_INTERVAL", float),
+            relay_grace=read("PROJ_RELAY_GRACE", float),
+            reconcile_interval=read("PROJ_RECONCILE_INTERVAL", float),
+            stale_after=read("PROJ_STALE_AFTER", float),
+            max_attempts=read("PROJ_MAX_ATTEMPTS", int),
+            retention_days=read("PROJ_RETENTION_DAYS", int),
+            max_message_size=read("PROJ_MAX_MESSAGE_SIZE", int),
+            worker_statement_timeout=read("PROJ_WORKER_STATEMENT_TIMEOUT", float),
+            worker_answer_within=read("PROJ_WORKER_ANSWER_WITHIN", float),
+            lock_timeout=read("PROJ_LOCK_TIMEOUT", float),
+            shutdown_grace=read("PROJ_SHUTDOWN_GRACE", float),
+            rabbitmq_consumer_timeout=read("PROJ_RABBITMQ_CONSUMER_TIMEOUT", float),
+            heartbeat_interval=read("PROJ_HEARTBEAT_INTERVAL", float),
         )
         settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
         if not settings.database_url:

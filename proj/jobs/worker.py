@@ -199,6 +199,12 @@ class JobRequest(Request):
     ``retrying`` or ends ``failed`` once its attempts are used up, so a job
     that kills its worker every time stops instead of looping."""
 
+    @property
+    def run_by(self) -> str | None:
+        """The child running this request, named as its claim names it
+        (``hostname:pid``); None if the worker never heard a child accept it."""
+        return f"{self.hostname}:{self.worker_pid}" if self.worker_pid else None
+
     def on_failure(
         self, exc_info: ExceptionInfo, send_failed_event: bool = True, return_ok: bool = False
     ) -> None:
@@ -216,7 +222,7 @@ class JobRequest(Request):
         error = f"the worker running it was lost: {exc!r}"
         # The child that died, named as its claim named it (unknown if the
         # worker never heard the child accept the task: then any run).
-        worker = f"{self.hostname}:{self.worker_pid}" if self.worker_pid else None
+        worker = self.run_by
         if self.request_dict.get(publisher.JOB_HEADER):
             return ledger.worker_lost(jobs.engine, self.id, error, worker) == State.FAILED
         if not (self.task.acks_late and self.task.reject_on_worker_lost):
@@ -242,7 +248,7 @@ class JobRequest(Request):
         owed to the broker, so it runs again elsewhere without waiting for the
         reconciler (the broker's redelivery, if it comes too, is skipped)."""
         if self.time_start and self.request_dict.get(publisher.JOB_HEADER):
-            worker = f"{self.hostname}:{self.worker_pid}" if self.worker_pid else None
+            worker = self.run_by
             engine = jobs_of(self.task.app).engine
             error = "cut off as the worker shut down"
             try:
@@ -262,7 +268,7 @@ class JobRequest(Request):
         error = f"hard time limit ({timeout:g} s) exceeded"
         logger.error("%s[%s]: %s", self.name, self.id, error)
         jobs = jobs_of(self.task.app)
-        worker = f"{self.hostname}:{self.worker_pid}" if self.worker_pid else None
+        worker = self.run_by
         state = ledger.worker_lost(jobs.engine, self.id, error, worker, requeued=False)
         if self.task.acks_late:
             self.acknowledge()
