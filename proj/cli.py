@@ -1,5 +1,5 @@
 """The ``proj`` command: ``proj run``, ``proj db upgrade``, ``proj jobs upgrade``,
-``proj relay``, ``proj check``."""
+``proj admin add``, ``proj token add|revoke``, ``proj relay``, ``proj check``."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from sqlalchemy.engine import make_url
 from proj.config import current_settings
 from proj.jobs import ConfigurationError, Jobs
 from proj.jobs.checks import check_configuration
+from proj.jobs.cli import DATABASE_URL, admin, token
 from proj.jobs.cli import jobs as jobs_commands
 from proj.jobs.relay import make_relay
 from proj.migrations import upgrade as upgrade_database
@@ -26,11 +27,15 @@ STOP_TIMEOUT = 20.0
 
 
 @click.group()
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """proj: background work for Flask + SQLAlchemy on Celery."""
+    ctx.meta[DATABASE_URL] = current_settings().database_url
 
 
 main.add_command(jobs_commands)
+main.add_command(admin)
+main.add_command(token)
 
 
 @main.group()

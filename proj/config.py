@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from proj.jobs import JobsSettings
+from proj.jobs import ConfigurationError, JobsSettings
 from proj.jobs.settings import number
 
 DEFAULTS: Mapping[str, str] = {
@@ -29,7 +29,9 @@ DEFAULTS: Mapping[str, str] = {
     "PROJ_MAIL_URL": "file://{data_dir}/mail",
     "PROJ_MAIL_FROM": "proj@localhost",
     "PROJ_DIGEST_TO": "ops@localhost",
-    "SECRET_KEY": "dev",
+    "SECRET_KEY": "",
+    "PROJ_COOKIE_SECURE": "",
+    "PROJ_LOGIN_RATE_LIMIT": "10/minute",
     "PROJ_MAX_CONTENT_LENGTH": "65536",
     "PROJ_PAYMENT_LATENCY": "0",
     "PROJ_CLEANUP_INTERVAL": "3600",
@@ -63,6 +65,12 @@ class Settings:
     mail_from: str
     digest_to: str
     secret_key: str
+    """Signs the console's session cookies and CSRF tokens; required outside
+    the embedded setup (see :func:`proj.web.app.secret_key`)."""
+    cookie_secure: bool
+    """Session cookies only over HTTPS (default: outside the embedded setup)."""
+    login_rate_limit: str
+    """Console login attempts allowed per client address (``10/minute``)."""
     max_content_length: int
     """Largest request body the API accepts, in bytes; larger ones get 413."""
     payment_latency: float
@@ -126,6 +134,14 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     def read(name: str, kind: type[int] | type[float]) -> Any:
         return number(name, raw(name), kind)
 
+    def flag(name: str, default: bool) -> bool:
+        value = raw(name).strip().lower()
+        if value in ("", "auto"):
+            return default
+        if value not in ("0", "1", "true", "false", "yes", "no"):
+            raise ConfigurationError(f"{name} must be 1 or 0, not {value!r}")
+        return value in ("1", "true", "yes")
+
     result_backend = text("CELERY_RESULT_BACKEND")
     if database_url.startswith("sqlite") and not env.get("CELERY_RESULT_BACKEND"):
         # SQLite has one writer at a time: results get a file of their own.
@@ -140,7 +156,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         mail_url=text("PROJ_MAIL_URL"),
         mail_from=text("PROJ_MAIL_FROM"),
         digest_to=text("PROJ_DIGEST_TO"),
-        secret_key=text("SECRET_KEY"),
+        secret_key=env.get("SECRET_KEY", ""),
+        cookie_secure=flag("PROJ_COOKIE_SECURE", not database_url.startswith("sqlite")),
+        login_rate_limit=raw("PROJ_LOGIN_RATE_LIMIT"),
         max_content_length=read("PROJ_MAX_CONTENT_LENGTH", int),
         payment_latency=read("PROJ_PAYMENT_LATENCY", float),
         cleanup_interval=read("PROJ_CLEANUP_INTERVAL", float),

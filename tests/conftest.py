@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from flask.testing import FlaskClient
 import proj.jobs.testing
 from proj.celery import make_celery
 from proj.config import Settings, load_settings, use_settings
-from proj.jobs import Jobs, NotInstalledError
+from proj.jobs import Jobs, NotInstalledError, auth
 from proj.migrations import upgrade
 
 pytest_plugins = ["proj.jobs.testing.plugin"]
@@ -114,9 +115,22 @@ def app(stack: Stack, celery_app: Celery) -> Iterator[Flask]:
         web_db.engine.dispose()
 
 
+def api_token(app: Flask, role: str = "operator") -> str:
+    """A new API token with ``role`` on ``app``'s database."""
+    from proj.db import db as web_db
+
+    with app.app_context():
+        token = auth.add_token(web_db.session, f"test-{uuid.uuid4().hex[:12]}", role)
+        web_db.session.commit()
+    return token
+
+
 @pytest.fixture
 def client(app: Flask) -> FlaskClient:
-    return app.test_client()
+    """A test client that sends an operator's API token."""
+    made = app.test_client()
+    made.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {api_token(app)}"
+    return made
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ that may).
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import subprocess
 import uuid
@@ -56,7 +57,7 @@ def _reachable(host: str, port: int) -> bool:
 @contextmanager
 def stack(name: str, data_dir: Path) -> Iterator[dict[str, str]]:
     """The environment of a new stack ``name`` (removed when the block ends)."""
-    env = {"PROJ_DATA_DIR": str(data_dir)}
+    env = {"PROJ_DATA_DIR": str(data_dir), "SECRET_KEY": secrets.token_urlsafe(32)}
     with ExitStack() as made:
         if name != "sqlite":
             database_url = made.enter_context(postgres_database())

@@ -5,7 +5,9 @@ has run::
 
     flask_app.register_blueprint(proj.jobs.api.blueprint, url_prefix="/api/jobs")
 
-Every error it answers is JSON: ``{"error": {"code", "message", "fields"?}}``.
+Every request needs an API token (``Authorization: Bearer <token>``, see
+:mod:`proj.jobs.auth`): a viewer's reads, an operator's also retries and
+cancels. Every error it answers is JSON: ``{"error": {"code", "message", "fields"?}}``.
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session
 
 from proj.jobs import ledger, outbox
+from proj.jobs.auth import require_token
 from proj.jobs.deadletter import UNRUNNABLE
 from proj.jobs.extension import EXTENSION_KEY, Jobs
+from proj.jobs.http import json_error
 from proj.jobs.models import Job, State
 
 blueprint = Blueprint("jobs", __name__)
+require_token(blueprint)
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
@@ -39,10 +44,7 @@ class JobApiError(Exception):
 
 @blueprint.errorhandler(JobApiError)
 def _answer(error: JobApiError) -> tuple[Response, int]:
-    body: dict[str, Any] = {"code": error.code, "message": error.message}
-    if error.fields:
-        body["fields"] = error.fields
-    return jsonify(error=body), error.status
+    return json_error(error.status, error.code, error.message, error.fields)
 
 
 def _jobs() -> Jobs:

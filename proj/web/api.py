@@ -1,4 +1,4 @@
-"""The JSON API: users, invoices and charges."""
+"""The JSON API: users, invoices and charges (every request with an API token)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from werkzeug.exceptions import BadRequest
 
 from proj.db import db
+from proj.jobs.auth import require_token
 from proj.models import MAX_ID, Invoice, User
 from proj.tasks import charge_invoice, generate_report, send_welcome
 from proj.web.errors import ApiError
@@ -18,6 +19,7 @@ from proj.web.errors import ApiError
 logger = logging.getLogger(__name__)
 
 api = Blueprint("api", __name__, url_prefix="/api")
+require_token(api)  # a viewer's token reads; writing needs an operator's
 
 EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 MAX_AMOUNT_CENTS = 10**9

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from sqlalchemy.pool import NullPool
 
 from proj.config import Settings, current_settings
 from proj.db import db
-from proj.jobs import Jobs, engine_options
+from proj.jobs import ConfigurationError, Jobs, console, engine_options
 from proj.jobs import api as jobs_api
 from proj.web.api import api
 from proj.web.errors import error_response, register_error_handlers
@@ -38,7 +39,11 @@ def create_app(settings: Settings | None = None, celery_app: Celery | None = Non
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     app = Flask("proj.web")
     app.config.update(
-        SECRET_KEY=settings.secret_key,
+        SECRET_KEY=secret_key(settings),
+        SESSION_COOKIE_SECURE=settings.cookie_secure,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_HTTPONLY=True,
+        PROJ_LOGIN_RATE_LIMIT=settings.login_rate_limit,
         MAX_CONTENT_LENGTH=settings.max_content_length,
         SQLALCHEMY_DATABASE_URI=jobs.database_url,
         SQLALCHEMY_ENGINE_OPTIONS=engine_options(
@@ -59,10 +64,37 @@ def create_app(settings: Settings | None = None, celery_app: Celery | None = Non
     jobs.init_app(app, db)
     app.register_blueprint(api)
     app.register_blueprint(jobs_api.blueprint, url_prefix="/api/jobs")
+    app.register_blueprint(console.blueprint, url_prefix="/dashboard")
     register_error_handlers(app)
     app.add_url_rule("/", view_func=index)
     app.add_url_rule("/healthz", view_func=healthz)
     return app
+
+
+WEAK_SECRETS = frozenset({"", "dev", "change-me", "changeme", "secret"})
+MIN_SECRET = 16
+
+
+def secret_key(settings: Settings) -> str:
+    """``SECRET_KEY``; on the embedded setup, when it is not set, a random key
+    kept in the data folder. Elsewhere a missing, default or short one is
+    refused: it signs the console's sessions and CSRF tokens."""
+    key = settings.secret_key
+    if key and key not in WEAK_SECRETS and len(key) >= MIN_SECRET:
+        return key
+    if not settings.embedded:
+        raise ConfigurationError(
+            f"set SECRET_KEY to a random value of at least {MIN_SECRET} characters "
+            '(python -c "import secrets; print(secrets.token_urlsafe(32))"); '
+            "it signs the console's sessions"
+        )
+    if key:
+        return key
+    kept = settings.data_dir / "secret-key"
+    if not kept.exists():
+        kept.touch(mode=0o600)
+        kept.write_text(secrets.token_urlsafe(32))
+    return kept.read_text().strip()
 
 
 def _connect_args(url: str) -> dict[str, Any]:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
+
+from proj.jobs.http import json_error
 
 logger = logging.getLogger(__name__)
 
@@ -27,13 +28,7 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.fields = status, code, message, fields
 
 
-def error_response(
-    status: int, code: str, message: str, fields: dict[str, str] | None = None
-) -> tuple[Response, int]:
-    body: dict[str, Any] = {"code": code, "message": message}
-    if fields:
-        body["fields"] = fields
-    return jsonify(error=body), status
+error_response = json_error
 
 
 def register_error_handlers(app: Flask) -> None:

@@ -1,0 +1,175 @@
+"""Who may see and act on jobs: console accounts (email and password) and API
+tokens (``Authorization: Bearer <token>``), each with a role.
+
+A ``viewer`` reads; an ``operator`` also writes. Passwords are hashed with
+Werkzeug's scrypt; a token is shown once, when it is made, and only its
+SHA-256 is stored (a token is 256 random bits, so a fast hash is enough).
+
+:func:`require_token` guards a blueprint: every request needs a token, and a
+request that is not ``GET``/``HEAD``/``OPTIONS`` needs an operator's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from flask import Blueprint, Response, current_app, g, request
+from sqlalchemy import String, delete, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Mapped, Session, mapped_column
+from werkzeug.security import check_password_hash, generate_password_hash
+
+from proj.jobs.clock import UtcDateTime, utcnow
+from proj.jobs.errors import ProjError
+from proj.jobs.http import json_error
+from proj.jobs.models import LedgerBase
+
+TOKEN_PREFIX = "proj_"
+MIN_PASSWORD = 8
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+class Role(StrEnum):
+    VIEWER = "viewer"
+    OPERATOR = "operator"
+
+    def may(self, needed: Role) -> bool:
+        """True when this role may do what ``needed`` may."""
+        return self == Role.OPERATOR or needed == Role.VIEWER
+
+
+class AuthError(ProjError):
+    """An account or token cannot be made or changed as asked."""
+
+
+class Account(LedgerBase):
+    """A console account."""
+
+    __tablename__ = "proj_accounts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str] = mapped_column(String(320), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    role: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class ApiToken(LedgerBase):
+    """An API token: its name, role and hash (never the token itself)."""
+
+    __tablename__ = "proj_api_tokens"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+# Checked when the email is unknown, so a wrong email takes as long as a wrong password.
+_NOBODY = generate_password_hash(secrets.token_hex(16))
+
+
+def _role(role: str) -> Role:
+    try:
+        return Role(role)
+    except ValueError:
+        raise AuthError(f"role must be one of {', '.join(Role)}, not {role!r}") from None
+
+
+def add_account(session: Session, email: str, password: str, role: str) -> Account:
+    """A new account (flushed in ``session``'s transaction)."""
+    email = email.strip().lower()
+    if "@" not in email:
+        raise AuthError(f"{email!r} is not an email address")
+    if len(password) < MIN_PASSWORD:
+        raise AuthError(f"the password must have at least {MIN_PASSWORD} characters")
+    account = Account(email=email, password_hash=generate_password_hash(password), role=_role(role))
+    _flush_new(session, account, f"an account for {email} exists already")
+    return account
+
+
+def authenticate(session: Session, email: str, password: str) -> Account | None:
+    """The account these credentials open, or None."""
+    account = session.scalar(select(Account).where(Account.email == email.strip().lower()))
+    matches = check_password_hash(account.password_hash if account else _NOBODY, password)
+    return account if account is not None and matches else None
+
+
+def has_accounts(session: Session) -> bool:
+    return bool(session.scalar(select(func.count()).select_from(Account)))
+
+
+def add_token(session: Session, name: str, role: str) -> str:
+    """A new token named ``name`` (flushed in ``session``'s transaction): the
+    only time the token itself is known."""
+    name = name.strip()
+    if not name:
+        raise AuthError("a token needs a name")
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    row = ApiToken(name=name, token_hash=_digest(token), role=_role(role))
+    _flush_new(session, row, f"a token named {name!r} exists already")
+    return token
+
+
+def revoke_token(session: Session, name: str) -> bool:
+    """Delete the token named ``name``; False if there was none."""
+    deleted = session.execute(delete(ApiToken).where(ApiToken.name == name.strip()))
+    return bool(getattr(deleted, "rowcount", 0))
+
+
+def token_for(session: Session, token: str) -> ApiToken | None:
+    """The live token row for ``token``, or None (unknown or revoked)."""
+    found = session.scalar(select(ApiToken).where(ApiToken.token_hash == _digest(token)))
+    # The index found it by hash; comparing again in constant time costs nothing.
+    if found is not None and hmac.compare_digest(found.token_hash, _digest(token)):
+        return found
+    return None
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _flush_new(session: Session, row: Any, conflict: str) -> None:
+    try:
+        with session.begin_nested():
+            session.add(row)
+    except IntegrityError:
+        raise AuthError(conflict) from None
+
+
+def require_token(blueprint: Blueprint) -> None:
+    """Every request to ``blueprint`` needs a bearer token: 401 without a
+    known one, 403 when its role may not do what the request asks. The
+    token's row is ``g.proj_token`` in the view."""
+    blueprint.before_request(_check_bearer)
+
+
+def _check_bearer() -> tuple[Response, int, dict[str, str]] | None:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    challenge = {"WWW-Authenticate": 'Bearer realm="proj"'}
+    if scheme.lower() != "bearer" or not token.strip():
+        return (*json_error(401, "unauthorized", "send Authorization: Bearer <token>"), challenge)
+    found = token_for(request_session(), token.strip())
+    if found is None:
+        challenge["WWW-Authenticate"] += ', error="invalid_token"'
+        return (*json_error(401, "unauthorized", "the token is unknown or revoked"), challenge)
+    needed = Role.VIEWER if request.method in SAFE_METHODS else Role.OPERATOR
+    if not Role(found.role).may(needed):
+        message = f"a {found.role} token may not {request.method} here; an operator's may"
+        return (*json_error(403, "forbidden", message), {})
+    g.proj_token = found
+    return None
+
+
+def request_session() -> Session:
+    """The Flask app's ``db.session`` (the one given to ``Jobs.init_app``)."""
+    db = current_app.extensions["proj.jobs"].flask_db
+    session: Session = db.session()
+    return session

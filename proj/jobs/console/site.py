@@ -1,0 +1,188 @@
+"""The console's frame: its blueprint, who gets in, and what every page and
+form must carry.
+
+- Every page but the login page and static files needs a signed-in console
+  account (:class:`~proj.jobs.auth.Account`); a viewer reads, and only an
+  operator may POST anything but the login and logout forms.
+- Every POST carries a CSRF token (Flask-WTF's); one without a valid token
+  is refused before it reaches a view, so it changes nothing.
+- Login attempts are rate-limited per client address (``PROJ_LOGIN_RATE_LIMIT``
+  in the Flask config, default ``10/minute``; ``PROJ_RATELIMIT_STORAGE_URI``,
+  default ``memory://``: set ``redis://...`` to count across processes).
+- Responses carry a content security policy (no inline script or style, no
+  framing) and are not cached.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+from flask import (
+    Blueprint,
+    Response,
+    current_app,
+    g,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
+from flask_wtf.csrf import CSRFError, generate_csrf, validate_csrf
+from limits import parse
+from limits.storage import storage_from_string
+from limits.strategies import MovingWindowRateLimiter
+from werkzeug.wrappers.response import Response as BaseResponse
+from wtforms import ValidationError
+
+from proj.jobs import auth
+from proj.jobs.http import json_error
+
+blueprint = Blueprint(
+    "proj_console",
+    __name__,
+    template_folder="templates",
+    static_folder="static",
+    static_url_path="/static",
+)
+
+SESSION_KEY = "proj_console_account"
+PUBLIC = frozenset({"proj_console.login", "proj_console.static"})
+ANYONE_MAY_POST = frozenset({"proj_console.login", "proj_console.logout"})
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+}
+
+
+class Refused(Exception):
+    """A console request refused: answered as an HTML page to a browser,
+    as the JSON error to anything else."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+@blueprint.errorhandler(Refused)
+def _refused(error: Refused) -> Any:
+    return refusal(error.status, error.code, error.message)
+
+
+@blueprint.errorhandler(CSRFError)
+def _bad_csrf(error: CSRFError) -> Any:
+    return refusal(400, "csrf_failed", f"the form's CSRF token is not valid: {error.description}")
+
+
+def refusal(status: int, code: str, message: str) -> Any:
+    if request.accept_mimetypes.accept_html:
+        return render_template("proj_console/refused.html", message=message), status
+    return json_error(status, code, message)
+
+
+@blueprint.app_template_global()
+def csrf_token() -> str:
+    token: str = generate_csrf()
+    return token
+
+
+@blueprint.before_request
+def _guard() -> BaseResponse | None:
+    if request.method == "POST":
+        _check_csrf()
+    if request.endpoint in PUBLIC:
+        return None
+    account = _signed_in()
+    if account is None:
+        if request.method == "POST":
+            raise Refused(401, "unauthorized", "sign in to the console first")
+        return redirect(url_for("proj_console.login", next=request.full_path.rstrip("?")))
+    g.console_account = account
+    writes = request.method == "POST" and request.endpoint not in ANYONE_MAY_POST
+    if writes and not auth.Role(account.role).may(auth.Role.OPERATOR):
+        raise Refused(403, "forbidden", "a viewer may look but not act; ask an operator")
+    return None
+
+
+def _check_csrf() -> None:
+    try:
+        validate_csrf(request.form.get("csrf_token"))
+    except ValidationError as exc:
+        raise CSRFError(str(exc)) from None
+
+
+def _signed_in() -> auth.Account | None:
+    account_id = session.get(SESSION_KEY)
+    if not isinstance(account_id, int):
+        return None
+    # Looked up on every request: a deleted account is out at once.
+    return auth.request_session().get(auth.Account, account_id)
+
+
+@blueprint.after_request
+def _headers(response: Response) -> Response:
+    response.headers.update(SECURITY_HEADERS)
+    if request.endpoint != "proj_console.static":
+        response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def may_act() -> bool:
+    """True when the signed-in account may retry and cancel (templates show buttons)."""
+    account: auth.Account | None = g.get("console_account")
+    return account is not None and auth.Role(account.role).may(auth.Role.OPERATOR)
+
+
+blueprint.add_app_template_global(may_act, "console_may_act")
+
+
+@blueprint.route("/login", methods=["GET", "POST"])
+def login() -> Any:
+    """The sign-in form; signs in and goes where the visitor was headed."""
+    target = _local(request.values.get("next"))
+    if request.method == "GET":
+        return render_template("proj_console/login.html", next=target)
+    if not _attempt_allowed():
+        message = "too many sign-in attempts from this address; wait a minute"
+        return render_template("proj_console/login.html", next=target, error=message), 429
+    email = request.form.get("email", "")
+    account = auth.authenticate(auth.request_session(), email, request.form.get("password", ""))
+    if account is None:
+        error = "that email and password do not match an account"
+        return render_template("proj_console/login.html", next=target, error=error), 401
+    session.clear()  # a new session for the signed-in visitor (no fixation)
+    session[SESSION_KEY] = account.id
+    return redirect(target or url_for("proj_console.overview"))
+
+
+@blueprint.post("/logout")
+def logout() -> BaseResponse:
+    session.clear()
+    return redirect(url_for("proj_console.login"))
+
+
+def _local(target: str | None) -> str | None:
+    """``target`` if it is a path on this site (never another host)."""
+    if not target or not target.startswith("/") or target.startswith("//"):
+        return None
+    parts = urlsplit(target)
+    return target if not parts.scheme and not parts.netloc else None
+
+
+def _attempt_allowed() -> bool:
+    limiter: tuple[MovingWindowRateLimiter, Any] | None = current_app.extensions.get(
+        "proj.console.limiter"
+    )
+    if limiter is None:
+        uri = current_app.config.get("PROJ_RATELIMIT_STORAGE_URI", "memory://")
+        rate = parse(current_app.config.get("PROJ_LOGIN_RATE_LIMIT", "10/minute"))
+        limiter = (MovingWindowRateLimiter(storage_from_string(uri)), rate)
+        current_app.extensions["proj.console.limiter"] = limiter
+    strategy, rate = limiter
+    return strategy.hit(rate, "proj-console-login", request.remote_addr or "unknown")
