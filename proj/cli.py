@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import secrets
 import signal
 import socket
 import subprocess
@@ -11,15 +12,16 @@ import threading
 import time
 
 import click
-from sqlalchemy import text
+from sqlalchemy import create_engine, pool, text
 from sqlalchemy.engine import make_url
 
-from proj.config import current_settings
-from proj.jobs import ConfigurationError, Jobs
+from proj.config import Settings, current_settings
+from proj.jobs import ConfigurationError, Jobs, auth
 from proj.jobs.checks import check_configuration
 from proj.jobs.cli import DATABASE_URL, admin, token
 from proj.jobs.cli import jobs as jobs_commands
 from proj.jobs.relay import make_relay
+from proj.jobs.session import session_scope
 from proj.migrations import upgrade as upgrade_database
 
 STOP_TIMEOUT = 20.0
@@ -166,6 +168,48 @@ def _stop(processes: dict[str, subprocess.Popen[bytes]]) -> None:
             process.wait()
 
 
+FIRST_OPERATOR = "admin@localhost"
+FIRST_TOKEN = "proj-run"  # noqa: S105  (the token's name, not a secret)
+
+
+def _first_access(settings: Settings) -> tuple[str, str] | None:
+    """When the database has no console account yet: an operator account
+    (:data:`FIRST_OPERATOR`) and an operator API token, made now; their
+    password and token, to be shown once. None when accounts exist."""
+    engine = create_engine(settings.database_url, poolclass=pool.NullPool)
+    try:
+        with session_scope(engine) as session:
+            if auth.has_accounts(session):
+                return None
+            password = secrets.token_urlsafe(12)
+            auth.add_account(session, FIRST_OPERATOR, password, auth.Role.OPERATOR)
+            auth.revoke_token(session, FIRST_TOKEN)
+            token = auth.add_token(session, FIRST_TOKEN, auth.Role.OPERATOR)
+            return password, token
+    finally:
+        engine.dispose()
+
+
+def _welcome(url: str, mail_url: str, first_access: tuple[str, str] | None) -> str:
+    token = first_access[1] if first_access else "<token from: proj token add NAME --role operator>"
+    lines = [
+        f"\nproj is running: open {url}",
+        f"  console:  {url}dashboard/",
+    ]
+    if first_access:
+        lines.append(f"            sign in as {FIRST_OPERATOR} with password {first_access[0]}")
+        lines.append(f"  API token (operator): {token}")
+        lines.append("            shown this once; make more with proj token add, proj admin add")
+    lines += [
+        f"  sign up:  curl -X POST -H 'Authorization: Bearer {token}' "
+        f"-H 'Content-Type: application/json' "
+        f'-d \'{{"email": "ada@example.com"}}\' {url}api/users',
+        f"  mail:     {mail_url}",
+        "Press Ctrl-C to stop.\n",
+    ]
+    return "\n".join(lines)
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -177,21 +221,17 @@ def run(host: str, port: int) -> None:
     """Upgrade the database and run web, worker and beat until Ctrl-C."""
     settings = current_settings()
     upgrade_database()
+    first_access = _first_access(settings) if settings.embedded else None
     processes: dict[str, subprocess.Popen[bytes]] = {}
     # Ctrl-C reaches the whole process group; SIGTERM from a supervisor only
     # reaches us, so both end up in the same orderly stop.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         for name, command in _commands(host, port).items():
-            processes[name] = subprocess.Popen(command)
+            # proj's own commands, with this Python: nothing from input.
+            processes[name] = subprocess.Popen(command)  # noqa: S603
         if _wait_for_port(host, port, processes):
-            click.echo(
-                f"\nproj is running: open http://{host}:{port}/\n"
-                f"  sign up:  curl -X POST -H 'Content-Type: application/json' "
-                f'-d \'{{"email": "ada@example.com"}}\' http://{host}:{port}/api/users\n'
-                f"  mail:     {settings.mail_url}\n"
-                "Press Ctrl-C to stop.\n"
-            )
+            click.echo(_welcome(f"http://{host}:{port}/", settings.mail_url, first_access))
         elif all(p.poll() is None for p in processes.values()):
             click.echo(
                 f"proj: nothing answers on {host}:{port} yet; see the output above", err=True

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import limits
+
 from proj.jobs import ConfigurationError, JobsSettings
 from proj.jobs.settings import number
 
@@ -32,6 +34,7 @@ DEFAULTS: Mapping[str, str] = {
     "SECRET_KEY": "",
     "PROJ_COOKIE_SECURE": "",
     "PROJ_LOGIN_RATE_LIMIT": "10/minute",
+    "PROJ_RATELIMIT_STORAGE_URI": "memory://",
     "PROJ_MAX_CONTENT_LENGTH": "65536",
     "PROJ_PAYMENT_LATENCY": "0",
     "PROJ_CLEANUP_INTERVAL": "3600",
@@ -71,6 +74,8 @@ class Settings:
     """Session cookies only over HTTPS (default: outside the embedded setup)."""
     login_rate_limit: str
     """Console login attempts allowed per client address (``10/minute``)."""
+    ratelimit_storage_uri: str
+    """Where login attempts are counted (``memory://``: per process; ``redis://...``)."""
     max_content_length: int
     """Largest request body the API accepts, in bytes; larger ones get 413."""
     payment_latency: float
@@ -134,6 +139,15 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     def read(name: str, kind: type[int] | type[float]) -> Any:
         return number(name, raw(name), kind)
 
+    def rate(name: str) -> str:
+        try:
+            limits.parse(raw(name))
+        except ValueError:
+            raise ConfigurationError(
+                f"{name} must be a rate such as 10/minute, not {raw(name)!r}"
+            ) from None
+        return raw(name)
+
     def flag(name: str, default: bool) -> bool:
         value = raw(name).strip().lower()
         if value in ("", "auto"):
@@ -158,7 +172,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         digest_to=text("PROJ_DIGEST_TO"),
         secret_key=env.get("SECRET_KEY", ""),
         cookie_secure=flag("PROJ_COOKIE_SECURE", not database_url.startswith("sqlite")),
-        login_rate_limit=raw("PROJ_LOGIN_RATE_LIMIT"),
+        login_rate_limit=rate("PROJ_LOGIN_RATE_LIMIT"),
+        ratelimit_storage_uri=raw("PROJ_RATELIMIT_STORAGE_URI"),
         max_content_length=read("PROJ_MAX_CONTENT_LENGTH", int),
         payment_latency=read("PROJ_PAYMENT_LATENCY", float),
         cleanup_interval=read("PROJ_CLEANUP_INTERVAL", float),

@@ -29,7 +29,7 @@ from proj.jobs.errors import ProjError
 from proj.jobs.http import json_error
 from proj.jobs.models import LedgerBase
 
-TOKEN_PREFIX = "proj_"
+TOKEN_PREFIX = "proj_"  # noqa: S105  (marks a proj token; the secret follows it)
 MIN_PASSWORD = 8
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 

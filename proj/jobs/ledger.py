@@ -111,8 +111,9 @@ class Standalone:
             return list(result) if result.returns_rows else []
 
 
+# The f-strings hold State's constants only, never input.
 _CLAIM = Standalone(
-    f"UPDATE jobs SET state = '{State.RUNNING}', attempts = attempts + 1, started_at = :now,"
+    f"UPDATE jobs SET state = '{State.RUNNING}', attempts = attempts + 1, started_at = :now,"  # noqa: S608
     " worker = :worker, error = NULL"
     f" WHERE id = :id AND state IN ('{State.QUEUED}', '{State.RETRYING}')"
     " RETURNING attempts, max_attempts",

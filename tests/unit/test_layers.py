@@ -49,7 +49,8 @@ IMPORT_PROBE = """
 import json, sys, threading
 import celery._state
 before = (celery._state.get_current_app(), threading.active_count())
-import proj.jobs, proj.jobs.api, proj.jobs.cli, proj.jobs.migrations, proj.jobs.testing
+import proj.jobs, proj.jobs.api, proj.jobs.auth, proj.jobs.cli, proj.jobs.console
+import proj.jobs.migrations, proj.jobs.testing
 after = (celery._state.get_current_app(), threading.active_count())
 from sqlalchemy import event, orm
 from proj.jobs.outbox import _publish_after_commit as publish
