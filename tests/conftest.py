@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,6 +123,13 @@ def api_token(app: Flask, role: str = "operator") -> str:
         token = auth.add_token(web_db.session, f"test-{uuid.uuid4().hex[:12]}", role)
         web_db.session.commit()
     return token
+
+
+@pytest.fixture
+def make_token() -> Callable[..., str]:
+    """:func:`api_token` for tests that make a Flask app of their own (a test
+    module cannot import it: ``conftest`` names more than one module)."""
+    return api_token
 
 
 @pytest.fixture

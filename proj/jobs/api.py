@@ -18,9 +18,8 @@ from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session
 
-from proj.jobs import ledger, outbox
-from proj.jobs.auth import require_token
-from proj.jobs.deadletter import UNRUNNABLE
+from proj.jobs import actions, ledger
+from proj.jobs.auth import request_session, require_token
 from proj.jobs.extension import EXTENSION_KEY, Jobs
 from proj.jobs.http import json_error
 from proj.jobs.models import Job, State
@@ -53,13 +52,12 @@ def _jobs() -> Jobs:
 
 
 def _session() -> Session:
-    db = _jobs().flask_db
-    assert db is not None  # init_app put the extension there
-    return db.session()
+    return request_session()
 
 
 def job_or_404(job_id: str) -> Job:
-    job = _session().get(Job, job_id) if len(job_id) <= 255 else None
+    # No id proj issues is longer, or holds a NUL (which PostgreSQL refuses in text).
+    job = _session().get(Job, job_id) if len(job_id) <= 255 and "\x00" not in job_id else None
     if job is None:
         raise JobApiError(404, "not_found", f"no job with id {job_id}")
     return job
@@ -117,15 +115,11 @@ def _limit(raw: str | None) -> int:
 def retry_job(job_id: str) -> tuple[Response, int]:
     """Run a failed job again (its attempts start over)."""
     job = job_or_404(job_id)
-    if job.state != State.FAILED:
-        raise JobApiError(
-            409, "conflict", f"job {job_id} is {job.state}; only a failed job is retried"
-        )
-    if (job.options or {}).get(UNRUNNABLE):
-        raise JobApiError(409, "conflict", f"job {job_id} is a message no worker could read")
     session = _session()
-    if not outbox.requeue(session, _jobs(), job):
-        raise JobApiError(409, "conflict", f"job {job_id} changed state; look again")
+    try:
+        actions.retry(session, _jobs(), job)
+    except actions.NotActionable as exc:
+        raise JobApiError(409, "conflict", str(exc)) from None
     session.refresh(job)
     answer = job.to_json()  # as requeued: once committed, a worker may take it at once
     session.commit()
@@ -140,14 +134,11 @@ def cancel_job(job_id: str) -> tuple[Response, int]:
     ``cancelled``; a job that never checks finishes as it would have."""
     job = job_or_404(job_id)
     session = _session()
-    was = ledger.cancel(session, job_id)
-    if was is None:
+    try:
+        was = actions.cancel(session, job)
+    except actions.NotActionable as exc:
         session.rollback()
-        raise JobApiError(
-            409,
-            "conflict",
-            f"job {job_id} is {job.state}; only a waiting or running job is cancelled",
-        )
+        raise JobApiError(409, "conflict", str(exc)) from None
     session.commit()
     session.expire(job)
     answer = job_or_404(job_id).to_json()

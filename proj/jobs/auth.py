@@ -18,7 +18,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from flask import Blueprint, Response, current_app, g, request
+from flask import Blueprint, Flask, Response, current_app, g, request
 from sqlalchemy import String, delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
@@ -102,6 +102,7 @@ def authenticate(session: Session, email: str, password: str) -> Account | None:
 
 
 def has_accounts(session: Session) -> bool:
+    """True once any console account exists."""
     return bool(session.scalar(select(func.count()).select_from(Account)))
 
 
@@ -149,6 +150,18 @@ def require_token(blueprint: Blueprint) -> None:
     known one, 403 when its role may not do what the request asks. The
     token's row is ``g.proj_token`` in the view."""
     blueprint.before_request(_check_bearer)
+
+
+def require_token_under(flask_app: Flask, prefix: str) -> None:
+    """A request under ``prefix`` that matches no view (a 404 or 405) needs a
+    token too, so that someone without one learns nothing of the routes."""
+
+    def check() -> tuple[Response, int, dict[str, str]] | None:
+        if request.url_rule is None and request.path.startswith(prefix):
+            return _check_bearer()
+        return None
+
+    flask_app.before_request(check)
 
 
 def _check_bearer() -> tuple[Response, int, dict[str, str]] | None:

@@ -80,8 +80,8 @@ def add_account(email: str, role: str) -> None:
     else:
         password = sys.stdin.readline().rstrip("\r\n")
     with _ledger_session() as session:
-        account = auth.add_account(session, email, password, role)
-        click.echo(f"account {account.email} ({account.role}) added")
+        added = auth.add_account(session, email, password, role).email
+    click.echo(f"account {added} ({role}) added")
 
 
 @click.group()

@@ -30,7 +30,8 @@ def message_arguments(message: Message) -> dict[str, Any]:
     if isinstance(body, bytes):
         body = body.decode("utf-8", errors="replace")
     return {
-        "body": str(body)[:BODY_LIMIT],
+        # A NUL kept in JSON makes PostgreSQL's ->> refuse the whole query.
+        "body": str(body)[:BODY_LIMIT].replace("\x00", "\ufffd"),
         "content_type": message.content_type,
         "headers": message.headers,
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import threading
 import time
@@ -15,7 +16,7 @@ from sqlalchemy.pool import NullPool
 
 from proj.config import Settings, current_settings
 from proj.db import db
-from proj.jobs import ConfigurationError, Jobs, console, engine_options
+from proj.jobs import ConfigurationError, Jobs, auth, console, engine_options
 from proj.jobs import api as jobs_api
 from proj.web.api import api
 from proj.web.errors import error_response, register_error_handlers
@@ -64,6 +65,7 @@ def create_app(settings: Settings | None = None, celery_app: Celery | None = Non
     db.init_app(app)
     jobs.init_app(app, db)
     app.register_blueprint(api)
+    auth.require_token_under(app, "/api/")
     app.register_blueprint(jobs_api.blueprint, url_prefix="/api/jobs")
     app.register_blueprint(console.blueprint, url_prefix="/dashboard")
     register_error_handlers(app)
@@ -92,10 +94,21 @@ def secret_key(settings: Settings) -> str:
     if key:
         return key
     kept = settings.data_dir / "secret-key"
-    if not kept.exists():
-        kept.touch(mode=0o600)
-        kept.write_text(secrets.token_urlsafe(32))
-    return kept.read_text().strip()
+    try:
+        # Made once, whole, readable by its owner only; a process starting at
+        # the same moment reads the one that won.
+        made = os.open(kept, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(made, "w") as out:
+            out.write(secrets.token_urlsafe(32))
+    for _ in range(50):
+        key = kept.read_text().strip()
+        if key:
+            return key
+        time.sleep(0.01)  # the process that made it is still writing
+    raise ConfigurationError(f"{kept} is empty: delete it, or set SECRET_KEY")
 
 
 def _connect_args(url: str) -> dict[str, Any]:

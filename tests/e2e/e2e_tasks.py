@@ -97,6 +97,16 @@ def outcome(kind: str, email: str) -> str:
     return email
 
 
+@shared_task(name="e2e.needs_user")
+def needs_user(email: str) -> int:
+    """The id of the user with ``email``; fails (for good: nothing retries a
+    LookupError) while there is none, so a retry succeeds once the user exists."""
+    user = Session.scalar(select(User).where(User.email == email))
+    if user is None:
+        raise LookupError(f"e2e: no user {email} yet")
+    return user.id
+
+
 @shared_task(name="e2e.record_effect", bind=True)
 @retry_on(TRANSIENT_ERRORS, max_retries=10, backoff=0.5, max_backoff=2.0)
 def record_effect(self: SqlAlchemyTask, tag: str, n: int, seconds: float = 0.0) -> int:

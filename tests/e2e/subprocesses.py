@@ -222,6 +222,21 @@ def enqueue_effects(env: dict[str, str], tag: str, count: int, seconds: float = 
     return done.stdout.split()
 
 
+def api_token(env: dict[str, str], role: str = "operator") -> str:
+    """A new API token with ``role``, made by ``proj token add`` on ``env``'s
+    database (it prints the token on its last line)."""
+    name = f"e2e-{uuid.uuid4().hex[:10]}"
+    done = subprocess.run(
+        [str(BIN / "proj"), "token", "add", name, "--role", role],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout.splitlines()[-1]
+
+
 def free_port() -> int:
     """A TCP port nothing listens on right now."""
     with socket.socket() as probe:

@@ -25,6 +25,7 @@ from sqlalchemy import create_engine, inspect, text
 from subprocesses import BIN, WORKER_OPTIONS, Commands, free_port
 
 from proj.config import DEFAULTS
+from proj.jobs import auth
 from proj.jobs.models import LedgerBase
 from proj.jobs.settings import DEFAULTS as JOBS_DEFAULTS
 from proj.migrations import alembic_config
@@ -46,6 +47,12 @@ def readme() -> str:
 def readme_first_block() -> list[str]:
     """The lines of README's first fenced code block."""
     return readme().split("```")[1].splitlines()[1:]
+
+
+def readme_sign_up_line() -> str:
+    """The ``curl`` line of README's second fenced code block (the sign-up)."""
+    block = readme().split("```")[3].splitlines()[1:]
+    return next(line for line in block if line.startswith("curl "))
 
 
 def readme_commands_table() -> list[str]:
@@ -128,7 +135,7 @@ def test_jobs_upgrade_touches_only_the_ledger(tmp_path: Path) -> None:
                 assert set(inspect(engine).get_table_names()) == {
                     "alembic_version",
                     "orders",
-                    *LedgerBase.metadata.tables,
+                    *ledger_tables(),
                     "proj_jobs_alembic_version",
                 }
                 with engine.connect() as connection:
@@ -141,12 +148,21 @@ def test_jobs_upgrade_touches_only_the_ledger(tmp_path: Path) -> None:
             engine.dispose()
 
 
-def http(method: str, url: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
-    """A real HTTP request (no proxy); the status and the JSON answer."""
+def ledger_tables() -> set[str]:
+    """The tables of the ledger's models: ``proj.jobs.models``' and
+    ``proj.jobs.auth``'s (imported here, as the ledger's migrations import it)."""
+    tables = set(LedgerBase.metadata.tables)
+    assert {"jobs", auth.Account.__tablename__, auth.ApiToken.__tablename__} <= tables
+    return tables
+
+
+def http(method: str, url: str, token: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+    """A real HTTP request (no proxy) with API token ``token``; the status and
+    the JSON answer."""
     request = urllib.request.Request(
         url,
         data=None if body is None else json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
         method=method,
     )
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -157,7 +173,8 @@ def http(method: str, url: str, body: dict[str, Any] | None = None) -> tuple[int
 @pytest.mark.parametrize("ctrl_c", ["proj", "process-group"])
 def test_readme_first_command_runs_proj(commands: Commands, tmp_path: Path, ctrl_c: str) -> None:
     """README's first command installs what CI installs and runs ``proj run``,
-    which, with nothing configured, serves the API, welcomes a new user by mail
+    which, with nothing configured, serves the API and prints an API token
+    with which README's ``curl`` signs a user up, welcomes the user by mail
     into ./proj-data/mail, and stops web, worker and beat on Ctrl-C, whether
     the signal reaches proj alone (as from ``kill -INT``) or its whole process
     group (as from a terminal)."""
@@ -172,13 +189,26 @@ def test_readme_first_command_runs_proj(commands: Commands, tmp_path: Path, ctrl
     )
     url = f"http://127.0.0.1:{port}/"
     proj.wait_for_output(f"proj is running: open {url}")
+    printed = re.findall(rf"{re.escape(auth.TOKEN_PREFIX)}[\w-]{{40,}}", proj.output())
+    assert printed, f"proj run printed no API token:\n{proj.output()[-3000:]}"
+    token = printed[0]
     address = f"ada-{uuid.uuid4().hex[:8]}@example.com"
-    status, user = http("POST", f"{url}api/users", {"email": address})
-    assert status == 201
+    curl = readme_sign_up_line().replace("ada@example.com", address)
+    curl = curl.replace("http://127.0.0.1:5000/", url)
+    signed_up = subprocess.run(
+        ["bash", "-c", curl],
+        env={**clean_env(), "TOKEN": token, "no_proxy": "*", "NO_PROXY": "*"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert signed_up.returncode == 0, signed_up.stderr
+    user = json.loads(signed_up.stdout)
+    assert user["email"] == address, user
 
     mail = tmp_path / "proj-data" / "mail"
     proj.until(lambda: any(address in p.read_text() for p in mail.glob("*.eml")))
-    proj.until(lambda: http("GET", f"{url}api/users/{user['id']}")[1]["welcomed_at"])
+    proj.until(lambda: http("GET", f"{url}api/users/{user['id']}", token)[1]["welcomed_at"])
 
     assert not re.findall(r"Traceback|dead letter", proj.output()), proj.output()
     family = proj.children()
@@ -223,7 +253,7 @@ def test_docker_compose_runs_the_readme_commands() -> None:
     table = readme_commands_table()
     expected = {
         "migrate": "proj db upgrade",
-        "web": "flask --app proj.web run",
+        "web": 'gunicorn "proj.web:create_app()"',
         "worker": "celery -A proj worker",
         "beat": "celery -A proj beat",
     }
@@ -231,7 +261,9 @@ def test_docker_compose_runs_the_readme_commands() -> None:
         assert command in table
         given = compose["services"][service]["command"]
         words = shlex.split(given) if isinstance(given, str) else list(given)
-        assert words[: len(command.split())] == command.split(), service
+        # The same program, then the table's words in order (options may come between).
+        wanted, rest = shlex.split(command), iter(words)
+        assert words[:1] == wanted[:1] and all(word in rest for word in wanted), service
         known = set(DEFAULTS) | set(JOBS_DEFAULTS) | {"REMAP_SIGTERM"}
         assert set(compose["services"][service]["environment"]) <= known, service
     consumed = {

@@ -34,7 +34,7 @@ import stacks
 from celery import Celery
 from e2e_tasks import create_effects_table, effects
 from sqlalchemy import Engine, create_engine, orm, select
-from subprocesses import BIN, Command, Commands, enqueue_effects
+from subprocesses import BIN, Command, Commands, api_token, enqueue_effects
 
 from proj.db import worker_engine
 from proj.jobs import Jobs, utcnow
@@ -81,13 +81,14 @@ def through(url: str, port: int) -> str:
 
 
 def request(
-    method: str, url: str, body: dict[str, Any] | None = None, timeout: float = 30.0
+    method: str, url: str, token: str, body: dict[str, Any] | None = None, timeout: float = 30.0
 ) -> tuple[int, Any]:
-    """A real HTTP request; its status and JSON answer (errors included)."""
+    """A real HTTP request with API token ``token``; its status and JSON
+    answer (errors included)."""
     sent = urllib.request.Request(
         url,
         data=None if body is None else json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
         method=method,
     )
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -98,8 +99,8 @@ def request(
         return error.code, json.load(error)
 
 
-def sign_up(base_url: str, address: str, timeout: float = 30.0) -> tuple[int, Any]:
-    return request("POST", f"{base_url}/api/users", {"email": address}, timeout)
+def sign_up(base_url: str, token: str, address: str, timeout: float = 30.0) -> tuple[int, Any]:
+    return request("POST", f"{base_url}/api/users", token, {"email": address}, timeout)
 
 
 def mail_recipients(folder: Path) -> Counter[str]:
@@ -165,6 +166,7 @@ def test_signups_while_the_broker_is_down(
         )
         worker = commands.worker(env)
         web, url = commands.web(env)
+        token = api_token(env)
         assert proxy.connections > 0, "the worker does not go through the proxy"
         proxy.stop()
         worker.wait_for_output("Connection to broker lost")
@@ -174,7 +176,7 @@ def test_signups_while_the_broker_is_down(
 
         def sign_up_now(address: str) -> tuple[int, Any]:
             try:
-                return sign_up(url, address, REQUEST_TIMEOUT)
+                return sign_up(url, token, address, REQUEST_TIMEOUT)
             except TimeoutError:
                 raise AssertionError(
                     f"a sign-up waited more than {REQUEST_TIMEOUT:g} s for the broker"
@@ -310,18 +312,19 @@ def postgres_restart(stack: Stack, tmp_path_factory: Any) -> Iterator[Restart]:
             worker = commands.worker(env)
             relay = commands.relay(env)
             _, base_url = commands.web(env)
+            token = api_token(env)
             run = tag()
             before = enqueue_effects(env, f"{run}-before", 40, 0.3)
             worker.until(lambda: states(engine, before)[State.SUCCEEDED] >= 4, timeout=60)
 
             cluster.stop()
             relay.wait_for_output("lost the LISTEN connection")
-            during = [sign_up(base_url, f"during-{i}-{run}@e2e.test")[0] for i in range(3)]
+            during = [sign_up(base_url, token, f"during-{i}-{run}@e2e.test")[0] for i in range(3)]
             time.sleep(OUTAGE)
             cluster.start()
 
             started = utcnow()
-            after = [sign_up(base_url, f"after-{i}-{run}@e2e.test") for i in range(10)]
+            after = [sign_up(base_url, token, f"after-{i}-{run}@e2e.test") for i in range(10)]
             later = enqueue_effects(env, f"{run}-after", 20, 0.0)
             yield Restart(engine, worker, relay, run, before, later, during, after, started)
         finally:
@@ -418,6 +421,7 @@ def test_a_silent_database_under_sign_up_load(
         )
         worker = commands.worker(env)
         _, url = commands.web(env)
+        token = api_token(env)
         run = tag()
         answers: list[tuple[str, int, Any]] = []
         stop = threading.Event()
@@ -427,7 +431,7 @@ def test_a_silent_database_under_sign_up_load(
             while not stop.is_set():
                 address = f"silent-{lane}-{n}-{run}@e2e.test"
                 try:
-                    status, body = sign_up(url, address, timeout=15.0)
+                    status, body = sign_up(url, token, address, timeout=15.0)
                 except TimeoutError:
                     status, body = 0, {"error": {"code": "no answer in 15 s"}}
                 answers.append((address, status, body))

@@ -37,7 +37,7 @@ from kombu import Exchange, Queue
 from sqlalchemy import create_engine, func, inspect, pool, select, text, update
 
 import proj.jobs.testing
-from proj.jobs import Job, Jobs, State, utcnow
+from proj.jobs import Job, Jobs, State, auth, utcnow
 from proj.jobs.migrations import VERSION_TABLE, upgrade
 from proj.jobs.relay import make_relay
 from proj.jobs.scheduler import SlotScheduler
@@ -59,10 +59,15 @@ class Shop:
     celery_app: Celery
     jobs: Jobs
     database_url: str
+    token: str
+    """An operator's API token (the job API wants one on every request)."""
 
     @property
     def client(self) -> FlaskClient:
-        return self.flask_app.test_client()
+        """A test client that sends :attr:`token`."""
+        made = self.flask_app.test_client()
+        made.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {self.token}"
+        return made
 
     def order(self) -> tuple[int, str]:
         """``POST /orders``: the new order's id and its payment's job id."""
@@ -139,7 +144,9 @@ def shop(request: pytest.FixtureRequest) -> Iterator[Shop]:
         prepare_database(database_url)
         flask_app, celery_app, jobs = make_shop(database_url, broker_url)
         try:
-            yield Shop(flask_app, celery_app, jobs, database_url)
+            with jobs.session_scope() as session:
+                token = auth.add_token(session, "shop-tests", auth.Role.OPERATOR)
+            yield Shop(flask_app, celery_app, jobs, database_url, token)
             # An in-process worker made the shop's app current: nothing of it is left open.
             assert not jobs.session.registry.has(), "a task session was left open"
             assert proj.jobs.testing.checked_out(celery_app) == 0, "a connection is checked out"
@@ -183,6 +190,20 @@ def test_a_committed_view_s_job_runs(shop: Shop) -> None:
     status, paid_at = shop.orders()[order_id]
     assert status == "paid" and paid_at is not None
     assert shop.queued_messages() == 0
+
+
+def test_the_shop_s_job_api_wants_a_token(shop: Shop) -> None:
+    """The job API the shop mounts wants a token on every request: none is a
+    401; a viewer's token reads, and its cancel is a 403 that leaves the job
+    queued."""
+    _, job_id = shop.order()
+    with shop.jobs.session_scope() as session:
+        viewer = {"Authorization": f"Bearer {auth.add_token(session, 'viewer', auth.Role.VIEWER)}"}
+    anonymous = shop.flask_app.test_client()
+    assert anonymous.get(f"/api/jobs/{job_id}").status_code == 401
+    assert anonymous.get(f"/api/jobs/{job_id}", headers=viewer).status_code == 200
+    assert anonymous.post(f"/api/jobs/{job_id}/cancel", headers=viewer).status_code == 403
+    assert shop.job(job_id).state == State.QUEUED
 
 
 def test_a_rolled_back_view_s_job_never_exists(shop: Shop, pay_deliveries: list[str]) -> None:
@@ -337,7 +358,7 @@ def test_the_shop_s_database_gets_the_ledger_and_nothing_else(shop: Shop) -> Non
         engine.dispose()
 
     ledger_tables = set(Job.metadata.tables)  # the ledger's own metadata: jobs, …
-    assert "jobs" in ledger_tables
+    assert {"jobs", auth.ApiToken.__tablename__} <= ledger_tables
     assert tables == {"orders", "alembic_version", VERSION_TABLE, *ledger_tables}
     assert not tables & REFERENCE_TABLES
     assert shop_revisions == [SHOP_REVISION]

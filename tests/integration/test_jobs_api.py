@@ -159,6 +159,8 @@ def test_unknown_job_is_404(client: FlaskClient) -> None:
         client.post(f"/api/jobs/{unknown}/retry"),
         client.post(f"/api/jobs/{unknown}/cancel"),
         client.get(f"/api/jobs/{'x' * 300}"),
+        client.get("/api/jobs/a%00b"),  # PostgreSQL refuses a NUL in text: still a 404
+        client.get("/api/jobs?before=a%00b"),
     ):
         assert response.status_code == 404
         assert response.get_json()["error"]["code"] == "not_found"

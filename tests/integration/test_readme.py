@@ -1,6 +1,7 @@
 """README's adoption example, run as written: saved as ``shop.py`` and driven
 in a process of its own, on a new PostgreSQL database (its URL in the
-``postgresql://`` form platforms hand out) and a new RabbitMQ vhost."""
+``postgresql://`` form platforms hand out) and a new RabbitMQ vhost, after the
+commands README gives with it (``proj jobs upgrade``, ``proj token add``)."""
 
 from __future__ import annotations
 
@@ -14,26 +15,31 @@ import pytest
 import stacks
 
 ROOT = Path(__file__).resolve().parents[2]
+PROJ = Path(sys.executable).parent / "proj"
 REQUIRED = bool(os.environ.get("CI") or os.environ.get("PROJ_REQUIRE_SERVICES"))
 
 DRIVER = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
 import shop
-from proj.jobs import migrations, testing
+from proj.jobs import testing
 
-migrations.upgrade(shop.jobs.database_url)
 with shop.flask_app.app_context():
     shop.db.create_all()
 client = shop.flask_app.test_client()
+client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {sys.argv[2]}"
 with testing.worker(shop.celery_app, pool="threads", concurrency=2):
     answer = client.post("/orders").get_json()
     testing.wait_for_state(answer["job"], "succeeded", celery_app=shop.celery_app)
 job = client.get(f"/api/jobs/{answer['job']}").get_json()
+without_token = shop.flask_app.test_client().get(f"/api/jobs/{answer['job']}").status_code
 with shop.flask_app.app_context():
     status = shop.db.session.get(shop.Order, answer["order"]).status
     shop.db.engine.dispose()
-print(json.dumps({"status": status, "state": job["state"], "result": job["result"]}))
+print(json.dumps({
+    "status": status, "state": job["state"], "result": job["result"],
+    "without_token": without_token,
+}))
 """
 
 
@@ -43,7 +49,18 @@ def adoption_example() -> str:
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
+def proj(env: dict[str, str], *args: str) -> str:
+    """``proj <args>`` as README gives it; its output."""
+    done = subprocess.run(
+        [str(PROJ), *args], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
 def test_the_adoption_example_runs_as_written(tmp_path: Path) -> None:
+    """The shop's order is paid by its job, whose state the job API answers
+    with the token ``proj token add`` printed, and without a token refuses."""
     problem = stacks.missing_services("pg-rabbit")
     if problem:
         if REQUIRED:
@@ -56,8 +73,10 @@ def test_the_adoption_example_runs_as_written(tmp_path: Path) -> None:
             "DATABASE_URL": url.replace("postgresql+psycopg2://", "postgresql://"),
             "CELERY_BROKER_URL": broker,
         }
+        proj(env, "jobs", "upgrade")
+        token = proj(env, "token", "add", "ops", "--role", "viewer").splitlines()[-1]
         done = subprocess.run(
-            [sys.executable, "-c", DRIVER, str(tmp_path)],
+            [sys.executable, "-c", DRIVER, str(tmp_path), token],
             cwd=tmp_path,
             env=env,
             capture_output=True,
@@ -66,4 +85,4 @@ def test_the_adoption_example_runs_as_written(tmp_path: Path) -> None:
         )
     assert done.returncode == 0, done.stderr
     found = json.loads(done.stdout.strip().splitlines()[-1])
-    assert found == {"status": "paid", "state": "succeeded", "result": "paid"}
+    assert found == {"status": "paid", "state": "succeeded", "result": "paid", "without_token": 401}

@@ -10,6 +10,7 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import timedelta
@@ -307,7 +308,9 @@ def test_a_statement_past_the_workers_timeout_is_a_transient_error(
     assert len(errors) == 2 and all("statement timeout" in error for error in errors)
 
 
-def test_a_request_waiting_on_a_lock_answers_503(stack: Stack, celery_app: Celery) -> None:
+def test_a_request_waiting_on_a_lock_answers_503(
+    stack: Stack, celery_app: Celery, make_token: Callable[..., str]
+) -> None:
     """With ``PROJ_LOCK_TIMEOUT`` at 0.5 s, a sign-up that waits for a lock
     another connection holds gets a JSON 503 instead of waiting; once the lock
     is gone, the same request succeeds."""
@@ -320,6 +323,7 @@ def test_a_request_waiting_on_a_lock_answers_503(stack: Stack, celery_app: Celer
     try:
         flask_app = create_app(stack.settings, celery_app)
         client = flask_app.test_client()
+        client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {make_token(flask_app)}"
         with holder.connect() as connection, connection.begin():
             connection.execute(text("LOCK TABLE users IN ACCESS EXCLUSIVE MODE"))
             refused = client.post("/api/users", json={"email": new_email()})
@@ -334,7 +338,9 @@ def test_a_request_waiting_on_a_lock_answers_503(stack: Stack, celery_app: Celer
     assert accepted.status_code == 201
 
 
-def test_a_silent_database_gets_a_503_not_a_hang(stack: Stack, celery_app: Celery) -> None:
+def test_a_silent_database_gets_a_503_not_a_hang(
+    stack: Stack, celery_app: Celery, make_token: Callable[..., str]
+) -> None:
     """The web tier's database behind a proxy: a sign-up succeeds; then the
     proxy keeps connections open and forwards nothing, and a sign-up on the
     pooled connection answers a JSON 503 (the client's deadline, not a hang);
@@ -352,11 +358,12 @@ def test_a_silent_database_gets_a_503_not_a_hang(stack: Stack, celery_app: Celer
         own = make_celery(settings)
         flask_app = create_app(settings, own)
         try:
-            first = answer_within(flask_app, 30)
+            token = make_token(flask_app)
+            first = answer_within(flask_app, token, 30)
             proxy.blackhole()
-            silent = answer_within(flask_app, 30)
+            silent = answer_within(flask_app, token, 30)
             proxy.restore()
-            again = answer_within(flask_app, 30)
+            again = answer_within(flask_app, token, 30)
         finally:
             proxy.restore()
             with flask_app.app_context():
@@ -370,13 +377,15 @@ def test_a_silent_database_gets_a_503_not_a_hang(stack: Stack, celery_app: Celer
     assert again[0] == 201
 
 
-def answer_within(flask_app: Flask, seconds: float) -> tuple[int, str]:
-    """A sign-up's status and error code (``""`` if none); fails if no answer
-    comes within ``seconds``."""
+def answer_within(flask_app: Flask, token: str, seconds: float) -> tuple[int, str]:
+    """A sign-up's status and error code (``""`` if none), with API token
+    ``token``; fails if no answer comes within ``seconds``."""
     answers: list[tuple[int, str]] = []
 
     def sign_up() -> None:
-        response = flask_app.test_client().post("/api/users", json={"email": new_email()})
+        response = flask_app.test_client().post(
+            "/api/users", json={"email": new_email()}, headers={"Authorization": f"Bearer {token}"}
+        )
         body = response.get_json()
         answers.append((response.status_code, body.get("error", {}).get("code", "")))
 

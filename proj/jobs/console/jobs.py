@@ -1,12 +1,265 @@
-"""The console's jobs list (filters, bulk actions) and job pages."""
+"""The console's jobs list (filters, keyset pages, bulk actions) and job pages
+(arguments, result, progress, each attempt's error, the timeline; retry and
+cancel).
+
+Every action goes through :mod:`proj.jobs.actions`: a compare-and-set in the
+ledger, committed before the page answers; a retried job is published after
+the commit. A viewer sees no buttons, and the frame refuses a viewer's POST.
+"""
 
 from __future__ import annotations
 
-from flask import render_template
+import json
+from datetime import UTC, datetime
+from typing import Any
 
-from proj.jobs.console.site import blueprint
+from flask import current_app, flash, redirect, render_template, request, url_for
+from sqlalchemy import ColumnElement, Select, select, tuple_, union_all
+from werkzeug.wrappers.response import Response as BaseResponse
+
+from proj.jobs import actions, ledger
+from proj.jobs.auth import request_session
+from proj.jobs.console import bulk
+from proj.jobs.console.bulk import Selection
+from proj.jobs.console.filters import (
+    FILTER_FIELDS,
+    InvalidFilter,
+    JobFilter,
+    Queues,
+    is_job_id,
+    named_queue,
+)
+from proj.jobs.console.site import Refused, blueprint
+from proj.jobs.console.timeline import timeline
+from proj.jobs.extension import EXTENSION_KEY, Jobs
+from proj.jobs.models import Job, State
+
+PAGE_SIZE = 50
+"""Jobs on one page of the list."""
+LISTED = (
+    Job.id,
+    Job.name,
+    named_queue().label("queue"),
+    Job.state,
+    Job.attempts,
+    Job.max_attempts,
+    Job.created_at,
+    Job.finished_at,
+)
+"""The list's columns: never the arguments, results or tracebacks."""
+
+
+def _installed() -> Jobs:
+    jobs: Jobs = current_app.extensions[EXTENSION_KEY]
+    return jobs
 
 
 @blueprint.get("/jobs")
-def jobs() -> str:
-    return render_template("proj_console/overview.html")
+def jobs() -> Any:
+    """Jobs newest first, 50 a page, narrowed by the filter in the query
+    arguments; ``before`` (a job id) continues after that job. A filter that
+    cannot be used is answered 400 with the form saying what is wrong."""
+    queues = Queues(_installed().celery_app)
+    session = request_session()
+    try:
+        chosen = JobFilter.read(request.args)
+        after = _cursor(request.args.get("before"))
+    except InvalidFilter as exc:
+        typed = {key: request.args.get(key, "") for key in FILTER_FIELDS}
+        page = _page(queues, JobFilter(), [], None, typed, exc.problems)
+        return page, 400
+    found = session.execute(_newest(chosen, chosen.conditions(queues, session), after)).all()
+    rows = [{**row._asdict(), "queue": queues.of(row.name, row.queue)} for row in found[:PAGE_SIZE]]
+    older = None
+    if len(found) > PAGE_SIZE:
+        args: dict[str, Any] = {**chosen.args(), "before": rows[-1]["id"]}
+        older = url_for(".jobs", **args)
+    return _page(queues, chosen, rows, older, chosen.args(), {})
+
+
+def _newest(
+    chosen: JobFilter, where: list[ColumnElement[bool]], after: tuple[datetime, str] | None
+) -> Select[*tuple[Any, ...]]:
+    """The query of a page: up to ``PAGE_SIZE + 1`` jobs meeting ``where``,
+    newest first, after the job ``after`` (its creation and id).
+
+    Without a state or a search to filter on, it is one query a state,
+    merged: each walks the (state, created_at) index from the newest and
+    stops at a page, so a page costs about its own rows on a ledger of any
+    size. (A search reads every job's arguments in any case; PostgreSQL then
+    rightly prefers one scan to six.)
+    """
+    if after is not None:
+        # The first condition lets the index start at the cursor; the second is exact.
+        where = [*where, Job.created_at <= after[0], tuple_(Job.created_at, Job.id) < after]
+
+    def newest(*more: ColumnElement[bool]) -> Select[*tuple[Any, ...]]:
+        return (
+            select(*LISTED)
+            .where(*more, *where)
+            .order_by(Job.created_at.desc(), Job.id.desc())
+            .limit(PAGE_SIZE + 1)
+        )
+
+    if chosen.state is not None or chosen.q is not None:
+        return newest()
+    merged = union_all(*(select(newest(Job.state == state).subquery()) for state in State))
+    pages = merged.subquery()
+    return select(pages).order_by(pages.c.created_at.desc(), pages.c.id.desc()).limit(PAGE_SIZE + 1)
+
+
+def _page(
+    queues: Queues,
+    chosen: JobFilter,
+    rows: list[dict[str, Any]],
+    older: str | None,
+    typed: dict[str, str],
+    problems: dict[str, str],
+) -> str:
+    return render_template(
+        "proj_console/jobs.html",
+        filter=chosen,
+        typed=typed,
+        problems=problems,
+        rows=rows,
+        older=older,
+        paged="before" in request.args,
+        states=list(State),
+        task_names=queues.task_names(),
+        queue_names=queues.names(),
+    )
+
+
+def _cursor(before: str | None) -> tuple[datetime, str] | None:
+    """Where the page starts: after the job ``before`` (its creation and id)."""
+    if not before:
+        return None
+    query = select(Job.created_at, Job.id).where(Job.id == before)
+    found = request_session().execute(query).one_or_none() if is_job_id(before) else None
+    if found is None:
+        raise InvalidFilter(
+            {"before": "the job this page continued after is gone; start again from the newest"}
+        )
+    return found.created_at, found.id
+
+
+@blueprint.post("/jobs/confirm")
+def confirm_jobs() -> Any:
+    """The confirmation of a bulk action: how many jobs it would touch now."""
+    selection = Selection.read(request.form)
+    back = _list_url(selection.filter)
+    if selection.empty:
+        flash("tick the jobs to act on first (or act on every job matching the filter)", "error")
+        return redirect(back)
+    count, capped = selection.count(request_session(), Queues(_installed().celery_app))
+    return render_template(
+        "proj_console/confirm.html",
+        selection=selection,
+        count=count,
+        capped=capped,
+        limit=bulk.BATCH_LIMIT,
+        back=back,
+    )
+
+
+@blueprint.post("/jobs/act")
+def act_on_jobs() -> BaseResponse:
+    """Carry out a confirmed bulk action and say what it did."""
+    selection = Selection.read(request.form)
+    back = _list_url(selection.filter)
+    if selection.empty:
+        flash("tick the jobs to act on first (or act on every job matching the filter)", "error")
+        return redirect(back)
+    expected = request.form.get("expected", "")
+    session = request_session()
+    job_ids, capped = selection.pick(session, Queues(_installed().celery_app))
+    tally = selection.apply(session, _installed(), job_ids)
+    session.commit()
+    summary = selection.summary(
+        tally, len(job_ids), capped, int(expected) if expected.isdigit() else 0
+    )
+    flash(summary, "message" if tally.done or tally.stopping else "error")
+    return redirect(back)
+
+
+@blueprint.get("/jobs/<job_id>")
+def job(job_id: str) -> str:
+    """One job: what it runs, where it stands, each attempt's error, its timeline."""
+    found = _job_or_404(job_id)
+    attempts = ledger.attempts_of(request_session(), job_id)
+    queues = Queues(_installed().celery_app)
+    return render_template(
+        "proj_console/job.html",
+        job=found,
+        queue=queues.of(found.name, (found.options or {}).get("queue")),
+        attempts=attempts,
+        timeline=timeline(found, attempts),
+        worker=found.worker or next((a.worker for a in reversed(attempts) if a.worker), None),
+        may_retry=actions.may_retry(found),
+        may_cancel=actions.may_cancel(found),
+    )
+
+
+@blueprint.post("/jobs/<job_id>/retry")
+def retry_job(job_id: str) -> BaseResponse:
+    """Queue a failed job again; back to its page with what happened."""
+    found = _job_or_404(job_id)
+    session = request_session()
+    try:
+        actions.retry(session, _installed(), found)
+    except actions.NotActionable as exc:
+        session.rollback()
+        flash(str(exc), "error")
+    else:
+        session.commit()
+        flash(f"job {job_id} is queued again, with a fresh budget of attempts")
+    return redirect(url_for(".job", job_id=job_id))
+
+
+@blueprint.post("/jobs/<job_id>/cancel")
+def cancel_job(job_id: str) -> BaseResponse:
+    """Cancel a waiting or running job; back to its page with what happened."""
+    found = _job_or_404(job_id)
+    session = request_session()
+    try:
+        was = actions.cancel(session, found)
+    except actions.NotActionable as exc:
+        session.rollback()
+        flash(str(exc), "error")
+    else:
+        session.commit()
+        if was == State.RUNNING:
+            flash(
+                f"job {job_id} is running: it is asked to stop and ends cancelled at its "
+                "next check; a job that never checks finishes normally"
+            )
+        else:
+            flash(f"job {job_id} is cancelled; it will never run")
+    return redirect(url_for(".job", job_id=job_id))
+
+
+def _list_url(chosen: JobFilter) -> str:
+    """The jobs list, filtered by ``chosen``."""
+    args: dict[str, Any] = chosen.args()
+    return url_for(".jobs", **args)
+
+
+def _job_or_404(job_id: str) -> Job:
+    found = request_session().get(Job, job_id) if is_job_id(job_id) else None
+    if found is None:
+        raise Refused(404, "not_found", f"no job with id {job_id}")
+    return found
+
+
+@blueprint.app_template_filter("job_time")
+def job_time(moment: datetime | None) -> str:
+    """A ledger time as the console shows it (UTC, to the second)."""
+    if moment is None:
+        return "—"
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+@blueprint.app_template_filter("job_json")
+def job_json(value: Any) -> str:
+    """A JSON value, indented for a ``<pre>``."""
+    return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, default=repr)

@@ -1,22 +1,65 @@
-"""The console's overview, periodic tasks and workers pages."""
+"""The console's overview, periodic tasks and workers pages: read-only, every
+figure from the ledger (:mod:`~proj.jobs.console.figures`,
+:mod:`~proj.jobs.console.schedules`, :mod:`~proj.jobs.console.fleet`)."""
 
 from __future__ import annotations
 
-from flask import render_template
+from typing import Any
 
+from flask import current_app, render_template
+
+from proj.jobs.auth import request_session
+from proj.jobs.clock import utcnow
+from proj.jobs.console import charts, wording
+from proj.jobs.console.figures import ACTIVE, OUTCOMES
+from proj.jobs.console.figures import overview as overview_figures
+from proj.jobs.console.fleet import fleet
+from proj.jobs.console.schedules import SLOTS_BACK, periodic_rows
 from proj.jobs.console.site import blueprint
+from proj.jobs.extension import EXTENSION_KEY, Jobs
+from proj.jobs.models import State
+
+REFRESH = 10
+"""Seconds between reloads of the overview and workers pages."""
+
+
+def _jobs() -> Jobs:
+    jobs: Jobs = current_app.extensions[EXTENSION_KEY]
+    return jobs
+
+
+def _page(template: str, **context: Any) -> str:
+    return render_template(f"proj_console/{template}", wording=wording, **context)
 
 
 @blueprint.get("/")
 def overview() -> str:
-    return render_template("proj_console/overview.html")
+    """Jobs by state and by queue, the last hour's finished jobs per minute,
+    waiting jobs per queue, the relay's debt and the failure rate."""
+    figures = overview_figures(request_session(), _jobs().celery_app)
+    return _page(
+        "overview.html",
+        refresh=REFRESH,
+        figures=figures,
+        states=list(State),
+        active=ACTIVE,
+        chart=charts.stacked_bars(figures.per_minute, [str(state) for state in OUTCOMES]),
+        waiting=charts.horizontal_bars(figures.waiting, str(State.QUEUED)),
+    )
 
 
 @blueprint.get("/periodic")
 def periodic() -> str:
-    return render_template("proj_console/overview.html")
+    """Each beat entry: its task, its schedule, its last run and its next."""
+    now = utcnow()
+    rows = periodic_rows(request_session(), _jobs().celery_app, now)
+    return _page("periodic.html", rows=rows, now=now, slots_back=SLOTS_BACK)
 
 
 @blueprint.get("/workers")
 def workers() -> str:
-    return render_template("proj_console/overview.html")
+    """Each worker's heartbeat, whether it is alive, and the jobs it runs."""
+    settings = _jobs().settings
+    now = utcnow()
+    found = fleet(request_session(), settings.stale_after, now)
+    return _page("workers.html", refresh=REFRESH, fleet=found, settings=settings, now=now)
