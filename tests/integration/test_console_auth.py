@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import re
 import uuid
+from typing import TYPE_CHECKING
 
 import pytest
-from conftest import Stack
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import delete, func, select
@@ -17,6 +17,9 @@ from proj.db import db
 from proj.jobs import auth
 from proj.jobs.console.site import SESSION_KEY
 from proj.web import create_app
+
+if TYPE_CHECKING:
+    from conftest import Stack
 
 PAGES = ["/dashboard/", "/dashboard/jobs", "/dashboard/periodic", "/dashboard/workers"]
 

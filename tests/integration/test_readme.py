@@ -32,13 +32,15 @@ with testing.worker(shop.celery_app, pool="threads", concurrency=2):
     answer = client.post("/orders").get_json()
     testing.wait_for_state(answer["job"], "succeeded", celery_app=shop.celery_app)
 job = client.get(f"/api/jobs/{answer['job']}").get_json()
-without_token = shop.flask_app.test_client().get(f"/api/jobs/{answer['job']}").status_code
+browser = shop.flask_app.test_client()
+without_token = browser.get(f"/api/jobs/{answer['job']}").status_code
+console = [browser.get("/dashboard/").status_code, browser.get("/dashboard/login").status_code]
 with shop.flask_app.app_context():
     status = shop.db.session.get(shop.Order, answer["order"]).status
     shop.db.engine.dispose()
 print(json.dumps({
     "status": status, "state": job["state"], "result": job["result"],
-    "without_token": without_token,
+    "without_token": without_token, "console": console,
 }))
 """
 
@@ -49,10 +51,16 @@ def adoption_example() -> str:
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
-def proj(env: dict[str, str], *args: str) -> str:
+def proj(env: dict[str, str], *args: str, stdin: str = "") -> str:
     """``proj <args>`` as README gives it; its output."""
     done = subprocess.run(
-        [str(PROJ), *args], env=env, capture_output=True, text=True, timeout=120, check=False
+        [str(PROJ), *args],
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
@@ -72,9 +80,14 @@ def test_the_adoption_example_runs_as_written(tmp_path: Path) -> None:
             **{k: v for k, v in os.environ.items() if not k.startswith(("PROJ_", "CELERY_"))},
             "DATABASE_URL": url.replace("postgresql+psycopg2://", "postgresql://"),
             "CELERY_BROKER_URL": broker,
+            "SECRET_KEY": "a-long-random-value-for-the-test",
         }
         proj(env, "jobs", "upgrade")
         token = proj(env, "token", "add", "ops", "--role", "viewer").splitlines()[-1]
+        added = proj(
+            env, "admin", "add", "you@example.com", "--role", "operator", stdin="pw-4-test\n"
+        )
+        assert "you@example.com (operator) added" in added
         done = subprocess.run(
             [sys.executable, "-c", DRIVER, str(tmp_path), token],
             cwd=tmp_path,
@@ -85,4 +98,10 @@ def test_the_adoption_example_runs_as_written(tmp_path: Path) -> None:
         )
     assert done.returncode == 0, done.stderr
     found = json.loads(done.stdout.strip().splitlines()[-1])
-    assert found == {"status": "paid", "state": "succeeded", "result": "paid", "without_token": 401}
+    assert found == {
+        "status": "paid",
+        "state": "succeeded",
+        "result": "paid",
+        "without_token": 401,
+        "console": [302, 200],
+    }
