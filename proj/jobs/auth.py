@@ -69,6 +69,8 @@ class ApiToken(LedgerBase):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     role: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    tenant: Mapped[str | None] = mapped_column(String(64))
+    """The tenant whose rows a request with this token sees (None: no tenant)."""
 
 
 # Checked when the email is unknown, so a wrong email takes as long as a wrong password.

@@ -24,7 +24,7 @@ from flask_sqlalchemy import SQLAlchemy
 from kombu.message import Message
 from sqlalchemy import Engine, orm
 
-from proj.jobs import ledger, outbox, sqlite_forks
+from proj.jobs import context, ledger, logs, metrics, outbox, sqlite_forks, tracing
 from proj.jobs.checks import check_configuration
 from proj.jobs.clock import utcnow
 from proj.jobs.deadletter import record_message
@@ -41,6 +41,8 @@ from proj.jobs.task import SqlAlchemyTask
 DEFAULT_CONSUMER = "celery.worker.consumer:Consumer"
 DEFAULT_SCHEDULER = "celery.beat:PersistentScheduler"
 RECONCILE_TASK = "proj.reconcile_jobs"
+OBSERVERS = (tracing, logs, metrics)
+"""What watches jobs: traces, structured logs, metrics."""
 EXTENSION_KEY = "proj.jobs"
 """Where ``init_app`` leaves the :class:`Jobs` in ``flask_app.extensions``."""
 
@@ -139,6 +141,8 @@ class Jobs:
         """
         flask_app.extensions[EXTENSION_KEY] = self
         self.flask_app, self.flask_db = flask_app, db
+        for observer in OBSERVERS:
+            observer.init_app(self, flask_app)
         with flask_app.app_context():
             for engine in db.engines.values():
                 prepare_engine(engine, role="web")
@@ -179,6 +183,9 @@ class Jobs:
         else:
             app.on_after_configure.connect(self._configure, weak=False)
         outbox.listen_for_commits()
+        context.install()
+        for observer in OBSERVERS:
+            observer.install(self)
         if self.settings.embedded:
             # A prefork worker's children must be able to write SQLite files:
             # no fork while another thread of the process uses one.

@@ -117,6 +117,10 @@ class Job(LedgerBase):
     """While the job waits or runs, no other job of its task has this key."""
     cancel_requested_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     """When someone asked the running job to stop (it sees it at its next check)."""
+    context: Mapped[Any | None] = mapped_column(JSON)
+    """What it carries from where it was enqueued (:mod:`proj.jobs.context`)."""
+    tenant: Mapped[str | None] = mapped_column(String(64))
+    """Whose job it is (the context's tenant), for filtering."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -132,6 +136,7 @@ class Job(LedgerBase):
             "started_at": iso(self.started_at),
             "finished_at": iso(self.finished_at),
             "cancel_requested_at": iso(self.cancel_requested_at),
+            "tenant": self.tenant,
         }
 
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from kombu.utils.json import dumps
 from sqlalchemy import event, orm
 
-from proj.jobs import ledger, publisher
+from proj.jobs import context, ledger, publisher
 from proj.jobs.clock import due_at, utcnow
 from proj.jobs.errors import TaskArgumentError
 from proj.jobs.ledger import mark_published
@@ -94,6 +94,7 @@ def enqueue(
     kept = {k: v for k, v in options.items() if k in KEPT_OPTIONS}
     if eta is not None and eta > now:
         kept["eta"] = eta.isoformat()
+    carried = context.capture()
     row = {
         "id": job_id,
         "name": task_name,
@@ -102,6 +103,8 @@ def enqueue(
         "options": jsonable(kept),
         "max_attempts": max_attempts,
         "available_at": max(eta or now, now),
+        "context": carried,
+        "tenant": carried.get("tenant"),
     }
     standing = ledger.enqueue(session, row, unique_key=unique)
     if standing == job_id:

@@ -19,7 +19,7 @@ from celery import Celery
 from kombu import Producer
 from sqlalchemy import Connection, select
 
-from proj.jobs import ledger
+from proj.jobs import context, ledger
 from proj.jobs.clock import parse_eta, utcnow
 from proj.jobs.ledger import mark_published
 from proj.jobs.models import CLAIMABLE, Job
@@ -34,7 +34,7 @@ JOB_HEADER = "proj_job"
 """Message header marking a job that has a ledger row."""
 CONFIRM_TIMEOUT = 30.0
 """Seconds the relay waits for RabbitMQ to confirm a batch."""
-MESSAGE_FIELDS = ("id", "name", "args", "kwargs", "options", "attempts")
+MESSAGE_FIELDS = ("id", "name", "args", "kwargs", "options", "attempts", "context")
 """The columns a job's message is made from."""
 
 
@@ -47,6 +47,7 @@ def job_message(job: Mapping[str, Any]) -> dict[str, Any]:
         "kwargs": job["kwargs"],
         "options": job["options"],
         "retries": max(job["attempts"], 0),
+        "context": job.get("context") or {},
     }
 
 
@@ -56,16 +57,31 @@ def send(
     producer: Producer | None = None,
     retry: bool = True,
 ) -> None:
-    """Publish one job's message (with publisher confirms where the broker has them)."""
+    """Publish one job's message (with publisher confirms where the broker has
+    them), inside the context it was enqueued in: a publish the relay makes
+    long after joins the enqueuing request's trace."""
     options = dict(message["options"])
     if "eta" in options:
         options["eta"] = parse_eta(options["eta"])
+    carried = message.get("context") or {}
+    with context.restored(carried):
+        _send_task(celery_app, message, options, carried, producer, retry)
+
+
+def _send_task(
+    celery_app: Celery,
+    message: Mapping[str, Any],
+    options: dict[str, Any],
+    carried: Mapping[str, Any],
+    producer: Producer | None,
+    retry: bool,
+) -> None:
     celery_app.send_task(
         message["name"],
         args=message["args"],
         kwargs=message["kwargs"],
         task_id=message["id"],
-        headers={JOB_HEADER: True},
+        headers={JOB_HEADER: True, context.HEADER: dict(carried)},
         # The ledger row is the job's state and result (GET /api/jobs/<id>);
         # Celery's result backend would write them again, and its STARTED
         # write, made before the task's body runs, would fail the delivery

@@ -17,7 +17,8 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from traceback import format_exception
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -27,7 +28,7 @@ from celery.exceptions import Ignore, Reject, Retry
 from celery.worker import state as worker_state
 from celery.worker.request import Request
 
-from proj.jobs import ledger, publisher
+from proj.jobs import context, ledger, publisher
 from proj.jobs.clock import due_at, utcnow
 from proj.jobs.errors import JobCancelled
 from proj.jobs.models import State
@@ -61,7 +62,7 @@ def run(task: SqlAlchemyTask, body: Callable[[], Any]) -> Any:
     if traced:
         setattr(request, SESSION_KEY, key)  # for after_return
     session = jobs.session
-    with task_scope(key), jobs.run_context():
+    with task_scope(key), context.restored(carried_by(request)), _running(task), jobs.run_context():
         try:
             if claims:
                 _claim(task)
@@ -84,6 +85,25 @@ def run(task: SqlAlchemyTask, body: Callable[[], Any]) -> Any:
             raise
         finally:
             session.remove()
+
+
+def carried_by(request: Any) -> Mapping[str, Any] | None:
+    """The context the job was enqueued in (its message's header)."""
+    found = request.get(context.HEADER) or (request.get("headers") or {}).get(context.HEADER)
+    return found if isinstance(found, Mapping) else None
+
+
+@contextmanager
+def _running(task: SqlAlchemyTask) -> Iterator[None]:
+    request = task.request
+    queue = (request.delivery_info or {}).get("routing_key")
+    token = context.running_job.set(
+        context.RunningJob(str(request.id), task.name, request.retries + 1, queue)
+    )
+    try:
+        yield
+    finally:
+        context.running_job.reset(token)
 
 
 def is_ledger_job(request: Any) -> bool:

@@ -142,7 +142,7 @@ def test_jobs_upgrade_touches_only_the_ledger(tmp_path: Path) -> None:
                     adopter = connection.execute(text("SELECT version_num FROM alembic_version"))
                     assert adopter.scalars().all() == ["adopter_0042"]
                     ledger = text("SELECT version_num FROM proj_jobs_alembic_version")
-                    assert connection.execute(ledger).scalars().all() == ["jobs_0003"]
+                    assert connection.execute(ledger).scalars().all() == ["jobs_0004"]
                 engine.dispose()
         finally:
             engine.dispose()
