@@ -7,7 +7,9 @@ has run::
 
 Every request needs an API token (``Authorization: Bearer <token>``, see
 :mod:`proj.jobs.auth`): a viewer's reads, an operator's also retries and
-cancels. Every error it answers is JSON: ``{"error": {"code", "message", "fields"?}}``.
+cancels. A token with a tenant sees that tenant's jobs only (another
+tenant's job is a 404). Every error it answers is JSON:
+``{"error": {"code", "message", "fields"?}}``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session
 
 from proj.jobs import actions, ledger
-from proj.jobs.auth import request_session, require_token
+from proj.jobs.auth import request_session, require_token, token_tenant
 from proj.jobs.extension import EXTENSION_KEY, Jobs
 from proj.jobs.http import json_error
 from proj.jobs.models import Job, State
@@ -58,6 +60,9 @@ def _session() -> Session:
 def job_or_404(job_id: str) -> Job:
     # No id proj issues is longer, or holds a NUL (which PostgreSQL refuses in text).
     job = _session().get(Job, job_id) if len(job_id) <= 255 and "\x00" not in job_id else None
+    tenant = token_tenant()
+    if job is not None and tenant is not None and job.tenant != tenant:
+        job = None  # another tenant's job is no job of this token's
     if job is None:
         raise JobApiError(404, "not_found", f"no job with id {job_id}")
     return job
@@ -83,6 +88,9 @@ def list_jobs() -> Response:
     query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
     if state is not None:
         query = query.where(Job.state == state)
+    tenant = token_tenant()
+    if tenant is not None:
+        query = query.where(Job.tenant == tenant)
     before = request.args.get("before")
     if before is not None:
         last = job_or_404(before)

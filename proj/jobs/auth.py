@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from datetime import datetime
 from enum import StrEnum
@@ -24,6 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 from werkzeug.security import check_password_hash, generate_password_hash
 
+from proj.jobs import context
 from proj.jobs.clock import UtcDateTime, utcnow
 from proj.jobs.errors import ProjError
 from proj.jobs.http import json_error
@@ -32,6 +34,7 @@ from proj.jobs.models import LedgerBase
 TOKEN_PREFIX = "proj_"  # noqa: S105  (marks a proj token; the secret follows it)
 MIN_PASSWORD = 8
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+TENANT_SLUG = re.compile(r"[a-z0-9_-]{1,64}")
 
 
 class Role(StrEnum):
@@ -108,14 +111,17 @@ def has_accounts(session: Session) -> bool:
     return bool(session.scalar(select(func.count()).select_from(Account)))
 
 
-def add_token(session: Session, name: str, role: str) -> str:
+def add_token(session: Session, name: str, role: str, tenant: str | None = None) -> str:
     """A new token named ``name`` (flushed in ``session``'s transaction): the
-    only time the token itself is known."""
+    only time the token itself is known. With ``tenant``, requests with it
+    act for that tenant only (:mod:`proj.jobs.context`)."""
     name = name.strip()
     if not name:
         raise AuthError("a token needs a name")
+    if tenant is not None and not TENANT_SLUG.fullmatch(tenant):
+        raise AuthError(f"a tenant is 1 to 64 of a-z, 0-9, - and _, not {tenant!r}")
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    row = ApiToken(name=name, token_hash=_digest(token), role=_role(role))
+    row = ApiToken(name=name, token_hash=_digest(token), role=_role(role), tenant=tenant)
     _flush_new(session, row, f"a token named {name!r} exists already")
     return token
 
@@ -150,8 +156,10 @@ def _flush_new(session: Session, row: Any, conflict: str) -> None:
 def require_token(blueprint: Blueprint) -> None:
     """Every request to ``blueprint`` needs a bearer token: 401 without a
     known one, 403 when its role may not do what the request asks. The
-    token's row is ``g.proj_token`` in the view."""
+    token's row is ``g.proj_token`` in the view, and its tenant the
+    request's (:func:`proj.jobs.context.current_tenant`) until it ends."""
     blueprint.before_request(_check_bearer)
+    blueprint.teardown_request(_forget_tenant)
 
 
 def require_token_under(flask_app: Flask, prefix: str) -> None:
@@ -164,6 +172,7 @@ def require_token_under(flask_app: Flask, prefix: str) -> None:
         return None
 
     flask_app.before_request(check)
+    flask_app.teardown_request(_forget_tenant)
 
 
 def _check_bearer() -> tuple[Response, int, dict[str, str]] | None:
@@ -171,7 +180,13 @@ def _check_bearer() -> tuple[Response, int, dict[str, str]] | None:
     challenge = {"WWW-Authenticate": 'Bearer realm="proj"'}
     if scheme.lower() != "bearer" or not token.strip():
         return (*json_error(401, "unauthorized", "send Authorization: Bearer <token>"), challenge)
-    found = token_for(request_session(), token.strip())
+    session = request_session()
+    found = token_for(session, token.strip())
+    if found is not None:
+        session.expunge(found)
+    # The look-up's transaction began with no tenant: the request's own
+    # begins afresh, with the token's.
+    session.rollback()
     if found is None:
         challenge["WWW-Authenticate"] += ', error="invalid_token"'
         return (*json_error(401, "unauthorized", "the token is unknown or revoked"), challenge)
@@ -180,7 +195,19 @@ def _check_bearer() -> tuple[Response, int, dict[str, str]] | None:
         message = f"a {found.role} token may not {request.method} here; an operator's may"
         return (*json_error(403, "forbidden", message), {})
     g.proj_token = found
+    context.set_tenant(found.tenant)
     return None
+
+
+def _forget_tenant(_: BaseException | None = None) -> None:
+    # A server thread serves request after request: the next starts with none.
+    context.set_tenant(None)
+
+
+def token_tenant() -> str | None:
+    """The tenant of the request's token (None: a token for every tenant)."""
+    found: ApiToken | None = g.get("proj_token")
+    return found.tenant if found is not None else None
 
 
 def request_session() -> Session:

@@ -92,11 +92,13 @@ def token() -> None:
 @token.command("add")
 @click.argument("name")
 @click.option("--role", type=ROLE, required=True, help="viewer reads; operator also writes")
-def add_token(name: str, role: str) -> None:
+@click.option("--tenant", help="the tenant whose rows its requests see (default: all)")
+def add_token(name: str, role: str, tenant: str | None) -> None:
     """Make a token; it is printed once, on the last line, and only its hash is kept."""
     with _ledger_session() as session:
-        made = auth.add_token(session, name, role)
-    click.echo(f"token {name} ({role}) added; keep it now, it is not shown again:")
+        made = auth.add_token(session, name, role, tenant)
+    scope = f", tenant {tenant}" if tenant else ""
+    click.echo(f"token {name} ({role}{scope}) added; keep it now, it is not shown again:")
     click.echo(made)
 
 

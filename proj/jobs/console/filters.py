@@ -40,6 +40,8 @@ class JobFilter:
     """The task's name, exactly."""
     queue: str | None = None
     """The queue the job goes to (see :class:`Queues`)."""
+    tenant: str | None = None
+    """Whose job it is (the tenant it was enqueued for)."""
     since: datetime | None = None
     """Created at or after (UTC)."""
     until: datetime | None = None
@@ -64,7 +66,7 @@ class JobFilter:
                 state = State(given["state"])
             except ValueError:
                 problems["state"] = f"state must be one of {', '.join(State)}"
-        for field in ("name", "queue", "q"):
+        for field in ("name", "queue", "tenant", "q"):
             if len(given[field]) > TEXT_LIMIT:
                 problems[field] = f"{field} takes at most {TEXT_LIMIT} characters"
             elif "\x00" in given[field]:
@@ -88,6 +90,7 @@ class JobFilter:
             state=state,
             name=given["name"] or None,
             queue=given["queue"] or None,
+            tenant=given["tenant"] or None,
             since=since,
             until=until,
             q=given["q"] or None,
@@ -99,6 +102,7 @@ class JobFilter:
             "state": self.state,
             "name": self.name,
             "queue": self.queue,
+            "tenant": self.tenant,
             "since": _local_text(self.since),
             "until": _local_text(self.until),
             "q": self.q,
@@ -114,6 +118,8 @@ class JobFilter:
             found.append(Job.name == self.name)
         if self.queue is not None:
             found.append(queues.condition(self.queue))
+        if self.tenant is not None:
+            found.append(Job.tenant == self.tenant)
         if self.since is not None:
             found.append(Job.created_at >= self.since)
         if self.until is not None:

@@ -40,6 +40,7 @@ LISTED = (
     Job.id,
     Job.name,
     named_queue().label("queue"),
+    Job.tenant,
     Job.state,
     Job.attempts,
     Job.max_attempts,
