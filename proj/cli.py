@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
 import signal
 import socket
@@ -12,20 +13,31 @@ import threading
 import time
 
 import click
-from sqlalchemy import create_engine, pool, text
+from sqlalchemy import Connection, create_engine, pool, text
 from sqlalchemy.engine import make_url
 
 from proj.config import Settings, current_settings
-from proj.jobs import ConfigurationError, Jobs, auth
+from proj.jobs import ConfigurationError, Jobs, auth, logs
 from proj.jobs.checks import check_configuration
 from proj.jobs.cli import DATABASE_URL, admin, token
 from proj.jobs.cli import jobs as jobs_commands
 from proj.jobs.relay import make_relay
 from proj.jobs.session import session_scope
 from proj.migrations import upgrade as upgrade_database
+from proj.models import TENANT_TABLES
 
 STOP_TIMEOUT = 20.0
 """Seconds ``proj run`` waits for its processes to stop before killing them."""
+
+logger = logging.getLogger(__name__)
+
+
+def _say(message: str, *, err: bool = False) -> None:
+    """A command's message: printed, or a log line when the logs are JSON."""
+    if logs.writes_json():
+        logger.log(logging.WARNING if err else logging.INFO, message.strip())
+    else:
+        click.echo(message, err=err)
 
 
 @click.group()
@@ -62,12 +74,13 @@ def relay() -> None:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
+    logs.start(Jobs.of(celery_app).settings)
     relay = make_relay(celery_app)
     database = relay.engine.url.render_as_string(hide_password=True)
-    click.echo(f"proj relay: publishing the jobs {database} owes the broker")
+    _say(f"proj relay: publishing the jobs {database} owes the broker")
     relay.relay(stop)
     relay.engine.dispose()
-    click.echo(f"proj relay: stopped after publishing {relay.published} jobs")
+    _say(f"proj relay: stopped after publishing {relay.published} jobs")
 
 
 def _hide_password(url: str) -> str:
@@ -88,6 +101,7 @@ def check() -> None:
     try:
         with Jobs.of(celery_app).engine.connect() as connection:
             connection.execute(text("SELECT 1"))
+            problems += [f"tenants: {found}" for found in tenant_isolation_problems(connection)]
     except Exception as exc:
         problems.append(f"database: {exc.__class__.__name__}: {exc}")
     try:
@@ -102,8 +116,57 @@ def check() -> None:
     sys.exit(1 if problems else 0)
 
 
+def tenant_isolation_problems(connection: Connection) -> list[str]:
+    """Why tenants would see each other's rows through ``connection``'s role:
+    it bypasses row-level security, or owns a tenant table where it is off or
+    not forced. Nothing where tenants are not used (no API token and no job
+    has one) and on databases without row-level security."""
+    if connection.dialect.name != "postgresql":
+        return []
+    if connection.scalar(text("SELECT to_regclass('proj_api_tokens')")) is None:
+        return []  # not migrated yet
+    in_use = connection.scalar(
+        text(
+            "SELECT EXISTS (SELECT 1 FROM proj_api_tokens WHERE tenant IS NOT NULL)"
+            " OR EXISTS (SELECT 1 FROM jobs WHERE tenant IS NOT NULL)"
+        )
+    )
+    if not in_use:
+        return []
+    role = connection.execute(
+        text(
+            "SELECT current_user AS name, rolsuper, rolbypassrls"
+            " FROM pg_roles WHERE rolname = current_user"
+        )
+    ).one()
+    if role.rolsuper or role.rolbypassrls:
+        what = "a superuser" if role.rolsuper else "a BYPASSRLS role"
+        return [
+            f"{role.name} is {what}: row-level security does not apply, every tenant "
+            "sees every row; connect as a role with NOSUPERUSER NOBYPASSRLS"
+        ]
+    tables = connection.execute(
+        text(
+            "SELECT relname, relrowsecurity, relforcerowsecurity,"
+            " pg_has_role(relowner, 'USAGE') AS owned FROM pg_class"
+            " WHERE oid IN (SELECT to_regclass(name) FROM unnest(:names) AS name)"
+        ),
+        {"names": list(TENANT_TABLES)},
+    )
+    return [
+        f"row-level security is off on {table.relname}; run proj db upgrade"
+        if not table.relrowsecurity
+        else f"{role.name} owns {table.relname}, whose row-level security is not "
+        f"forced: ALTER TABLE {table.relname} FORCE ROW LEVEL SECURITY"
+        for table in tables
+        if not table.relrowsecurity or (table.owned and not table.relforcerowsecurity)
+    ]
+
+
 def _commands(host: str, port: int) -> dict[str, list[str]]:
     python = sys.executable
+    # Beat prints its banner before any hook could leave it out of JSON logs.
+    quiet = ["--quiet"] if logs.writes_json() else []
     return {
         "web": [
             python,
@@ -131,7 +194,7 @@ def _commands(host: str, port: int) -> dict[str, list[str]]:
             "--concurrency",
             "4",
         ],
-        "beat": [python, "-m", "celery", "-A", "proj", "beat", "--loglevel", "INFO"],
+        "beat": [python, "-m", "celery", "-A", "proj", *quiet, "beat", "--loglevel", "INFO"],
     }
 
 
@@ -163,7 +226,7 @@ def _stop(processes: dict[str, subprocess.Popen[bytes]]) -> None:
         try:
             process.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            click.echo(f"proj: {name} did not stop in time; killing it", err=True)
+            _say(f"proj: {name} did not stop in time; killing it", err=True)
             process.kill()
             process.wait()
 
@@ -220,6 +283,7 @@ def _interrupt(signum: int, frame: object) -> None:
 def run(host: str, port: int) -> None:
     """Upgrade the database and run web, worker and beat until Ctrl-C."""
     settings = current_settings()
+    logs.start(settings.jobs)
     upgrade_database()
     first_access = _first_access(settings) if settings.embedded else None
     processes: dict[str, subprocess.Popen[bytes]] = {}
@@ -231,18 +295,17 @@ def run(host: str, port: int) -> None:
             # proj's own commands, with this Python: nothing from input.
             processes[name] = subprocess.Popen(command)  # noqa: S603
         if _wait_for_port(host, port, processes):
+            # Printed, never logged: it holds the first password and token.
             click.echo(_welcome(f"http://{host}:{port}/", settings.mail_url, first_access))
         elif all(p.poll() is None for p in processes.values()):
-            click.echo(
-                f"proj: nothing answers on {host}:{port} yet; see the output above", err=True
-            )
+            _say(f"proj: nothing answers on {host}:{port} yet; see the output above", err=True)
         while all(p.poll() is None for p in processes.values()):
             time.sleep(0.5)
         failed = [name for name, p in processes.items() if p.poll() is not None]
-        click.echo(f"proj: {', '.join(failed)} stopped; stopping the rest", err=True)
+        _say(f"proj: {', '.join(failed)} stopped; stopping the rest", err=True)
         _stop(processes)
         sys.exit(1)
     except KeyboardInterrupt:
-        click.echo("\nproj: stopping web, worker and beat")
+        _say("\nproj: stopping web, worker and beat")
         _stop(processes)
-        click.echo("proj: stopped")
+        _say("proj: stopped")

@@ -1,15 +1,22 @@
-"""The reference application's tables: users and their invoices."""
+"""The reference application's tables: users and their invoices.
+
+Both belong to a tenant (:class:`TenantScoped`): on PostgreSQL, row-level
+security lets a transaction see and write only its tenant's rows (migration
+0003); :func:`get_for_tenant` applies the same rule in the application, which
+is all there is on SQLite and for roles that bypass row-level security.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import CheckConstraint, ForeignKey, Integer, String
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import CheckConstraint, ForeignKey, Index, Integer, String, UniqueConstraint, text
+from sqlalchemy.orm import Mapped, Session, mapped_column, scoped_session
 
 from proj.db import Base
 from proj.jobs import UtcDateTime, utcnow
+from proj.jobs.context import current_tenant
 
 MAX_ID = 2**31 - 1
 """Largest id a table here can hold (ids above it cannot exist)."""
@@ -19,13 +26,54 @@ def iso(moment: datetime | None) -> str | None:
     return moment.isoformat() if moment else None
 
 
-class User(Base):
-    """Someone who signed up; ``welcomed_at`` is set once the welcome mail is sent."""
+TENANT_TABLES = ("users", "invoices", "gateway_charges")
+"""The tables whose rows belong to a tenant (row-level security on PostgreSQL)."""
+
+
+class TenantScoped:
+    """A row that belongs to a tenant: the one current when it was made
+    (:func:`proj.jobs.context.current_tenant`), or none (NULL) where
+    tenants are not used."""
+
+    tenant: Mapped[str | None] = mapped_column(String(64), default=current_tenant)
+
+
+Scoped = TypeVar("Scoped", bound=TenantScoped)
+
+
+def get_for_tenant(
+    session: Session | scoped_session[Any],
+    model: type[Scoped],
+    ident: int,
+    *,
+    with_for_update: bool = False,
+) -> Scoped | None:
+    """The ``model`` row with id ``ident`` if it is the current tenant's (with
+    no tenant: if it has none), else None, as if it did not exist."""
+    found = session.get(model, ident, with_for_update=with_for_update)
+    return found if found is not None and found.tenant == current_tenant() else None
+
+
+class User(TenantScoped, Base):
+    """Someone who signed up; ``welcomed_at`` is set once the welcome mail is sent.
+
+    An email signs up once per tenant (and once among users with no tenant)."""
 
     __tablename__ = "users"
+    __table_args__ = (
+        UniqueConstraint("tenant", "email", name="uq_users_tenant_email"),
+        # NULLs are distinct in a unique constraint: untenanted users need their own.
+        Index(
+            "uq_users_email_untenanted",
+            "email",
+            unique=True,
+            postgresql_where=text("tenant IS NULL"),
+            sqlite_where=text("tenant IS NULL"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    email: Mapped[str] = mapped_column(String(320), unique=True)
+    email: Mapped[str] = mapped_column(String(320))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     welcomed_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
@@ -38,7 +86,7 @@ class User(Base):
         }
 
 
-class Invoice(Base):
+class Invoice(TenantScoped, Base):
     """An amount a user owes; charged at most once, through the payment gateway."""
 
     __tablename__ = "invoices"

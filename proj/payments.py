@@ -16,6 +16,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from proj.config import current_settings
 from proj.db import Base, session_scope
 from proj.jobs import UtcDateTime, utcnow
+from proj.models import TenantScoped
 
 
 @dataclass(frozen=True)
@@ -34,8 +35,9 @@ class PaymentGateway(Protocol):
         ...
 
 
-class LedgerCharge(Base):
-    """The default gateway's own ledger: one row per idempotency key."""
+class LedgerCharge(TenantScoped, Base):
+    """The default gateway's own ledger: one row per idempotency key, in the
+    tenant of the charge (a tenant sees its own charges only)."""
 
     __tablename__ = "gateway_charges"
 

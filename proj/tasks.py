@@ -1,7 +1,8 @@
 """The reference application's tasks (stable names under ``proj.tasks``).
 
 Each one takes ids, loads what it needs in its own session, and logs and ends
-without retrying when the id names nothing.
+without retrying when the id names nothing, or something of another tenant
+than the job's (:func:`proj.models.get_for_tenant`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from proj.jobs import (
     utcnow,
 )
 from proj.mail import send_mail
-from proj.models import Invoice, User
+from proj.models import Invoice, User, get_for_tenant
 from proj.payments import default_gateway
 
 logger = get_task_logger(__name__)
@@ -39,7 +40,7 @@ REPORT_CHUNK = 100
 @retry_on(TRANSIENT_ERRORS, max_retries=8)
 def send_welcome(user_id: int) -> str | None:
     """Send the welcome mail and set ``welcomed_at``; once per user."""
-    user = Session.get(User, user_id)
+    user = get_for_tenant(Session, User, user_id)
     if user is None:
         logger.warning("send_welcome: no user with id %r; nothing sent", user_id)
         return None
@@ -59,7 +60,7 @@ def send_welcome(user_id: int) -> str | None:
 @retry_on(TRANSIENT_ERRORS, max_retries=8)
 def charge_invoice(invoice_id: int) -> str | None:
     """Charge the invoice through the gateway; however often it runs, once."""
-    invoice = Session.get(Invoice, invoice_id, with_for_update=True)
+    invoice = get_for_tenant(Session, Invoice, invoice_id, with_for_update=True)
     if invoice is None:
         logger.warning("charge_invoice: no invoice with id %r; nothing charged", invoice_id)
         return None
@@ -79,7 +80,7 @@ def charge_invoice(invoice_id: int) -> str | None:
 @retry_on(TRANSIENT_ERRORS)
 def generate_report(self: SqlAlchemyTask, user_id: int) -> dict[str, int] | None:
     """Sum up a user's invoices, reporting progress as it goes."""
-    if Session.get(User, user_id) is None:
+    if get_for_tenant(Session, User, user_id) is None:
         logger.warning("generate_report: no user with id %r; nothing to report", user_id)
         return None
     total = _count(select(func.count(Invoice.id)).where(Invoice.user_id == user_id))

@@ -7,8 +7,9 @@ has run::
 
 Every request needs an API token (``Authorization: Bearer <token>``, see
 :mod:`proj.jobs.auth`): a viewer's reads, an operator's also retries and
-cancels. A token with a tenant sees that tenant's jobs only (another
-tenant's job is a 404). Every error it answers is JSON:
+cancels. A token sees its tenant's jobs only, and a token with no tenant
+the jobs of no tenant (another tenant's job is a 404), as row-level
+security does for an application's tables. Every error it answers is JSON:
 ``{"error": {"code", "message", "fields"?}}``.
 """
 
@@ -60,8 +61,7 @@ def _session() -> Session:
 def job_or_404(job_id: str) -> Job:
     # No id proj issues is longer, or holds a NUL (which PostgreSQL refuses in text).
     job = _session().get(Job, job_id) if len(job_id) <= 255 and "\x00" not in job_id else None
-    tenant = token_tenant()
-    if job is not None and tenant is not None and job.tenant != tenant:
+    if job is not None and job.tenant != token_tenant():
         job = None  # another tenant's job is no job of this token's
     if job is None:
         raise JobApiError(404, "not_found", f"no job with id {job_id}")
@@ -88,9 +88,9 @@ def list_jobs() -> Response:
     query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
     if state is not None:
         query = query.where(Job.state == state)
-    tenant = token_tenant()
-    if tenant is not None:
-        query = query.where(Job.tenant == tenant)
+    query = query.where(
+        Job.tenant.is_(None) if (tenant := token_tenant()) is None else Job.tenant == tenant
+    )
     before = request.args.get("before")
     if before is not None:
         last = job_or_404(before)

@@ -205,7 +205,7 @@ def _forget_tenant(_: BaseException | None = None) -> None:
 
 
 def token_tenant() -> str | None:
-    """The tenant of the request's token (None: a token for every tenant)."""
+    """The tenant of the request's token (None: the rows of no tenant)."""
     found: ApiToken | None = g.get("proj_token")
     return found.tenant if found is not None else None
 

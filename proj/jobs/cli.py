@@ -92,7 +92,9 @@ def token() -> None:
 @token.command("add")
 @click.argument("name")
 @click.option("--role", type=ROLE, required=True, help="viewer reads; operator also writes")
-@click.option("--tenant", help="the tenant whose rows its requests see (default: all)")
+@click.option(
+    "--tenant", help="the tenant whose rows its requests see and make (default: rows of none)"
+)
 def add_token(name: str, role: str, tenant: str | None) -> None:
     """Make a token; it is printed once, on the last line, and only its hash is kept."""
     with _ledger_session() as session:

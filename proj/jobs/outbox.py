@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from kombu.utils.json import dumps
 from sqlalchemy import event, orm
 
-from proj.jobs import context, ledger, publisher
+from proj.jobs import context, ledger, metrics, publisher, tracing
 from proj.jobs.clock import due_at, utcnow
 from proj.jobs.errors import TaskArgumentError
 from proj.jobs.ledger import mark_published
@@ -94,20 +94,26 @@ def enqueue(
     kept = {k: v for k, v in options.items() if k in KEPT_OPTIONS}
     if eta is not None and eta > now:
         kept["eta"] = eta.isoformat()
-    carried = context.capture()
-    row = {
-        "id": job_id,
-        "name": task_name,
-        "args": jsonable(list(args)),
-        "kwargs": jsonable(dict(kwargs)),
-        "options": jsonable(kept),
-        "max_attempts": max_attempts,
-        "available_at": max(eta or now, now),
-        "context": carried,
-        "tenant": carried.get("tenant"),
-    }
-    standing = ledger.enqueue(session, row, unique_key=unique)
+    with tracing.creating(jobs, task_name, job_id, kept) as span:
+        # Inside the create span: the row keeps its trace context, so the
+        # job's publish and run spans descend from it.
+        carried = context.capture()
+        row = {
+            "id": job_id,
+            "name": task_name,
+            "args": jsonable(list(args)),
+            "kwargs": jsonable(dict(kwargs)),
+            "options": jsonable(kept),
+            "max_attempts": max_attempts,
+            "available_at": max(eta or now, now),
+            "context": carried,
+            "tenant": carried.get("tenant"),
+        }
+        standing = ledger.enqueue(session, row, unique_key=unique)
+        if standing != job_id:
+            span.set_attribute(tracing.STANDING_JOB, standing)
     if standing == job_id:
+        metrics.enqueued(session, task_name)
         _publish_on_commit(session, jobs, job_message({**row, "attempts": 0}))
     return standing
 

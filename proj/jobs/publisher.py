@@ -19,7 +19,7 @@ from celery import Celery
 from kombu import Producer
 from sqlalchemy import Connection, select
 
-from proj.jobs import context, ledger
+from proj.jobs import context, ledger, tracing
 from proj.jobs.clock import parse_eta, utcnow
 from proj.jobs.ledger import mark_published
 from proj.jobs.models import CLAIMABLE, Job
@@ -64,7 +64,7 @@ def send(
     if "eta" in options:
         options["eta"] = parse_eta(options["eta"])
     carried = message.get("context") or {}
-    with context.restored(carried):
+    with context.restored(carried), tracing.publishing(message):
         _send_task(celery_app, message, options, carried, producer, retry)
 
 
@@ -81,7 +81,15 @@ def _send_task(
         args=message["args"],
         kwargs=message["kwargs"],
         task_id=message["id"],
-        headers={JOB_HEADER: True, context.HEADER: dict(carried)},
+        # The trace context at the top too, where the worker's Celery
+        # instrumentation reads it: a publisher that is not traced (a relay
+        # without tracing) still hands the run the job's trace. Where the
+        # publisher is traced, the instrumentation puts its publish span's there.
+        headers={
+            JOB_HEADER: True,
+            context.HEADER: dict(carried),
+            **{k: carried[k] for k in context.TRACE_FIELDS if k in carried},
+        },
         # The ledger row is the job's state and result (GET /api/jobs/<id>);
         # Celery's result backend would write them again, and its STARTED
         # write, made before the task's body runs, would fail the delivery
@@ -143,11 +151,12 @@ def publish_owed(
         return 0
     messages = [_row_message(row) for row in rows]
     capture = jobs_of(celery_app).capture
-    if capture is not None:
-        capture(messages)
-        refused: dict[str, str] = {}
-    else:
-        refused = publish_batch(celery_app, messages)
+    with tracing.sending(messages):
+        if capture is not None:
+            capture(messages)
+            refused: dict[str, str] = {}
+        else:
+            refused = publish_batch(celery_app, messages)
     if refused:
         ledger.refused(connection, refused)
         for message in messages:

@@ -31,8 +31,11 @@ DEFAULTS: Mapping[str, str] = {
     "PROJ_HEARTBEAT_INTERVAL": "10",
     "PROJ_RABBITMQ_CONSUMER_TIMEOUT": "1800",
     "PROJ_SHUTDOWN_GRACE": "25",
+    "PROJ_LOG_FORMAT": "text",
 }
 """The default of every setting proj.jobs reads, by environment variable."""
+LOG_FORMATS = ("text", "json")
+"""What ``PROJ_LOG_FORMAT`` may be."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,9 @@ class JobsSettings:
     max_message_size: int = 1_048_576
     """Largest a job's arguments may be, in bytes of JSON (0: no limit): a job
     over it is refused at ``delay_on_commit`` rather than by the broker later."""
+    log_format: str = "text"
+    """``text`` (what Celery and Flask write by default) or ``json``: one JSON
+    object a line from every process (:mod:`proj.jobs.logs`)."""
 
     @classmethod
     def from_environ(
@@ -125,11 +131,16 @@ class JobsSettings:
             shutdown_grace=read("PROJ_SHUTDOWN_GRACE", float),
             rabbitmq_consumer_timeout=read("PROJ_RABBITMQ_CONSUMER_TIMEOUT", float),
             heartbeat_interval=read("PROJ_HEARTBEAT_INTERVAL", float),
+            log_format=raw("PROJ_LOG_FORMAT").strip().lower(),
         )
         settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
         if not settings.database_url:
             raise ConfigurationError(
                 "proj.jobs needs a database: pass database_url= or set DATABASE_URL."
+            )
+        if settings.log_format not in LOG_FORMATS:
+            raise ConfigurationError(
+                f"PROJ_LOG_FORMAT={settings.log_format!r} is not json or text."
             )
         return settings
 

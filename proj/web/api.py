@@ -1,4 +1,9 @@
-"""The JSON API: users, invoices and charges (every request with an API token)."""
+"""The JSON API: users, invoices and charges (every request with an API token).
+
+A token with a tenant acts for that tenant: what it makes is the tenant's,
+and another tenant's user or invoice is a 404, as one that does not exist
+(row-level security on PostgreSQL, and the look-ups here everywhere).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from werkzeug.exceptions import BadRequest
 
 from proj.db import db
 from proj.jobs.auth import require_token
-from proj.models import MAX_ID, Invoice, User
+from proj.models import MAX_ID, Invoice, User, get_for_tenant
 from proj.tasks import charge_invoice, generate_report, send_welcome
 from proj.web.errors import ApiError
 
@@ -53,8 +58,13 @@ def positive_int(data: dict[str, Any], name: str, maximum: int) -> int:
     return value
 
 
+def visible(model: type[User] | type[Invoice], ident: int) -> Any:
+    """The row if the request's tenant may see it, else None."""
+    return get_for_tenant(db.session, model, ident) if ident <= MAX_ID else None
+
+
 def get_or_404(model: type[User] | type[Invoice], ident: int) -> Any:
-    found = db.session.get(model, ident) if ident <= MAX_ID else None
+    found = visible(model, ident)
     if found is None:
         raise ApiError(404, "not_found", f"no {model.__tablename__[:-1]} with id {ident}")
     return found
@@ -91,7 +101,7 @@ def create_invoice() -> tuple[Response, int, dict[str, str]]:
     data = json_object()
     user_id = positive_int(data, "user_id", MAX_ID)
     amount = positive_int(data, "amount_cents", MAX_AMOUNT_CENTS)
-    if db.session.get(User, user_id) is None:
+    if visible(User, user_id) is None:
         raise invalid({"user_id": f"no user with id {user_id}"})
     invoice = Invoice(user_id=user_id, amount_cents=amount)
     db.session.add(invoice)
@@ -118,7 +128,7 @@ def charge(invoice_id: int) -> tuple[Response, int, dict[str, str]]:
 def create_report() -> tuple[Response, int, dict[str, str]]:
     data = json_object()
     user_id = positive_int(data, "user_id", MAX_ID)
-    if db.session.get(User, user_id) is None:
+    if visible(User, user_id) is None:
         raise invalid({"user_id": f"no user with id {user_id}"})
     job_id = generate_report.delay_on_commit(user_id)
     db.session.commit()
