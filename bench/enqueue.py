@@ -31,6 +31,7 @@ def enqueuer(variant: str) -> Callable[[list[int]], object]:
 
     if variant == "proj":
         return lambda user_ids: [touch.delay(u, time.time()) for u in user_ids]
+    # proj-full and its variants (proj-full-info, proj-full-observed)
 
     def on_commit(user_ids: list[int]) -> None:
         with session_scope() as session:  # as a web request's session would be

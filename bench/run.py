@@ -31,12 +31,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cache
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import psutil
@@ -64,11 +67,16 @@ WORKER_OPTIONS = [
     "--loglevel",
     "WARNING",
 ]
-APP = {"baseline": ["-A", "bench.baseline"], "proj": ["-A", "proj"], "proj-full": ["-A", "proj"]}
+OBSERVED = ("proj-full-info", "proj-full-observed")
+"""proj-full at log level INFO: with text logs and no tracing, and with JSON
+logs and OpenTelemetry traces exported over OTLP (to a sink in this process)."""
+APP = {
+    "baseline": ["-A", "bench.baseline"],
+    **{v: ["-A", "proj"] for v in ("proj", "proj-full", *OBSERVED)},
+}
 INCLUDE = {
     "baseline": [],
-    "proj": ["--include", "bench.proj_touch"],
-    "proj-full": ["--include", "bench.proj_touch"],
+    **{v: ["--include", "bench.proj_touch"] for v in ("proj", "proj-full", *OBSERVED)},
 }
 SERVER_PROCESSES = {"postgres": "postgres", "beam.smp": "broker", "redis-server": "broker"}
 """What each server process's CPU is counted as (RabbitMQ runs as ``beam.smp``)."""
@@ -130,19 +138,20 @@ def worker(variant: str, env: dict[str, str], folder: Path) -> Iterator[int]:
     """A running worker for ``variant`` (and beat, for proj-full); its pid."""
     ready = folder / f"{variant}.ready"
     ready.unlink(missing_ok=True)
-    env = {**env, "BENCH_READY_FILE": str(ready)}
+    env = {**variant_env(variant, env), "BENCH_READY_FILE": str(ready)}
     celery = [sys.executable, "-m", "celery", *APP[variant]]
     command = [
         *celery,
         "worker",
         *INCLUDE[variant],
         *WORKER_OPTIONS,
+        *(["--loglevel", "INFO"] if variant in OBSERVED else []),
         "-n",
         f"bench-{variant}-{uuid.uuid4().hex[:6]}@%h",
     ]
     with ExitStack() as running:
         main = running.enter_context(process(command, env, folder / f"{variant}.log"))
-        if variant == "proj-full":
+        if variant.startswith("proj-full"):
             beat = [
                 *celery,
                 "beat",
@@ -161,6 +170,40 @@ def worker(variant: str, env: dict[str, str], folder: Path) -> Iterator[int]:
         yield main.pid
 
 
+class _Sink(BaseHTTPRequestHandler):
+    """An OTLP/HTTP endpoint that takes every export and keeps nothing."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@cache
+def otlp_sink() -> str:
+    """The URL of a trace sink served from a thread of this process."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_port}/v1/traces"
+
+
+def variant_env(variant: str, env: dict[str, str]) -> dict[str, str]:
+    """``env`` as ``variant`` runs with (enqueuer and worker alike)."""
+    if variant != "proj-full-observed":
+        return env
+    return {
+        **env,
+        "PROJ_LOG_FORMAT": "json",
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": otlp_sink(),
+    }
+
+
 def enqueue(
     variant: str,
     count: int,
@@ -171,7 +214,7 @@ def enqueue(
     command = ["bench.enqueue", variant, str(count), str(interval), str(per_transaction)]
     done = subprocess.run(
         [sys.executable, "-m", *command],
-        env=env,
+        env=variant_env(variant, env),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -434,6 +477,11 @@ def main() -> None:
     parser.add_argument("--relay-jobs", type=int, default=5000)
     parser.add_argument("--rss-tasks", type=int, default=50_000, help="0 to skip")
     parser.add_argument("--stacks", default=",".join(stacks.STACKS))
+    parser.add_argument(
+        "--observed",
+        action="store_true",
+        help="also proj-full at INFO with JSON logs and traces on, and with them off",
+    )
     options = parser.parse_args()
     results: list[Figures] = []
     limits: list[str] = []
@@ -457,6 +505,8 @@ def main() -> None:
             engine = create_engine(settings.database_url)
             workload.reset(engine)
             variants = ["proj-full"] if stack == "sqlite" else ["baseline", "proj", "proj-full"]
+            if options.observed and stack != "sqlite":
+                variants += OBSERVED
             for variant in variants:
                 figures = measure(stack, variant, env, engine, options.tasks, options.runs, folder)
                 print(f"{stack} {variant}: {figures.drain:.0f} tasks/s", file=sys.stderr)
