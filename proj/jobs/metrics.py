@@ -64,6 +64,7 @@ from proj.jobs import publisher
 from proj.jobs.clock import parse_eta
 from proj.jobs.errors import JobCancelled
 from proj.jobs.registry import ATTRIBUTE
+from proj.jobs.session import rolled_back_with
 from proj.jobs.worker import claim_of, is_ledger_job
 
 if TYPE_CHECKING:
@@ -195,24 +196,13 @@ def _count_after_commit(session: orm.Session) -> None:
 def _forget_after_rollback(session: orm.Session, previous: orm.SessionTransaction) -> None:
     pending = session.info.get(PENDING)
     if pending:
-        session.info[PENDING] = [item for item in pending if not _within(item[1], previous)]
+        kept = [item for item in pending if not rolled_back_with(item[1], previous)]
+        session.info[PENDING] = kept
 
 
 def _forget_unfinished(session: orm.Session, transaction: orm.SessionTransaction) -> None:
     if transaction.parent is None and not transaction.nested:
         session.info.pop(PENDING, None)
-
-
-def _within(owner: orm.SessionTransaction | None, ended: orm.SessionTransaction) -> bool:
-    """True if a job enqueued in ``owner`` (None: outside any savepoint) goes
-    with ``ended``, the transaction or savepoint that was rolled back."""
-    if ended.parent is None and not ended.nested:
-        return True
-    while owner is not None:
-        if owner is ended:
-            return True
-        owner = owner.parent
-    return False
 
 
 def _stamp(headers: dict[str, Any] | None = None, **_: Any) -> None:

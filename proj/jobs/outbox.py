@@ -26,7 +26,7 @@ from proj.jobs.errors import TaskArgumentError
 from proj.jobs.ledger import mark_published
 from proj.jobs.models import Job, jsonable
 from proj.jobs.publisher import job_message
-from proj.jobs.session import in_task_run
+from proj.jobs.session import in_task_run, rolled_back_with
 
 if TYPE_CHECKING:
     from proj.jobs.extension import Jobs
@@ -181,7 +181,7 @@ def _publish_after_commit(session: orm.Session) -> None:
 def _forget_after_rollback(session: orm.Session, previous: orm.SessionTransaction) -> None:
     pending = session.info.get(PENDING)
     if pending:
-        kept = [item for item in pending if not _within(item[2], previous)]
+        kept = [item for item in pending if not rolled_back_with(item[2], previous)]
         session.info[PENDING] = kept
 
 
@@ -190,15 +190,3 @@ def _forget_unfinished(session: orm.Session, transaction: orm.SessionTransaction
     # back): whatever it enqueued was never written.
     if transaction.parent is None and not transaction.nested:
         session.info.pop(PENDING, None)
-
-
-def _within(owner: orm.SessionTransaction | None, ended: orm.SessionTransaction) -> bool:
-    """True if a job enqueued in ``owner`` (None: outside any savepoint) goes
-    with ``ended``, the transaction or savepoint that was rolled back."""
-    if ended.parent is None and not ended.nested:
-        return True
-    while owner is not None:
-        if owner is ended:
-            return True
-        owner = owner.parent
-    return False

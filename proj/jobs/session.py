@@ -66,3 +66,15 @@ def session_scope(engine: Engine) -> Iterator[orm.Session]:
         raise
     finally:
         session.close()
+
+
+def rolled_back_with(owner: orm.SessionTransaction | None, ended: orm.SessionTransaction) -> bool:
+    """True if what was done in ``owner`` (None: outside any savepoint) was
+    undone with ``ended``, the transaction or savepoint that was rolled back."""
+    if ended.parent is None and not ended.nested:
+        return True
+    while owner is not None:
+        if owner is ended:
+            return True
+        owner = owner.parent
+    return False
