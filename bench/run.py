@@ -526,7 +526,8 @@ def main() -> None:
     report = (
         f"# Benchmark {datetime.now(UTC):%Y-%m-%d %H:%M} UTC\n\n"
         f"`python -m bench.run --tasks {options.tasks} --runs {options.runs} "
-        f"--rss-tasks {options.rss_tasks} --stacks {options.stacks}`; worker "
+        f"--rss-tasks {options.rss_tasks} --stacks {options.stacks}"
+        f"{' --observed' if options.observed else ''}`; worker "
         "`celery worker -P prefork -c 2`; drain is "
         f"the median of {options.runs} runs, first start to last commit; latency is enqueue "
         "to start, 200 tasks 20 ms apart"
