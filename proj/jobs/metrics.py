@@ -58,13 +58,11 @@ from celery import Celery, signals
 from prometheus_client import REGISTRY, Counter, Histogram, values
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
-from sqlalchemy import event, orm
 
 from proj.jobs import publisher
 from proj.jobs.clock import parse_eta
 from proj.jobs.errors import JobCancelled
 from proj.jobs.registry import ATTRIBUTE
-from proj.jobs.session import rolled_back_with
 from proj.jobs.worker import claim_of, is_ledger_job
 
 if TYPE_CHECKING:
@@ -80,8 +78,6 @@ PUBLISHED_HEADER = "proj_published_at"
 """The message header holding when it was published (Unix time)."""
 RUN_KEY = "proj_metrics_run"
 """Where a counted run keeps, on its request, when it started and how long it waited."""
-PENDING = "proj.metrics.enqueued"
-"""``session.info`` key: ledger jobs to count when the transaction commits."""
 
 RUN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 """Seconds: a mail, a query, a report; up to the half hour of RabbitMQ's consumer timeout."""
@@ -167,42 +163,16 @@ def install(jobs: Jobs) -> None:
     )
     signals.task_prerun.connect(_run_starts, weak=False, dispatch_uid="proj.jobs.metrics.prerun")
     signals.task_postrun.connect(_run_ends, weak=False, dispatch_uid="proj.jobs.metrics.postrun")
-    for name, listener in (
-        ("after_commit", _count_after_commit),
-        ("after_soft_rollback", _forget_after_rollback),
-        ("after_transaction_end", _forget_unfinished),
-    ):
-        if not event.contains(orm.Session, name, listener):
-            event.listen(orm.Session, name, listener)
 
 
 def init_app(jobs: Jobs, flask_app: Flask) -> None:
     """Nothing: the web side is the ``/metrics`` blueprint (:mod:`proj.jobs.metrics_api`)."""
 
 
-def enqueued(session: orm.Session, task_name: str) -> None:
-    """Count a new ledger job of ``task_name`` once ``session``'s transaction
-    commits (:func:`proj.jobs.outbox.enqueue` calls this)."""
-    session.info.setdefault(PENDING, []).append((task_name, session.get_nested_transaction()))
-
-
-def _count_after_commit(session: orm.Session) -> None:
-    if session.in_nested_transaction():
-        return  # a savepoint was released: nothing is committed yet
-    for task_name, _ in session.info.pop(PENDING, ()):
-        meters().enqueued.labels(task_name).inc()
-
-
-def _forget_after_rollback(session: orm.Session, previous: orm.SessionTransaction) -> None:
-    pending = session.info.get(PENDING)
-    if pending:
-        kept = [item for item in pending if not rolled_back_with(item[1], previous)]
-        session.info[PENDING] = kept
-
-
-def _forget_unfinished(session: orm.Session, transaction: orm.SessionTransaction) -> None:
-    if transaction.parent is None and not transaction.nested:
-        session.info.pop(PENDING, None)
+def enqueued(task_name: str) -> None:
+    """Count a new ledger job of ``task_name``, committed (the outbox calls
+    this once the transaction that wrote its row has committed)."""
+    meters().enqueued.labels(task_name).inc()
 
 
 def _stamp(headers: dict[str, Any] | None = None, **_: Any) -> None:

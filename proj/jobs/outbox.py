@@ -113,8 +113,7 @@ def enqueue(
         if standing != job_id:
             span.set_attribute(tracing.STANDING_JOB, standing)
     if standing == job_id:
-        metrics.enqueued(session, task_name)
-        _publish_on_commit(session, jobs, job_message({**row, "attempts": 0}))
+        _publish_on_commit(session, jobs, job_message({**row, "attempts": 0}), new=True)
     return standing
 
 
@@ -129,15 +128,18 @@ def requeue(session: orm.Session, jobs: Jobs, job: Job) -> bool:
     return True
 
 
-def _publish_on_commit(session: orm.Session, jobs: Jobs, message: Mapping[str, Any]) -> None:
-    """Have the fast path publish a job's message when ``session``'s transaction commits.
+def _publish_on_commit(
+    session: orm.Session, jobs: Jobs, message: Mapping[str, Any], new: bool = False
+) -> None:
+    """When ``session``'s transaction commits: count the job if it is ``new``
+    (:func:`proj.jobs.metrics.enqueued`), and have the fast path publish its
+    message (if it is on).
 
     The job belongs to the innermost savepoint in progress, if any: rolling
     that savepoint back drops it, releasing it does not publish it.
     """
-    if jobs.settings.outbox_fast_path or jobs.capture is not None:
-        owner = session.get_nested_transaction()
-        session.info.setdefault(PENDING, []).append((jobs, message, owner))
+    owner = session.get_nested_transaction()
+    session.info.setdefault(PENDING, []).append((jobs, message, owner, new))
 
 
 _listening: list[bool] = []
@@ -161,8 +163,11 @@ def _publish_after_commit(session: orm.Session) -> None:
     if not pending:
         return
     by_installation: dict[Jobs, list[Mapping[str, Any]]] = {}
-    for jobs, pending_message, _ in pending:
-        by_installation.setdefault(jobs, []).append(pending_message)
+    for jobs, pending_message, _, new in pending:
+        if new:
+            metrics.enqueued(str(pending_message["name"]))
+        if jobs.settings.outbox_fast_path or jobs.capture is not None:
+            by_installation.setdefault(jobs, []).append(pending_message)
     published: list[str] = []
     for jobs, messages in by_installation.items():
         published.extend(publisher.publish_at_once(jobs, messages))
