@@ -46,8 +46,14 @@ task_routes = {
 # Celery's 10 s (the ledger makes a late result harmless either way).
 worker_lost_wait = 2
 
-task_track_started = True
-result_extended = True
+# Results are stored only for tasks that ask (`@app.task(ignore_result=False)`):
+# a result nobody reads costs a database write a task, and a STARTED write
+# before each run on top (`task_track_started`). A job enqueued with
+# delay_on_commit keeps its state and result in its ledger row either way.
+# Stored results leave the arguments out (`result_extended` off).
+task_ignore_result = True
+task_track_started = False
+result_extended = False
 broker_connection_retry_on_startup = True
 broker_connection_timeout = 4
 timezone = "UTC"

@@ -39,7 +39,7 @@ DEFAULTS: Mapping[str, str] = {
     "PROJ_PAYMENT_LATENCY": "0",
     "PROJ_CLEANUP_INTERVAL": "3600",
     "PROJ_DIGEST_INTERVAL": "86400",
-    "PROJ_BROKER_POLL_INTERVAL": "0.02",
+    "PROJ_BROKER_POLL_INTERVAL": "0.005",
     "PROJ_VISIBILITY_TIMEOUT": "7200",
 }
 """The default of every setting, by environment variable. ``{data_dir}`` and
@@ -104,8 +104,8 @@ class Settings:
         conf: dict[str, Any] = {
             "broker_url": self.broker_url,
             "result_backend": self.result_backend,
-            "broker_transport_options": {},
         }
+        # On RabbitMQ none: celeryconfig's own, if any, stay (confirm_publish, say).
         if self.broker_url.startswith(SQLITE_BROKER_PREFIXES):
             # kombu hands every transport option to create_engine, so the
             # polling interval cannot be set there; proj's subclass sets it.
@@ -114,9 +114,6 @@ class Settings:
             conf["broker_transport_options"] = {"polling_interval": self.broker_poll_interval}
         elif self.broker_url.startswith(("redis:", "rediss:")):
             conf["broker_transport_options"] = {"visibility_timeout": self.visibility_timeout}
-        elif self.broker_url.startswith(("amqp:", "amqps:", "pyamqp:")):
-            # "Published" means RabbitMQ has the message, not that it was sent.
-            conf["broker_transport_options"] = {"confirm_publish": True}
         return conf
 
 

@@ -56,7 +56,9 @@ def send_welcome(user_id: int) -> str | None:
     return user.email
 
 
-@shared_task(name="proj.tasks.charge_invoice")
+# A caller of a plain delay() may wait for the charge id, and see the charge
+# running: this task stores its result and its start (most tasks need neither).
+@shared_task(name="proj.tasks.charge_invoice", ignore_result=False, track_started=True)
 @retry_on(TRANSIENT_ERRORS, max_retries=8)
 def charge_invoice(invoice_id: int) -> str | None:
     """Charge the invoice through the gateway; however often it runs, once."""
@@ -128,7 +130,7 @@ def _count(query: Any) -> int:
     return int(Session.scalar(query) or 0)
 
 
-@shared_task(name="proj.tasks.pool_status")
+@shared_task(name="proj.tasks.pool_status", ignore_result=False)
 def pool_status() -> dict[str, Any]:
     """Which process answered, and how many of its worker connections are out
     (``checked_out``) and idle in its pool (``checked_in``).

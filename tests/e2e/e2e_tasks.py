@@ -63,7 +63,7 @@ class Flaky(Exception):
     """The error ``e2e.outcome`` retries (once)."""
 
 
-@shared_task(name="e2e.create_user")
+@shared_task(name="e2e.create_user", ignore_result=False)
 def create_user(email: str) -> int:
     """Insert a user; return its id."""
     user = User(email=email)
@@ -72,14 +72,14 @@ def create_user(email: str) -> int:
     return user.id
 
 
-@shared_task(name="e2e.read_email")
+@shared_task(name="e2e.read_email", ignore_result=False)
 def read_email(user_id: int) -> str | None:
     """Read a user's email."""
     user = Session.get(User, user_id)
     return None if user is None else user.email
 
 
-@shared_task(name="e2e.outcome")
+@shared_task(name="e2e.outcome", ignore_result=False)
 @retry_on(Flaky, max_retries=1, backoff=0.01)
 def outcome(kind: str, email: str) -> str:
     """Insert a user, then end as ``kind`` says: succeed, fail, retry (then

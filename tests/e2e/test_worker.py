@@ -139,7 +139,7 @@ def test_children_use_their_own_connections(
     user_ids = new_users(emails)
     sent: list[tuple[AsyncResult[Any], Any]] = []
     for i, (user_id, address) in enumerate(zip(user_ids, emails, strict=True)):
-        sent.append((send_welcome.delay(user_id), address))
+        send_welcome.delay(user_id)  # stores no result: its effect is checked below
         created = f"created-{i}-{run}@e2e.test"
         sent.append((e2e_tasks.create_user.delay(created), int))
         sent.append((e2e_tasks.read_email.delay(user_id), address))
@@ -148,14 +148,23 @@ def test_children_use_their_own_connections(
         value = result.get(timeout=180)
         assert value == expected or (expected is int and isinstance(value, int)), result.name
 
+    def welcomed() -> int:
+        with session_scope() as session:
+            return int(
+                session.scalar(
+                    select(func.count(User.id)).where(
+                        User.id.in_(user_ids), User.welcomed_at.is_not(None)
+                    )
+                )
+                or 0
+            )
+
+    wait_for(lambda: welcomed() == 100, timeout=180)
     with session_scope() as session:
-        welcomed = session.scalar(
-            select(func.count(User.id)).where(User.id.in_(user_ids), User.welcomed_at.is_not(None))
-        )
         created = session.scalar(
             select(func.count(User.id)).where(User.email.like(f"created-%-{run}@e2e.test"))
         )
-    assert (welcomed, created) == (100, 100)
+    assert (welcomed(), created) == (100, 100)
     mails = [p.read_text() for p in (stack.data_dir / "mail").glob("*.eml")]
     assert sum(f"-{run}@e2e.test" in mail for mail in mails) == 100
     assert not TROUBLE.findall(worker.output(since))
@@ -238,7 +247,8 @@ def ledger_charges(key: str) -> list[str]:
 
 def running_pid(celery_app: Celery, job_id: str, ledger: bool) -> int | None:
     """The pid of the process running the task: from the job's ledger row, or
-    for a plain ``delay()`` from Celery's STARTED state (``task_track_started``)."""
+    for a plain ``delay()`` from Celery's STARTED state (``charge_invoice`` has
+    ``track_started``)."""
     if not ledger:
         meta = celery_app.backend.get_task_meta(job_id)
         return meta["result"].get("pid") if meta["status"] == "STARTED" else None

@@ -45,7 +45,7 @@ class Flaky(Exception):
     """What ``tests.metrics.flaky`` raises, and retries once."""
 
 
-@shared_task(name="tests.metrics.ok")
+@shared_task(name="tests.metrics.ok", ignore_result=False)
 def ok(pause: float = 0.0) -> str:
     time.sleep(pause)
     return "ok"

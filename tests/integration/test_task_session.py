@@ -63,7 +63,7 @@ def dead_letter(task_id: str) -> Job:
     return proj.jobs.testing.failed_job(task_id)
 
 
-@shared_task(name="tests.session.outcome", bind=True)
+@shared_task(name="tests.session.outcome", bind=True, ignore_result=False)
 @retry_on(Hiccup, max_retries=2, backoff=0.01, max_backoff=0.1, jitter=False)
 def outcome(self: Task[Any, Any], email: str, ending: str) -> str:
     """Write a row, note the checked-out count, then end as ``ending`` says."""
@@ -110,7 +110,7 @@ def read_user(email: str) -> int:
     return Session.scalar(select(func.count()).where(User.email == email)) or 0
 
 
-@shared_task(name="tests.session.outer")
+@shared_task(name="tests.session.outer", ignore_result=False)
 def outer(email: str, direct_email: str, eager_email: str) -> dict[str, Any]:
     """Add a row without flushing, run add_user directly and eagerly, report."""
     session = Session()
@@ -127,7 +127,7 @@ def outer(email: str, direct_email: str, eager_email: str) -> dict[str, Any]:
     }
 
 
-@shared_task(name="tests.session.commit_probe", bind=True)
+@shared_task(name="tests.session.commit_probe", bind=True, ignore_result=False, track_started=True)
 def commit_probe(self: Task[Any, Any], email: str) -> None:
     """Add a row; when it commits, note what the result backend says of this run."""
     session = Session()
@@ -139,7 +139,7 @@ def commit_probe(self: Task[Any, Any], email: str) -> None:
         SEEN[email].append(result.state)
 
 
-@shared_task(name="tests.session.add_late")
+@shared_task(name="tests.session.add_late", ignore_result=False)
 def add_late(new: str, duplicate: str) -> None:
     """Add two users, the second a duplicate; nothing flushes before the commit."""
     Session.add(User(email=new))
