@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from amqp import spec
 from celery import Celery
 from kombu import Producer
+from kombu.common import maybe_declare
 from sqlalchemy import Connection, select
 
 from proj.jobs import context, ledger, tracing
@@ -34,6 +35,8 @@ JOB_HEADER = "proj_job"
 """Message header marking a job that has a ledger row."""
 CONFIRM_TIMEOUT = 30.0
 """Seconds the relay waits for RabbitMQ to confirm a batch."""
+REPR_LIMIT = 1024
+"""Characters of a message's arguments shown in the worker's log (Celery's own limit)."""
 MESSAGE_FIELDS = ("id", "name", "args", "kwargs", "options", "attempts", "context")
 """The columns a job's message is made from."""
 
@@ -52,54 +55,65 @@ def job_message(job: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def send(
-    celery_app: Celery,
-    message: Mapping[str, Any],
-    producer: Producer | None = None,
-    retry: bool = True,
+    celery_app: Celery, message: Mapping[str, Any], producer: Producer, declared: bool = False
 ) -> None:
-    """Publish one job's message (with publisher confirms where the broker has
-    them), inside the context it was enqueued in: a publish the relay makes
-    long after joins the enqueuing request's trace."""
+    """Publish one job's message on ``producer``, trying once, inside the
+    context it was enqueued in: a publish the relay makes long after joins the
+    enqueuing request's trace. It waits for no publisher confirm: the relay
+    awaits a whole batch's together (:class:`_Confirms`).
+
+    ``declared``: the caller has declared the message's queue on this channel
+    already (:func:`declare_queues`); kombu would check and bind it again for
+    each of the thousands of messages a second the relay sends."""
     options = dict(message["options"])
     if "eta" in options:
         options["eta"] = parse_eta(options["eta"])
+    if declared:
+        options["declare"] = []
     carried = message.get("context") or {}
+    args, kwargs = message["args"], message["kwargs"]
     with context.restored(carried), tracing.publishing(message):
-        _send_task(celery_app, message, options, carried, producer, retry)
+        celery_app.send_task(
+            message["name"],
+            args=args,
+            kwargs=kwargs,
+            task_id=message["id"],
+            # The trace context at the top too, where the worker's Celery
+            # instrumentation reads it: a publisher that is not traced (a
+            # relay without tracing) still hands the run the job's trace.
+            # Where the publisher is traced, the instrumentation puts its
+            # publish span's there.
+            headers={
+                JOB_HEADER: True,
+                context.HEADER: dict(carried),
+                **{k: carried[k] for k in context.TRACE_FIELDS if k in carried},
+            },
+            # The ledger row is the job's state and result (GET
+            # /api/jobs/<id>); Celery's result backend would write them
+            # again, and its STARTED write, made before the task's body
+            # runs, would fail the delivery while the database is away
+            # instead of letting the task retry.
+            ignore_result=True,
+            retries=message["retries"],
+            producer=producer,
+            retry=False,
+            # JSON data: its plain repr is safe, and costs less than saferepr.
+            argsrepr=repr(args)[:REPR_LIMIT],
+            kwargsrepr=repr(kwargs)[:REPR_LIMIT],
+            **options,
+        )
 
 
-def _send_task(
-    celery_app: Celery,
-    message: Mapping[str, Any],
-    options: dict[str, Any],
-    carried: Mapping[str, Any],
-    producer: Producer | None,
-    retry: bool,
-) -> None:
-    celery_app.send_task(
-        message["name"],
-        args=message["args"],
-        kwargs=message["kwargs"],
-        task_id=message["id"],
-        # The trace context at the top too, where the worker's Celery
-        # instrumentation reads it: a publisher that is not traced (a relay
-        # without tracing) still hands the run the job's trace. Where the
-        # publisher is traced, the instrumentation puts its publish span's there.
-        headers={
-            JOB_HEADER: True,
-            context.HEADER: dict(carried),
-            **{k: carried[k] for k in context.TRACE_FIELDS if k in carried},
-        },
-        # The ledger row is the job's state and result (GET /api/jobs/<id>);
-        # Celery's result backend would write them again, and its STARTED
-        # write, made before the task's body runs, would fail the delivery
-        # while the database is away instead of letting the task retry.
-        ignore_result=True,
-        retries=message["retries"],
-        producer=producer,
-        retry=retry,
-        **options,
-    )
+def declare_queues(celery_app: Celery, channel: Any, messages: Sequence[Mapping[str, Any]]) -> None:
+    """Declare the queues ``messages`` go to on ``channel``, once each (as
+    ``send_task`` routes them: by their ``queue`` option, else the app's routes)."""
+    queues = {}
+    for name, queue in {(m["name"], m["options"].get("queue")) for m in messages}:
+        found = celery_app.amqp.router.route({"queue": queue} if queue else {}, name).get("queue")
+        if found is not None:
+            queues[found.name] = found
+    for found in queues.values():
+        maybe_declare(found, channel, retry=False)
 
 
 def publish_at_once(jobs: Jobs, messages: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -115,7 +129,7 @@ def publish_at_once(jobs: Jobs, messages: Sequence[Mapping[str, Any]]) -> list[s
             # back-off while the broker is down; the relay covers the rest.
             producer.connection.ensure_connection(max_retries=0)
             for message in messages:
-                send(celery_app, message, producer=producer, retry=False)
+                send(celery_app, message, producer)
                 sent += 1
     except Exception as exc:
         for message in messages[sent:]:
@@ -203,13 +217,14 @@ def _publish_on_one_channel(
     try:
         confirms = _Confirms(channel) if link.transport.driver_type == "amqp" else None
         producer = Producer(channel)
+        declare_queues(celery_app, channel, messages)
         refused: dict[str, str] = {}
         for message in messages:
             try:
                 # No retry: a connection lost mid-batch fails the batch (its
                 # rows stay owed, for the next round) rather than publishing
                 # the rest on a new channel whose confirms nobody awaits.
-                send(celery_app, message, producer=producer, retry=False)
+                send(celery_app, message, producer, declared=True)
             except (*link.connection_errors, *link.channel_errors):
                 raise
             except Exception as exc:  # this message cannot be sent at all

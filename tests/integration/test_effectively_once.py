@@ -178,8 +178,9 @@ def test_five_deliveries_one_effect_four_skips(purged: Celery, task_log: Bufferi
             watched_states(job_id) as states,
             proj.jobs.testing.worker(purged, pool="threads", concurrency=4),
         ):
-            for _ in range(5):
-                publisher.send(purged, message(job_id))
+            with purged.producer_or_acquire() as producer:
+                for _ in range(5):
+                    publisher.send(purged, message(job_id), producer)
             assert RUNNING[key].wait(timeout=30)
             proj.jobs.testing.wait_for(lambda: skips(task_log, job_id) >= 4, timeout=60)
             RELEASE[key].set()
