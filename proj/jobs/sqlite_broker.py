@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
+from queue import Empty
 from typing import Any
 
 from kombu.transport import sqlalchemy as kombu_sqlalchemy
@@ -40,10 +41,26 @@ class SQLiteChannel(kombu_sqlalchemy.Channel):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._session_lock = threading.RLock()
+        self._queue_ids: dict[str, int] = {}
         super().__init__(*args, **kwargs)
 
     def _get(self, queue: str, timeout: float | None = None) -> Any:
+        """The queue's next message. Most polls find none: they only read,
+        where kombu's own takes SQLite's write lock every poll, which holds up
+        every other writer (the application's claims and commits)."""
         with self._session_lock:
+            if queue not in self._queue_ids:
+                self._queue_ids[queue] = self._get_or_create(queue).id
+            table = self.message_cls.__tablename__
+            # A connection of the pool's, back in it at once: one held would
+            # keep a fork of the worker waiting (proj.jobs.sqlite_forks).
+            with self._open()[0].connect() as reader:
+                waiting = reader.exec_driver_sql(
+                    f"SELECT 1 FROM {table} WHERE queue_id = ? AND visible = 1 LIMIT 1",  # noqa: S608 (kombu's table name)
+                    (self._queue_ids[queue],),
+                ).first()
+            if waiting is None:
+                raise Empty()
             return super()._get(queue)
 
     def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:  # type: ignore[override]
@@ -96,4 +113,4 @@ class SQLiteTransport(kombu_sqlalchemy.Transport):
     """kombu's SQLAlchemy transport with :class:`SQLiteChannel`."""
 
     Channel = SQLiteChannel
-    polling_interval = 0.02
+    polling_interval = 0.005
