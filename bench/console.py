@@ -16,6 +16,7 @@ import statistics
 import time
 import uuid
 from collections.abc import Callable
+from functools import partial
 
 from flask.testing import FlaskClient
 from sqlalchemy import create_engine, text
@@ -90,7 +91,7 @@ def main() -> None:
             an_id = connection.exec_driver_sql("SELECT md5('4242')").scalar()
         app = create_app(settings, make_celery(settings))
         with app.app_context():
-            auth.add_account(db.session, "bench@example.com", "bench-password", "operator")
+            auth.add_account(db.session(), "bench@example.com", "bench-password", "operator")
             db.session.commit()
         client = app.test_client()
         form = client.get("/dashboard/login").text
@@ -110,7 +111,7 @@ def main() -> None:
         for name, page in urls.items():
             answer = client.get(page)
             assert answer.status_code == 200, (page, answer.status_code)
-            spent = median_ms(lambda page=page: client.get(page))
+            spent = median_ms(partial(client.get, page))
             print(f"| {name} | {spent:.1f} | {spent / baseline:.2f} |")
         with app.app_context():
             db.engine.dispose()

@@ -1,10 +1,12 @@
 """Enqueue the workload's tasks the way each variant's users would, and print
-the rate and the database work per enqueue as JSON:
-``python -m bench.enqueue baseline|proj|proj-full COUNT [INTERVAL [PER_TRANSACTION]]``.
+the rate, the database work per enqueue and whether Celery stores the
+task's results, as JSON:
+``python -m bench.enqueue VARIANT COUNT [INTERVAL [PER_TRANSACTION]]``.
 
-``proj-full`` enqueues in a session's transaction (``apply_async_on_commit``
-with the session given; ``delay_on_commit`` finds a web request's the same
-way), one task a transaction unless ``PER_TRANSACTION`` says more; the others
+``proj-full`` (and its observed variants) enqueues in a session's transaction
+(``apply_async_on_commit`` with the session given; ``delay_on_commit`` finds a
+web request's the same way), one task a transaction unless
+``PER_TRANSACTION`` says more; ``baseline``, ``proj`` and ``proj-results``
 call ``delay()``.
 """
 
@@ -14,24 +16,43 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
+
+from celery import Task
+from celery.backends.base import DisabledBackend
 
 from bench import stats
 from bench.workload import USERS
 
 
-def enqueuer(variant: str) -> Callable[[list[int]], object]:
-    """Enqueues a task for each user id given (in one transaction, for proj-full)."""
+def task_of(variant: str) -> Task[Any, Any]:
+    """The task ``variant`` enqueues."""
     if variant == "baseline":
         from bench.baseline import touch as plain
 
-        return lambda user_ids: [plain.delay(u, time.time()) for u in user_ids]
+        return plain
     import proj.celery  # noqa: F401  (proj's app becomes the default)
+    from bench.proj_touch import touch, touch_stored
+
+    return touch_stored if variant == "proj-results" else touch
+
+
+def results_stored(variant: str, task: Task[Any, Any]) -> bool:
+    """Whether the worker will store the task's results in Celery's result
+    backend: never for a job enqueued through the ledger (its row holds the
+    job's state and result), else as the task and the app's backend say."""
+    if variant.startswith("proj-full"):
+        return False
+    return not task.ignore_result and not isinstance(task.backend, DisabledBackend)
+
+
+def enqueuer(variant: str) -> Callable[[list[int]], object]:
+    """Enqueues a task for each user id given (in one transaction, for proj-full)."""
+    task = task_of(variant)
+    if not variant.startswith("proj-full"):
+        return lambda user_ids: [task.delay(u, time.time()) for u in user_ids]
     from bench.proj_touch import touch
     from proj.db import session_scope
-
-    if variant == "proj":
-        return lambda user_ids: [touch.delay(u, time.time()) for u in user_ids]
-    # proj-full and its variants (proj-full-info, proj-full-observed)
 
     def on_commit(user_ids: list[int]) -> None:
         with session_scope() as session:  # as a web request's session would be
@@ -55,7 +76,8 @@ def main() -> None:
         if interval:
             time.sleep(interval)
     seconds = time.perf_counter() - started
-    print(json.dumps({"count": count, "seconds": seconds, **stats.counts}))
+    stored = results_stored(variant, task_of(variant))
+    print(json.dumps({"count": count, "seconds": seconds, "results": stored, **stats.counts}))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""The workload's task on proj's ``SqlAlchemyTask`` (``--include bench.proj_touch``)."""
+"""The workload's task on proj's ``SqlAlchemyTask`` (``--include bench.proj_touch``),
+with proj's defaults as they are, and the same task for a user who opts in to
+Celery's stored results (``ignore_result=False``)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,11 @@ workload.announce_ready()
 stats.count_in_worker()
 
 
-@shared_task(name="bench.touch", ignore_result=True, base=SqlAlchemyTask)
+@shared_task(name="bench.touch", base=SqlAlchemyTask)
 def touch(user_id: int, enqueued_at: float) -> None:
+    workload.touch(Session(), user_id, enqueued_at, time.time())
+
+
+@shared_task(name="bench.touch_stored", ignore_result=False, base=SqlAlchemyTask)
+def touch_stored(user_id: int, enqueued_at: float) -> None:
     workload.touch(Session(), user_id, enqueued_at, time.time())
