@@ -50,14 +50,15 @@ def json_lines(command: Command) -> list[dict[str, Any]]:
     """Every line ``command`` wrote, each parsed as one JSON object with the
     four fields every line has (the ones in :data:`PRINTED` left out)."""
     found = []
-    for line in command.output().splitlines():
+    output = command.output()
+    for line in output.splitlines():
         if not line.strip() or line in PRINTED.get(command.name, set()):
             continue
         try:
             parsed = json.loads(line)
         except ValueError:
             raise AssertionError(
-                f"{command.name} wrote a line that is not JSON: {line!r}"
+                f"{command.name} wrote a line that is not JSON: {line!r}; all it wrote:\n{output}"
             ) from None
         assert isinstance(parsed, dict), line
         assert {"time", "level", "logger", "message"} <= set(parsed), line
