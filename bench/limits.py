@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from amqp import spec
 from kombu import Connection, Consumer, Producer, Queue
 from sqlalchemy import delete, insert, make_url
 
@@ -20,6 +19,7 @@ from proj.celery import make_celery
 from proj.config import load_settings
 from proj.jobs import Jobs
 from proj.jobs.models import Job, State
+from proj.jobs.publisher import Confirms
 from proj.jobs.relay import make_relay
 
 PGBENCH_SCRIPT = """\\set id random(1, 1000)
@@ -28,8 +28,6 @@ SELECT id, touches, first_touched_at FROM bench_users WHERE id = :id;
 UPDATE bench_users SET touches = touches + 1, touched_at = now() WHERE id = :id;
 COMMIT;
 """
-CONFIRM_TIMEOUT = 30.0
-"""Seconds to wait for RabbitMQ's next confirm before giving up."""
 
 
 def pgbench_tps(database_url: str, folder: Path, seconds: int) -> float:
@@ -159,40 +157,16 @@ def confirmed_publish_seconds(
     have RabbitMQ confirm them all (awaited together, as proj's relay does)."""
     channel: Any = connection.channel()
     try:
-        confirms = _Confirms(channel)
+        confirms = Confirms(channel)
         producer = Producer(channel, serializer="json")
         started = time.perf_counter()
-        for _ in range(count):
+        for number in range(count):
             producer.publish(body, routing_key=queue_name)
-        confirms.wait(count)
-        return time.perf_counter() - started
+            confirms.sent(str(number))
+        refused = confirms.wait()
+        seconds = time.perf_counter() - started
+        if refused:
+            raise RuntimeError(f"RabbitMQ refused {len(refused)} messages of the raw publish")
+        return seconds
     finally:
         channel.close()
-
-
-class _Confirms:
-    """Counts a confirm-mode channel's acks (a multiple ack answers every tag
-    up to its own); a nack fails the measurement."""
-
-    def __init__(self, channel: Any) -> None:
-        self.channel = channel
-        self.acked: set[int] = set()
-        self.through = 0
-        channel.confirm_select()
-        channel.events["basic_ack"].add(self._ack)
-        channel.events["basic_nack"].add(self._nack)
-
-    def _ack(self, tag: int, multiple: bool) -> None:
-        if multiple:
-            self.acked.update(range(self.through + 1, tag + 1))
-            self.through = max(self.through, tag)
-        else:
-            self.acked.add(tag)
-
-    def _nack(self, tag: int, multiple: bool) -> None:
-        raise RuntimeError(f"RabbitMQ refused message {tag} of the raw publish")
-
-    def wait(self, count: int) -> None:
-        """Return once ``count`` messages are confirmed."""
-        while len(self.acked) < count:
-            self.channel.wait([spec.Basic.Ack, spec.Basic.Nack], timeout=CONFIRM_TIMEOUT)

@@ -60,7 +60,7 @@ def send(
     """Publish one job's message on ``producer``, trying once, inside the
     context it was enqueued in: a publish the relay makes long after joins the
     enqueuing request's trace. It waits for no publisher confirm: the relay
-    awaits a whole batch's together (:class:`_Confirms`).
+    awaits a whole batch's together (:class:`Confirms`).
 
     ``declared``: the caller has declared the message's queue on this channel
     already (:func:`declare_queues`); kombu would check and bind it again for
@@ -215,7 +215,7 @@ def _publish_on_one_channel(
 ) -> dict[str, str]:
     channel: Any = link.channel()
     try:
-        confirms = _Confirms(channel) if link.transport.driver_type == "amqp" else None
+        confirms = Confirms(channel) if link.transport.driver_type == "amqp" else None
         producer = Producer(channel)
         declare_queues(celery_app, channel, messages)
         refused: dict[str, str] = {}
@@ -239,25 +239,34 @@ def _publish_on_one_channel(
         channel.close()
 
 
-class _Confirms:
+class Confirms:
     """RabbitMQ's confirms of what a channel publishes, counted as they come
-    (they can arrive while the channel waits for something else)."""
+    (they can arrive while the channel waits for something else): call
+    :meth:`sent` after each publish, then :meth:`wait` once for them all."""
 
     def __init__(self, channel: Any) -> None:
         self.channel = channel
         self.jobs: dict[int, str] = {}
         """Job id by delivery tag (the channel numbers its messages from 1)."""
         self.answered: set[int] = set()
+        self.through = 0
+        """Every tag up to this one is answered (a multiple ack or nack answers
+        all those before its own)."""
         self.refused: set[int] = set()
         channel.confirm_select()
         channel.events["basic_ack"].add(self._ack)
         channel.events["basic_nack"].add(self._nack)
 
     def sent(self, job_id: str) -> None:
+        """``job_id``'s message is the next the channel published."""
         self.jobs[len(self.jobs) + 1] = job_id
 
     def _tags(self, tag: int, multiple: bool) -> set[int]:
-        return set(range(1, tag + 1)) - self.answered if multiple else {tag}
+        if not multiple:
+            return {tag}
+        tags = set(range(self.through + 1, tag + 1)) - self.answered
+        self.through = max(self.through, tag)
+        return tags
 
     def _ack(self, tag: int, multiple: bool) -> None:
         self.answered |= self._tags(tag, multiple)
