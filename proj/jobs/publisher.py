@@ -272,11 +272,15 @@ def publish_batch(celery_app: Celery, messages: Sequence[Mapping[str, Any]]) -> 
     the whole batch are awaited together at the end (one at a time would cost
     a round trip a message). A channel the broker closes (a message over its
     size limit) sends the batch again one message at a time, to find which.
+    Elsewhere a channel error is the broker's state, not a message's (Redis out
+    of memory, or a read-only replica): it raises, and the batch stays owed.
     """
     with celery_app.connection_for_write(transport_options={"confirm_publish": False}) as link:
         try:
             return _publish_on_one_channel(celery_app, link, messages)
         except link.channel_errors:
+            if link.transport.driver_type != "amqp":
+                raise
             refused: dict[str, str] = {}
             for message in messages:
                 try:

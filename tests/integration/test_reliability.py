@@ -17,6 +17,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import pytest
+import redis
 from celery import Celery
 from flask import Flask
 from flask.testing import FlaskClient
@@ -147,6 +148,35 @@ def test_a_message_rabbitmq_refuses_fails_its_job_only(
     assert job(big).state == State.FAILED
     assert "RabbitMQ refused the message" in (job(big).error or "")
     assert [job(s).published_at is not None for s in small] == [True] * 3
+
+
+def test_jobs_redis_will_not_take_stay_owed(
+    stack: Stack, purged: Celery, fast_path_off: None
+) -> None:
+    """Redis refusing writes (out of memory under ``noeviction``; a replica
+    made read-only answers alike) refuses the relay's whole batch: no job is
+    failed nor marked published, and once Redis takes writes again the next
+    pass publishes them all."""
+    if stack.name != "pg-redis":
+        pytest.skip("Redis's memory limit")
+    owed = [note.apply_async_on_commit((new_email(),)) for _ in range(3)]
+    server = redis.Redis.from_url(stack.env["CELERY_BROKER_URL"])
+    limits = server.config_get("maxmemory*")
+    relay = make_relay(purged, replace(Jobs.of(purged).settings, relay_grace=0.0))
+    try:
+        server.config_set("maxmemory-policy", "noeviction")
+        server.config_set("maxmemory", 1)
+        with pytest.raises(redis.ResponseError, match="maxmemory"):
+            relay.relay_once()
+        assert [(job(i).state, job(i).published_at) for i in owed] == [(State.QUEUED, None)] * 3
+    finally:
+        server.config_set("maxmemory", limits["maxmemory"])
+        server.config_set("maxmemory-policy", limits["maxmemory-policy"])
+    try:
+        assert relay.relay_once() == 3
+    finally:
+        relay.engine.dispose()
+    assert all(job(i).published_at is not None for i in owed)
 
 
 def test_a_unique_job_enqueued_fifty_times_at_once_is_one_job(purged: Celery) -> None:
