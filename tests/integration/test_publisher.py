@@ -16,14 +16,14 @@ from typing import Any
 
 import pytest
 from celery import Celery
-from celery._state import _task_stack
+from celery._state import _task_stack  # type: ignore[attr-defined]  # as Celery's tracer
 from kombu import Exchange, Queue
 
-from proj.jobs import publisher, shared_task
+from proj.jobs import context, publisher, shared_task
 from proj.jobs.metrics import PUBLISHED_HEADER
 
 QUEUE = f"tests.publisher.{uuid.uuid4().hex}"
-"""Where the task with options of its own sends its messages."""
+"""The queue the cases publish to, besides the default one."""
 
 
 @shared_task(name="tests.publisher.plain", ignore_result=True)
@@ -103,7 +103,7 @@ def published(
 
 def with_celery(celery_app: Celery, job: dict[str, Any], producer: Any) -> None:
     """What ``publisher.send`` did before it built messages itself."""
-    with publisher.context.restored(job["context"]):
+    with context.restored(job["context"]):
         publisher.send_with_celery(celery_app, job, producer, publisher.publish_options(job))
 
 
@@ -125,7 +125,7 @@ def running_attempt(celery_app: Celery) -> Iterator[None]:
         task.pop_request()
 
 
-CASES = {
+CASES: dict[str, tuple[str, dict[str, Any], int, str | None]] = {
     # case: task, the job's options, attempts made, the queue it goes to (None: the default)
     "plain": ("tests.publisher.plain", {}, 0, None),
     "its own queue and priority": (
