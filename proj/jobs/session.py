@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Hashable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 
 from sqlalchemy import Engine, orm
+from sqlalchemy.exc import InvalidRequestError
 
 _task_scope: ContextVar[str | None] = ContextVar("proj_task_scope", default=None)
 """The key of the task run in progress in this context."""
@@ -62,10 +63,19 @@ def session_scope(engine: Engine) -> Iterator[orm.Session]:
         yield session
         session.commit()
     except BaseException:
-        session.rollback()
+        roll_back(session)
         raise
     finally:
         session.close()
+
+
+def roll_back(session: orm.Session | orm.scoped_session[orm.Session]) -> None:
+    """Roll ``session`` back after an error, unless its commit went through and
+    what raised came after it (an ``after_commit`` hook, or a signal handler's
+    ``SystemExit`` while the fast path publishes): SQLAlchemy refuses the
+    rollback then, and the error that was raised must stay the one raised."""
+    with suppress(InvalidRequestError):
+        session.rollback()
 
 
 def rolled_back_with(owner: orm.SessionTransaction | None, ended: orm.SessionTransaction) -> bool:

@@ -34,7 +34,7 @@ from proj.jobs.errors import JobCancelled
 from proj.jobs.models import State
 from proj.jobs.registry import jobs_of
 from proj.jobs.retry import TRANSIENT_ERRORS, backoff, max_attempts_of, retry_policy_of
-from proj.jobs.session import in_task_run, task_scope
+from proj.jobs.session import in_task_run, roll_back, task_scope
 
 if TYPE_CHECKING:
     from proj.jobs.task import SqlAlchemyTask
@@ -74,7 +74,7 @@ def run(task: SqlAlchemyTask, body: Callable[[], Any]) -> Any:
             return retval
         except BaseException as exc:
             if session.registry.has():
-                session.rollback()
+                roll_back(session)
             if isinstance(exc, JobCancelled) and claims:
                 ledger.cancelled_while_running(jobs.engine, str(request.id))
                 logger.info("%s[%s]: stopped, as asked; cancelled", task.name, request.id)

@@ -16,7 +16,7 @@ from celery import Celery, Task, shared_task
 from celery.exceptions import Ignore, Reject
 from celery.result import AsyncResult
 from flask import Flask
-from sqlalchemy import event, func, inspect, select, text
+from sqlalchemy import event, func, inspect, orm, select, text
 from sqlalchemy.util import ScopedRegistry
 
 import proj.jobs.testing
@@ -326,3 +326,25 @@ def delete_queue(celery_app: Celery, queue_name: str) -> None:
     with celery_app.connection_for_write() as connection:
         celery_app.amqp.queues[queue_name](connection.default_channel).delete()
     celery_app.amqp.queues.pop(queue_name, None)
+
+
+def test_an_exit_after_the_commit_is_what_session_scope_raises(celery_app: Celery) -> None:
+    """beat, told to stop while the fast path publishes what its transaction
+    committed, gets ``SystemExit`` from inside the commit's ``after_commit``
+    hooks: ``session_scope`` raises that ``SystemExit`` (beat then stops
+    cleanly), not SQLAlchemy's refusal to roll back a committed transaction,
+    and what was committed stays."""
+    email = new_email("exit")
+
+    def stopped(session: Any) -> None:
+        if session.info.get("stop"):
+            raise SystemExit()
+
+    event.listen(orm.Session, "after_commit", stopped)
+    try:
+        with pytest.raises(SystemExit), session_scope() as session:
+            session.info["stop"] = True
+            session.add(User(email=email))
+    finally:
+        event.remove(orm.Session, "after_commit", stopped)
+    assert committed(email) == {email}
