@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 from amqp import spec
 from celery import Celery
 from kombu import Producer
-from kombu import exceptions as kombu_errors
 from kombu.common import maybe_declare
 from sqlalchemy import Connection, select
 
@@ -32,11 +31,6 @@ if TYPE_CHECKING:
     from proj.jobs.extension import Jobs
 
 logger = logging.getLogger(__name__)
-
-# kombu 5.7 batches a producer's writes to Redis; earlier releases cannot.
-BATCH_ERRORS: tuple[type[Exception], ...] = tuple(
-    filter(None, [getattr(kombu_errors, "BatchPublishError", None)])
-)
 
 JOB_HEADER = "proj_job"
 """Message header marking a job that has a ledger row."""
@@ -300,7 +294,9 @@ def _publish_on_one_channel(
         declare_queues(celery_app, channel, messages)
         refused: dict[str, str] = {}
         # On Redis, the batch's messages go in pipelined writes instead of a
-        # round trip each (kombu publishes at once where it cannot batch).
+        # round trip each (kombu publishes at once where it cannot batch, and
+        # before 5.7 it could not). A send that fails fails the rest of the
+        # pipeline and raises again as the block ends: nothing is marked.
         batch: Any = getattr(producer, "batch", nullcontext)
         with batch():
             for message in messages:
@@ -309,7 +305,7 @@ def _publish_on_one_channel(
                     # rows stay owed, for the next round) rather than publishing
                     # the rest on a new channel whose confirms nobody awaits.
                     send(celery_app, message, producer, declared=True)
-                except (*link.connection_errors, *link.channel_errors, *BATCH_ERRORS):
+                except (*link.connection_errors, *link.channel_errors):
                     raise
                 except Exception as exc:  # this message cannot be sent at all
                     refused[message["id"]] = f"{exc.__class__.__name__}: {exc}"

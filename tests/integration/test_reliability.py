@@ -21,6 +21,7 @@ import redis
 from celery import Celery
 from flask import Flask
 from flask.testing import FlaskClient
+from kombu.exceptions import BatchPublishError
 from sqlalchemy import create_engine, func, make_url, select, text, update
 
 import proj.jobs.testing
@@ -38,7 +39,7 @@ from proj.jobs import (
     utcnow,
 )
 from proj.jobs.models import Job, State
-from proj.jobs.relay import make_relay
+from proj.jobs.relay import Relay, make_relay
 from proj.jobs.testing.faults import TcpProxy
 from proj.models import Invoice, User
 from proj.web import create_app
@@ -177,6 +178,54 @@ def test_jobs_redis_will_not_take_stay_owed(
     finally:
         relay.engine.dispose()
     assert all(job(i).published_at is not None for i in owed)
+
+
+def test_a_batch_redis_does_not_write_stays_owed(
+    stack: Stack, purged: Celery, fast_path_off: None
+) -> None:
+    """The relay pipelines a batch's writes to Redis; kombu sends them every
+    1,000 messages and at the batch's end. Through a Redis user that may not
+    push to lists (the queue is declared, the pipeline fails when sent), a
+    pass over 1,200 jobs fails at the first send, halfway through, and raises:
+    no job is failed nor marked published, and nothing is queued. A relay
+    that may write then publishes the 1,200, each once."""
+    if stack.name != "pg-redis":
+        pytest.skip("Redis's access lists")
+    with session_scope() as session:
+        owed = [note.apply_async_on_commit((new_email(),), session=session) for _ in range(1200)]
+    server = redis.Redis.from_url(stack.env["CELERY_BROKER_URL"])
+    user, password = f"tests-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    server.acl_setuser(
+        user,
+        enabled=True,
+        passwords=[f"+{password}"],
+        keys=["*"],
+        channels=["*"],
+        commands=["+@all", "-lpush"],
+    )
+    url = stack.env["CELERY_BROKER_URL"].replace("redis://", f"redis://{user}:{password}@", 1)
+    limited = make_celery(replace(stack.settings, broker_url=url))
+    try:
+        with pytest.raises(BatchPublishError):
+            Relay(limited, Jobs.of(limited).engine, batch_size=1200).relay_once()
+    finally:
+        Jobs.of(limited).dispose()
+        limited.close()
+        server.acl_deluser(user)
+        purged.set_current()  # make_celery made its app current
+        purged.set_default()
+    with session_scope() as session:
+        left = session.execute(
+            select(Job.state, func.count())
+            .where(Job.id.in_(owed), Job.published_at.is_(None))
+            .group_by(Job.state)
+        ).all()
+    assert left == [(State.QUEUED, 1200)]
+    queue = purged.conf.task_default_queue
+    assert server.llen(queue) == 0
+    assert Relay(purged, Jobs.of(purged).engine, batch_size=1200).relay_once() == 1200
+    assert server.llen(queue) == 1200
+    purged.control.purge()
 
 
 def test_a_unique_job_enqueued_fifty_times_at_once_is_one_job(purged: Celery) -> None:
