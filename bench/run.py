@@ -32,8 +32,8 @@ measured after 1,000 tasks and after ``--rss-tasks``. Figures are ratios
 against those measured in the same run; every round also checks that each
 user's counter equals the tasks sent to it (and a stopped worker leaves no
 connection open), and the report says which check failed. Writes a Markdown
-report, with the run's wall time, to ``bench/results/``: about 11 to 12
-minutes on 2 cores, under 2 with ``--quick``.
+report, with the run's wall time, to ``bench/results/``: about 10 minutes
+on 2 cores, about 2 with ``--quick``.
 """
 
 from __future__ import annotations

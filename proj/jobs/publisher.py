@@ -67,19 +67,19 @@ def send(
     already (:func:`declare_queues`); kombu would check and bind it again for
     each of the thousands of messages a second the relay sends."""
     options = publish_options(message, declared)
-    defaults = task_options(celery_app, message["name"])
+    task: Any = celery_app.tasks.get(message["name"])  # None: a task not known here
+    defaults = task_options(task)
     with context.restored(message.get("context")), tracing.publishing(message):
         if {"eta", "expires"} & (options.keys() | defaults.keys()):
             # Celery's own way, for its quorum-queue delays and expiry TTLs.
             send_with_celery(celery_app, message, producer, options)
         else:
-            send_direct(celery_app, message, producer, {**defaults, **options})
+            send_direct(celery_app, message, producer, {**defaults, **options}, task)
 
 
-def task_options(celery_app: Celery, name: str) -> dict[str, Any]:
-    """The execution options task ``name`` sets itself (its time limits…),
-    which a job's own options override; none for a task not known here."""
-    task: Any = celery_app.tasks.get(name)
+def task_options(task: Any) -> dict[str, Any]:
+    """The execution options ``task`` sets itself (its time limits…), which a
+    job's own options override; none for a task not known here (None)."""
     if task is None:
         return {}
     return {k: v for k, v in task._get_exec_options().items() if v is not None}
@@ -132,10 +132,14 @@ def send_with_celery(
 
 
 def send_direct(
-    celery_app: Celery, message: Mapping[str, Any], producer: Producer, options: dict[str, Any]
+    celery_app: Celery,
+    message: Mapping[str, Any],
+    producer: Producer,
+    options: dict[str, Any],
+    task: Any,
 ) -> None:
     """What :func:`send_with_celery` publishes, for a message with no ``eta``
-    or ``expires`` (``options`` hold the task's own, :func:`task_options`),
+    or ``expires`` (``options`` hold ``task``'s own, :func:`task_options`),
     without what a job never needs (an ``AsyncResult``, a result backend,
     canvas): the relay publishes about a third more a second.
     ``tests/integration/test_publisher.py`` compares the two, message by
@@ -145,7 +149,6 @@ def send_direct(
     time_limit = options.pop("time_limit", None)
     soft_time_limit = options.pop("soft_time_limit", None)
     options.pop("ignore_result", None)
-    task: Any = celery_app.tasks.get(name)
     options = amqp.router.route(options, name, args, kwargs, task)
     root_id = parent_id = None
     parent: Any = celery_app.current_worker_task
