@@ -80,7 +80,7 @@ def main() -> None:
         env = {"DATABASE_URL": url, "SECRET_KEY": uuid.uuid4().hex * 2}
         settings = load_settings(env)
         upgrade(url)
-        engine = create_engine(url)
+        engine = create_engine(settings.database_url)
         with engine.begin() as connection:
             began = time.perf_counter()
             connection.execute(text(FILL), {"rows": rows})

@@ -1,30 +1,38 @@
 """The ``proj`` command: ``proj run``, ``proj db upgrade``, ``proj jobs upgrade``,
-``proj admin add``, ``proj token add|revoke``, ``proj relay``, ``proj check``."""
+``proj admin add``, ``proj token add|revoke``, ``proj relay``, ``proj check``.
+
+Importing it loads click alone: each command imports what it runs when it
+runs, so ``proj --help`` and ``proj --version`` answer at once. A setting
+that is not valid ends any command with one line naming it, and exit status 2.
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
-import secrets
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
+from typing import TYPE_CHECKING, Any
 
 import click
-from sqlalchemy import Connection, create_engine, pool, text
-from sqlalchemy.engine import make_url
 
-from proj.config import Settings, current_settings
-from proj.jobs import ConfigurationError, Jobs, auth, logs
-from proj.jobs.checks import check_configuration
-from proj.jobs.cli import DATABASE_URL, admin, token
-from proj.jobs.cli import jobs as jobs_commands
-from proj.jobs.relay import make_relay
-from proj.jobs.session import session_scope
-from proj.migrations import upgrade as upgrade_database
-from proj.models import TENANT_TABLES
+if TYPE_CHECKING:
+    from sqlalchemy import Connection
+
+    from proj.config import Settings
+
+CONFIGURATION_ERROR = 2
+"""The exit status of a command refused for a setting that is not valid."""
+LIBRARY_COMMANDS = {
+    "admin": ("proj.jobs.cli:admin", "Console accounts."),
+    "jobs": ("proj.jobs.cli:jobs", "The job ledger."),
+    "token": ("proj.jobs.cli:token", "API tokens (requests send Authorization: Bearer <token>)."),
+}
+"""proj.jobs's command groups, each loaded when it is used: where it is, and
+its help line (what ``proj --help`` shows without loading it)."""
 
 STOP_TIMEOUT = 20.0
 """Seconds ``proj run`` waits for its processes to stop before killing them."""
@@ -34,22 +42,59 @@ logger = logging.getLogger(__name__)
 
 def _say(message: str, *, err: bool = False) -> None:
     """A command's message: printed, or a log line when the logs are JSON."""
+    from proj.jobs import logs
+
     if logs.writes_json():
         logger.log(logging.WARNING if err else logging.INFO, message.strip())
     else:
         click.echo(message, err=err)
 
 
-@click.group()
+class ProjCommands(click.Group):
+    """proj's commands: :data:`LIBRARY_COMMANDS` loaded when used, and a
+    :class:`~proj.jobs.ConfigurationError` turned into one line on standard
+    error and exit status :data:`CONFIGURATION_ERROR`."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *LIBRARY_COMMANDS])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in LIBRARY_COMMANDS:
+            return super().get_command(ctx, cmd_name)
+        module, _, name = LIBRARY_COMMANDS[cmd_name][0].partition(":")
+        command: click.Command = getattr(importlib.import_module(module), name)
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            if name in LIBRARY_COMMANDS:
+                rows.append((name, LIBRARY_COMMANDS[name][1]))
+            else:
+                command = self.commands[name]
+                rows.append((name, command.get_short_help_str(formatter.width - len(name) - 6)))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from proj.jobs import ConfigurationError
+
+        try:
+            return super().invoke(ctx)
+        except ConfigurationError as exc:
+            click.echo(f"proj: {exc}", err=True)
+            ctx.exit(CONFIGURATION_ERROR)
+
+
+@click.group(cls=ProjCommands)
+@click.version_option(package_name="proj", prog_name="proj")
 @click.pass_context
 def main(ctx: click.Context) -> None:
     """proj: background work for Flask + SQLAlchemy on Celery."""
+    from proj.config import current_settings
+    from proj.jobs.cli import DATABASE_URL
+
     ctx.meta[DATABASE_URL] = current_settings().database_url
-
-
-main.add_command(jobs_commands)
-main.add_command(admin)
-main.add_command(token)
 
 
 @main.group()
@@ -61,6 +106,11 @@ def db() -> None:
 def upgrade() -> None:
     """Migrate the database (the job ledger, then the application's tables)
     to the newest schema (safe to run again)."""
+    from sqlalchemy.engine import make_url
+
+    from proj.config import current_settings
+    from proj.migrations import upgrade as upgrade_database
+
     upgrade_database()
     url = make_url(current_settings().database_url)
     click.echo(f"database {url.render_as_string(hide_password=True)} is up to date")
@@ -69,7 +119,11 @@ def upgrade() -> None:
 @main.command()
 def relay() -> None:
     """Publish committed jobs the fast path missed, until Ctrl-C or SIGTERM."""
+    import threading
+
     from proj.celery import app as celery_app
+    from proj.jobs import Jobs, logs
+    from proj.jobs.relay import make_relay
 
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -84,18 +138,28 @@ def relay() -> None:
 
 
 def _hide_password(url: str) -> str:
-    return str(make_url(url.split("+", 1)[-1]).render_as_string(hide_password=True))
+    from kombu.utils.url import maybe_sanitize_url
+
+    return str(maybe_sanitize_url(url))
 
 
 @main.command()
 def check() -> None:
     """Check the configuration, the database and the broker; exit 1 on a problem."""
+    from sqlalchemy import text
+
     from proj.celery import app as celery_app
+    from proj.config import current_settings
+    from proj.jobs import ConfigurationError, Jobs
+    from proj.jobs.checks import check_configuration
+    from proj.web.app import secret_key
 
     settings = current_settings()
     problems = []
     try:
         check_configuration(celery_app)
+        if not settings.embedded:  # embedded, the web tier keeps a key of its own
+            secret_key(settings)
     except ConfigurationError as exc:
         problems.append(f"configuration: {exc}")
     try:
@@ -121,6 +185,10 @@ def tenant_isolation_problems(connection: Connection) -> list[str]:
     it bypasses row-level security, or owns a tenant table where it is off or
     not forced. Nothing where tenants are not used (no API token and no job
     has one) and on databases without row-level security."""
+    from sqlalchemy import text
+
+    from proj.models import TENANT_TABLES
+
     if connection.dialect.name != "postgresql":
         return []
     if connection.scalar(text("SELECT to_regclass('proj_api_tokens')")) is None:
@@ -164,6 +232,8 @@ def tenant_isolation_problems(connection: Connection) -> list[str]:
 
 
 def _commands(host: str, port: int) -> dict[str, list[str]]:
+    from proj.jobs import logs
+
     python = sys.executable
     # Beat prints its banner before any hook could leave it out of JSON logs.
     quiet = ["--quiet"] if logs.writes_json() else []
@@ -239,6 +309,13 @@ def _first_access(settings: Settings) -> tuple[str, str] | None:
     """When the database has no console account yet: an operator account
     (:data:`FIRST_OPERATOR`) and an operator API token, made now; their
     password and token, to be shown once. None when accounts exist."""
+    import secrets
+
+    from sqlalchemy import create_engine, pool
+
+    from proj.jobs import auth
+    from proj.jobs.session import session_scope
+
     engine = create_engine(settings.database_url, poolclass=pool.NullPool)
     try:
         with session_scope(engine) as session:
@@ -282,6 +359,10 @@ def _interrupt(signum: int, frame: object) -> None:
 @click.option("--port", default=5000, show_default=True)
 def run(host: str, port: int) -> None:
     """Upgrade the database and run web, worker and beat until Ctrl-C."""
+    from proj.config import current_settings
+    from proj.jobs import logs
+    from proj.migrations import upgrade as upgrade_database
+
     settings = current_settings()
     logs.start(settings.jobs)
     upgrade_database()

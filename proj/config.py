@@ -18,6 +18,7 @@ from typing import Any
 import limits
 
 from proj.jobs import ConfigurationError, JobsSettings
+from proj.jobs.engine import resolve_result_backend
 from proj.jobs.settings import number
 
 DEFAULTS: Mapping[str, str] = {
@@ -53,8 +54,15 @@ class Settings:
     """proj's configuration. Build it with :func:`load_settings`."""
 
     data_dir: Path
+    """The embedded setup's folder: its SQLite files, the mail folder, beat's
+    schedule file and the secret key it makes."""
     broker_url: str
+    """Celery's broker: RabbitMQ (``amqp://``), Redis (``redis://``) or the
+    embedded SQLite broker (``sqla+sqlite://``)."""
     result_backend: str
+    """Where Celery stores the results of tasks that keep them: by default the
+    database (``db+`` its URL; on SQLite, a file of its own), with the driver
+    proj ships. Ledger jobs keep theirs in their row."""
     web_pool_size: int
     """Connections in the web tier's pool (Flask-SQLAlchemy's engine)."""
     web_statement_timeout: float
@@ -66,7 +74,9 @@ class Settings:
     mail_url: str
     """``smtp://host:port`` or ``file:///folder`` (one ``.eml`` file a message)."""
     mail_from: str
+    """The ``From`` address of the mails proj sends."""
     digest_to: str
+    """Where ``send_digest`` mails its summary."""
     secret_key: str
     """Signs the console's session cookies and CSRF tokens; required outside
     the embedded setup (see :func:`proj.web.app.secret_key`)."""
@@ -81,7 +91,10 @@ class Settings:
     payment_latency: float
     """Seconds the default payment gateway takes per charge, as a real one would."""
     cleanup_interval: float
+    """Seconds between beat's runs of ``cleanup_expired`` (which deletes jobs
+    finished more than ``PROJ_RETENTION_DAYS`` ago)."""
     digest_interval: float
+    """Seconds between beat's runs of ``send_digest``, and the period it sums up."""
     broker_poll_interval: float
     """Seconds between polls of the embedded SQLite broker."""
     visibility_timeout: float
@@ -128,7 +141,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         return env.get(name) or DEFAULTS[name]
 
     data_dir = Path(raw("PROJ_DATA_DIR")).expanduser().resolve()
-    database_url = raw("DATABASE_URL").format(data_dir=data_dir)
+    # With the driver proj ships: every URL derived from it gets it too.
+    jobs = JobsSettings.from_environ(
+        env, database_url=raw("DATABASE_URL").format(data_dir=data_dir)
+    )
+    database_url = jobs.database_url
 
     def text(name: str) -> str:
         return raw(name).format(data_dir=data_dir, database_url=database_url)
@@ -157,6 +174,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     if database_url.startswith("sqlite") and not env.get("CELERY_RESULT_BACKEND"):
         # SQLite has one writer at a time: results get a file of their own.
         result_backend = f"db+sqlite:///{data_dir}/results.sqlite3"
+    try:
+        result_backend = resolve_result_backend(result_backend)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"CELERY_RESULT_BACKEND: {exc}") from None
     return Settings(
         data_dir=data_dir,
         broker_url=text("CELERY_BROKER_URL"),
@@ -177,7 +198,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         digest_interval=read("PROJ_DIGEST_INTERVAL", float),
         broker_poll_interval=read("PROJ_BROKER_POLL_INTERVAL", float),
         visibility_timeout=read("PROJ_VISIBILITY_TIMEOUT", float),
-        jobs=JobsSettings.from_environ(env, database_url=database_url),
+        jobs=jobs,
     )
 
 

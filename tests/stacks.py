@@ -33,6 +33,7 @@ NEEDS = {
     "pg-rabbit": {"PostgreSQL": POSTGRES[:2], "RabbitMQ": RABBITMQ},
     "pg-redis": {"PostgreSQL": POSTGRES[:2], "Redis": REDIS},
     "sqlite": {},
+    "postgres": {"PostgreSQL": POSTGRES[:2]},
 }
 
 
@@ -72,7 +73,8 @@ def stack(name: str, data_dir: Path) -> Iterator[dict[str, str]]:
 
 @contextmanager
 def postgres_database() -> Iterator[str]:
-    """The URL of a new, empty PostgreSQL database, dropped afterwards."""
+    """The URL of a new, empty PostgreSQL database, dropped afterwards:
+    ``postgresql://``, naming no driver, as platforms hand URLs out."""
     host, port, user = POSTGRES
     name = f"proj_scratch_{uuid.uuid4().hex[:10]}"
     admin = psycopg2.connect(host=host, port=port, user=user, dbname="postgres")
@@ -80,7 +82,7 @@ def postgres_database() -> Iterator[str]:
     try:
         with admin.cursor() as cursor:
             cursor.execute(f'CREATE DATABASE "{name}"')
-        yield f"postgresql+psycopg2://{user}@{host}:{port}/{name}"
+        yield f"postgresql://{user}@{host}:{port}/{name}"
         with admin.cursor() as cursor:
             cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:

@@ -8,6 +8,7 @@ from typing import Any
 from celery import Celery
 
 from proj.jobs.clock import due_at, utcnow
+from proj.jobs.engine import resolve_result_backend
 from proj.jobs.errors import ConfigurationError
 from proj.jobs.registry import jobs_of
 from proj.jobs.retry import retry_policy_of
@@ -51,6 +52,7 @@ def check_configuration(celery_app: Celery) -> None:
     """Refuse a configuration proj cannot keep its promises with.
 
     - only JSON crosses the queue (pickle would run whatever a message says);
+    - a database result backend's URL names a driver that is installed;
     - on Redis, the visibility timeout, and on RabbitMQ the consumer timeout,
       must outlast every task's hard time limit and retry countdown: a worker
       holds a message unacknowledged while it runs and while it waits for its
@@ -62,6 +64,11 @@ def check_configuration(celery_app: Celery) -> None:
             raise ConfigurationError(
                 f"{name} = {conf[name]!r}: proj accepts JSON only; remove the others."
             )
+    if isinstance(conf.result_backend, str):
+        try:
+            resolve_result_backend(conf.result_backend)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"result_backend (CELERY_RESULT_BACKEND): {exc}") from None
     found = unacked_limit(celery_app)
     if found is None:
         return

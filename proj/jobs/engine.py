@@ -63,6 +63,20 @@ def resolve_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
+RESULT_BACKEND_PREFIX = "db+"
+"""How Celery's database result backend URLs begin (``db+postgresql://...``)."""
+
+
+def resolve_result_backend(url: str) -> str:
+    """Celery's ``result_backend`` with :func:`resolve_url` applied to a
+    database backend's URL (``db+postgresql://`` would otherwise load psycopg
+    3); any other backend as given. Raises :class:`ConfigurationError` as
+    :func:`resolve_url` does."""
+    if not url.startswith(RESULT_BACKEND_PREFIX):
+        return url
+    return RESULT_BACKEND_PREFIX + resolve_url(url.removeprefix(RESULT_BACKEND_PREFIX))
+
+
 def _hidden(url: str) -> str:
     try:
         return repr(make_url(url).render_as_string(hide_password=True))

@@ -9,10 +9,11 @@ context.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager as ContextManager
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from proj.jobs import context, ledger, logs, metrics, outbox, sqlite_forks, trac
 from proj.jobs.checks import check_configuration
 from proj.jobs.clock import utcnow
 from proj.jobs.deadletter import record_message
-from proj.jobs.engine import make_engine, prepare_engine, resolve_url
+from proj.jobs.engine import make_engine, prepare_engine, resolve_result_backend, resolve_url
 from proj.jobs.errors import ConfigurationError
 from proj.jobs.heartbeat import HeartbeatStep
 from proj.jobs.reconciler import reconcile_jobs
@@ -43,6 +44,8 @@ DEFAULT_SCHEDULER = "celery.beat:PersistentScheduler"
 RECONCILE_TASK = "proj.reconcile_jobs"
 OBSERVERS = (tracing, logs, metrics)
 """What watches jobs: traces, structured logs, metrics."""
+RESULT_BACKEND_VARIABLE = "CELERY_RESULT_BACKEND"
+"""The variable Celery reads its result backend from before its settings."""
 EXTENSION_KEY = "proj.jobs"
 """Where ``init_app`` leaves the :class:`Jobs` in ``flask_app.extensions``."""
 
@@ -58,6 +61,10 @@ class Jobs:
     or the environment (:class:`~proj.jobs.settings.JobsSettings`). A worker
     consumer or beat scheduler the app already names is kept (dead letters
     and once-per-slot beat runs then need proj's classes in the chain).
+
+    A database result backend's URL (``result_backend``, or the
+    ``CELERY_RESULT_BACKEND`` variable Celery reads before it) gets the driver
+    proj ships where it names none, as the ledger's does.
     """
 
     def __init__(
@@ -175,6 +182,7 @@ class Jobs:
     def _install(self) -> None:
         app = self.celery_app
         install(app, self)
+        self._resolve_result_backend_variable()
         app.steps["worker"].add(RelayStep)
         app.steps["worker"].add(HeartbeatStep)
         app.task(name=RECONCILE_TASK, base=SqlAlchemyTask, bind=True, shared=False)(reconcile_jobs)
@@ -200,8 +208,13 @@ class Jobs:
 
     def _configure(self, sender: Any = None, **_: Any) -> None:
         """Once the app's configuration is read: proj's consumer and scheduler
-        unless the app names its own, and the reconciler on beat's schedule."""
+        unless the app names its own, the reconciler on beat's schedule, and
+        the driver proj ships in a database result backend's URL."""
         conf = self.celery_app.conf
+        backend = conf.result_backend
+        if isinstance(backend, str) and not os.environ.get(RESULT_BACKEND_VARIABLE):
+            with suppress(ConfigurationError):  # the start-up check reports it
+                conf.update(result_backend=resolve_result_backend(backend))
         if conf.worker_consumer == DEFAULT_CONSUMER:
             conf.worker_consumer = "proj.jobs.deadletter:RecordingConsumer"
         if conf.beat_scheduler == DEFAULT_SCHEDULER:
@@ -215,6 +228,16 @@ class Jobs:
             conf.worker_soft_shutdown_timeout = self.settings.shutdown_grace
         if str(conf.broker_url or "").startswith(("sqla+sqlite", "sqlite")):
             sqlite_forks.install_fork_gate()
+
+    @staticmethod
+    def _resolve_result_backend_variable() -> None:
+        # Celery reads the variable (where its CLI's --result-backend lands too)
+        # before its settings, and without loading them: only the variable can
+        # change what it says, and it must change now.
+        given = os.environ.get(RESULT_BACKEND_VARIABLE)
+        if given:
+            with suppress(ConfigurationError):  # the start-up check reports it
+                os.environ[RESULT_BACKEND_VARIABLE] = resolve_result_backend(given)
 
     def _mine(self, sender: Any) -> bool:
         return getattr(sender, "app", sender) is self.celery_app

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from proj.jobs.engine import resolve_url
 from proj.jobs.errors import ConfigurationError
 
 DEFAULTS: Mapping[str, str] = {
@@ -32,10 +33,13 @@ DEFAULTS: Mapping[str, str] = {
     "PROJ_RABBITMQ_CONSUMER_TIMEOUT": "1800",
     "PROJ_SHUTDOWN_GRACE": "25",
     "PROJ_LOG_FORMAT": "text",
+    "PROJ_METRICS_PORT": "0",
+    "PROJ_METRICS_ADDRESS": "0.0.0.0",  # noqa: S104  (scraped from other pods)
 }
 """The default of every setting proj.jobs reads, by environment variable."""
 LOG_FORMATS = ("text", "json")
 """What ``PROJ_LOG_FORMAT`` may be."""
+MAX_PORT = 65535
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,9 @@ class JobsSettings:
     """What proj.jobs runs with. Build it with :meth:`from_environ`."""
 
     database_url: str
-    """Where the job ledger lives (the application's database)."""
+    """Where the job ledger lives (the application's database); read from the
+    environment, with the driver proj ships where the URL names none
+    (:func:`~proj.jobs.engine.resolve_url`)."""
     worker_pool_size: int = 5
     """Connections in each worker process's pool (the task sessions' engine)."""
     outbox_fast_path: bool = True
@@ -51,6 +57,8 @@ class JobsSettings:
     relay_in_worker: bool = True
     """Run the relay inside each worker (small deployments; else ``proj relay``)."""
     relay_poll_interval: float = 1.0
+    """Seconds between the relay's polls of the ledger (on PostgreSQL it also
+    wakes on ``NOTIFY``)."""
     relay_grace: float = 2.0
     """Seconds the relay leaves a new row to the fast path."""
     reconcile_interval: float = 60.0
@@ -91,6 +99,13 @@ class JobsSettings:
     log_format: str = "text"
     """``text`` (what Celery and Flask write by default) or ``json``: one JSON
     object a line from every process (:mod:`proj.jobs.logs`)."""
+    metrics_port: int = 0
+    """Where each worker, beat and relay serves its own ``/metrics`` (its
+    prefork children summed; :mod:`proj.jobs.metrics_server`); 0: none. Two
+    processes on one host need two ports."""
+    metrics_address: str = "0.0.0.0"  # noqa: S104  (scraped from other pods)
+    """The address ``metrics_port`` listens on: every interface, as Prometheus
+    scrapes pods from outside them (``127.0.0.1``: this host only)."""
 
     @classmethod
     def from_environ(
@@ -110,7 +125,7 @@ class JobsSettings:
         def flag(name: str) -> bool:
             value = raw(name).strip().lower()
             if value not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
-                raise ConfigurationError(f"{name}={raw(name)!r} is not 1 or 0.")
+                raise ConfigurationError(f"{name}={raw(name)!r}: expected 1 or 0.")
             return value in ("1", "true", "yes", "on")
 
         settings = cls(
@@ -132,15 +147,26 @@ class JobsSettings:
             rabbitmq_consumer_timeout=read("PROJ_RABBITMQ_CONSUMER_TIMEOUT", float),
             heartbeat_interval=read("PROJ_HEARTBEAT_INTERVAL", float),
             log_format=raw("PROJ_LOG_FORMAT").strip().lower(),
+            metrics_port=read("PROJ_METRICS_PORT", int),
+            metrics_address=raw("PROJ_METRICS_ADDRESS").strip(),
         )
         settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
         if not settings.database_url:
             raise ConfigurationError(
                 "proj.jobs needs a database: pass database_url= or set DATABASE_URL."
             )
+        try:
+            settings = replace(settings, database_url=resolve_url(settings.database_url))
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"DATABASE_URL: {exc}") from None
+        if settings.metrics_port > MAX_PORT:
+            raise ConfigurationError(
+                f"PROJ_METRICS_PORT={settings.metrics_port}: expected a port, 1 to {MAX_PORT}"
+                " (0: no metrics port)."
+            )
         if settings.log_format not in LOG_FORMATS:
             raise ConfigurationError(
-                f"PROJ_LOG_FORMAT={settings.log_format!r} is not json or text."
+                f"PROJ_LOG_FORMAT={settings.log_format!r}: expected json or text."
             )
         return settings
 
@@ -152,10 +178,11 @@ class JobsSettings:
 
 def number(name: str, value: str, kind: type[int] | type[float]) -> Any:
     """``value`` as a non-negative ``kind``, or :class:`ConfigurationError` naming ``name``."""
+    expected = "a whole number" if kind is int else "a number"
     try:
         parsed = kind(value)
     except ValueError:
-        raise ConfigurationError(f"{name}={value!r} is not a {kind.__name__}.") from None
+        raise ConfigurationError(f"{name}={value!r}: expected {expected}, 0 or more.") from None
     if parsed < 0:
-        raise ConfigurationError(f"{name} must not be negative, got {parsed}.")
+        raise ConfigurationError(f"{name}={value!r}: expected {expected}, 0 or more.")
     return parsed

@@ -86,8 +86,9 @@ def make_shop(database_url: str, broker_url: str) -> tuple[Flask, Celery, Jobs]:
     flask_app = Flask("shop")
     flask_app.config.update(
         SHOP_CURRENCY="EUR",
-        SQLALCHEMY_DATABASE_URI=database_url,
-        SQLALCHEMY_ENGINE_OPTIONS=engine_options(database_url, WEB_POOL_SIZE),
+        # With the driver proj ships: a postgresql:// URL names none.
+        SQLALCHEMY_DATABASE_URI=jobs.database_url,
+        SQLALCHEMY_ENGINE_OPTIONS=engine_options(jobs.database_url, WEB_POOL_SIZE),
     )
     db.init_app(flask_app)
     jobs.init_app(flask_app, db)

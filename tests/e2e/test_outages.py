@@ -38,6 +38,7 @@ from subprocesses import BIN, Command, Commands, api_token, enqueue_effects
 
 from proj.db import worker_engine
 from proj.jobs import Jobs, utcnow
+from proj.jobs.engine import resolve_url
 from proj.jobs.models import Job, State
 from proj.jobs.testing.faults import (
     PostgresCluster,
@@ -305,7 +306,7 @@ def postgres_restart(stack: Stack, tmp_path_factory: Any) -> Iterator[Restart]:
             [str(BIN / "proj"), "db", "upgrade"], env=env, capture_output=True, text=True
         )
         assert upgraded.returncode == 0, upgraded.stdout + upgraded.stderr
-        engine = create_engine(url, pool_pre_ping=True)
+        engine = create_engine(resolve_url(url), pool_pre_ping=True)
         commands = Commands(folder)
         try:
             create_effects_table(engine)

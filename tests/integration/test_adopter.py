@@ -38,6 +38,7 @@ from sqlalchemy import create_engine, func, inspect, pool, select, text, update
 
 import proj.jobs.testing
 from proj.jobs import Job, Jobs, State, auth, utcnow
+from proj.jobs.engine import resolve_url
 from proj.jobs.migrations import VERSION_TABLE, upgrade
 from proj.jobs.relay import make_relay
 from proj.jobs.scheduler import SlotScheduler
@@ -113,7 +114,7 @@ class Shop:
 def prepare_database(url: str) -> None:
     """The shop's database as its own deployment leaves it: its Alembic history
     (faked: an ``alembic_version`` row), its tables, then the ledger's migration."""
-    engine = create_engine(url, poolclass=pool.NullPool)
+    engine = create_engine(resolve_url(url), poolclass=pool.NullPool)
     try:
         with engine.begin() as connection:
             connection.execute(
@@ -345,7 +346,7 @@ def test_the_shop_s_database_gets_the_ledger_and_nothing_else(shop: Shop) -> Non
     version table, leaves the shop's ``alembic_version`` row alone (run twice
     too), and creates none of the reference application's tables."""
     upgrade(shop.database_url)  # a second time changes nothing
-    engine = create_engine(shop.database_url, poolclass=pool.NullPool)
+    engine = create_engine(resolve_url(shop.database_url), poolclass=pool.NullPool)
     try:
         tables = set(inspect(engine).get_table_names())
         with engine.connect() as connection:

@@ -206,7 +206,7 @@ def test_text_is_the_default_and_changes_nothing(app: Flask) -> None:
     assert JobsSettings.from_environ({"DATABASE_URL": "sqlite://"}).log_format == "text"
     environ = {"DATABASE_URL": "sqlite://", "PROJ_LOG_FORMAT": "JSON"}
     assert JobsSettings.from_environ(environ).log_format == "json"
-    with pytest.raises(ConfigurationError, match="PROJ_LOG_FORMAT='xml' is not json or text"):
+    with pytest.raises(ConfigurationError, match="PROJ_LOG_FORMAT='xml': expected json or text"):
         JobsSettings.from_environ({**environ, "PROJ_LOG_FORMAT": "xml"})
 
     root = logging.getLogger()

@@ -30,6 +30,7 @@ from proj.cli import tenant_isolation_problems
 from proj.config import Settings, load_settings, use_settings
 from proj.db import Session, db, session_scope
 from proj.jobs import Jobs, auth, context, shared_task
+from proj.jobs.engine import resolve_url
 from proj.jobs.relay import make_relay
 from proj.migrations import upgrade
 from proj.models import TENANT_TABLES, Invoice, User
@@ -114,7 +115,7 @@ def role_database() -> Iterator[str]:
             cursor.execute(f'CREATE ROLE "{role}" LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB')
             cursor.execute(f'CREATE DATABASE "{name}" OWNER "{role}"')
         try:
-            yield f"postgresql+psycopg2://{role}@{host}:{port}/{name}"
+            yield f"postgresql://{role}@{host}:{port}/{name}"
         finally:
             with admin.cursor() as cursor:
                 cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -138,7 +139,7 @@ def role_stack(stack: Stack) -> Iterator[Tenanted]:
         settings = load_settings(env)
         upgrade(url)
         own = make_celery(settings)
-        superuser = make_url(url).set(username=stacks.POSTGRES[2])
+        superuser = make_url(resolve_url(url)).set(username=stacks.POSTGRES[2])
         admin = create_engine(superuser, poolclass=pool.NullPool)
         flask_app = create_app(settings, own)
         flask_app.testing = True
@@ -407,7 +408,7 @@ def test_proj_check_says_nothing_where_tenants_are_not_used(stack: Stack) -> Non
         pytest.skip("row-level security is PostgreSQL's")
     with stacks.postgres_database() as url:
         upgrade(url)
-        engine = create_engine(url, poolclass=pool.NullPool)
+        engine = create_engine(resolve_url(url), poolclass=pool.NullPool)
         try:
             with engine.connect() as connection:
                 assert tenant_isolation_problems(connection) == []

@@ -53,8 +53,8 @@ def test_plain_delay_does_not_wait_for_rabbitmqs_confirm(tmp_path: Path) -> None
 @pytest.mark.parametrize(
     ("name", "value", "says"),
     [
-        ("PROJ_WEB_POOL_SIZE", "many", "PROJ_WEB_POOL_SIZE='many' is not a int"),
-        ("PROJ_PAYMENT_LATENCY", "-1", "PROJ_PAYMENT_LATENCY must not be negative"),
+        ("PROJ_WEB_POOL_SIZE", "many", "PROJ_WEB_POOL_SIZE='many': expected a whole number"),
+        ("PROJ_PAYMENT_LATENCY", "-1", "PROJ_PAYMENT_LATENCY='-1': expected a number, 0 or more"),
     ],
 )
 def test_a_bad_value_names_its_variable(tmp_path: Path, name: str, value: str, says: str) -> None:
