@@ -21,6 +21,7 @@ from proj.jobs import api as jobs_api
 from proj.jobs import metrics_api as jobs_metrics
 from proj.web.api import api
 from proj.web.errors import error_response, register_error_handlers
+from proj.web.openapi import DOCUMENT_PATH, openapi_document
 
 HEALTH_TIMEOUT = 2.0
 """Seconds the health check waits for the broker to answer."""
@@ -73,6 +74,7 @@ def create_app(settings: Settings | None = None, celery_app: Celery | None = Non
     register_error_handlers(app)
     app.add_url_rule("/", view_func=index)
     app.add_url_rule("/healthz", view_func=healthz)
+    app.add_url_rule(DOCUMENT_PATH, view_func=openapi_document)  # no token: see its module
     return app
 
 
@@ -129,6 +131,7 @@ def index() -> Response:
             "invoice": f"POST {url_for('api.create_invoice')}",
             "charge": "POST /api/invoices/<id>/charge",
             "health": f"GET {url_for('healthz')}",
+            "description": f"GET {url_for('openapi_document')}",
         },
     )
 
