@@ -17,6 +17,7 @@ from __future__ import annotations
 from proj.jobs.clock import UtcDateTime, utcnow
 from proj.jobs.engine import engine_options
 from proj.jobs.errors import (
+    ClaimTakenBack,
     ConfigurationError,
     JobCancelled,
     NotInstalledError,
@@ -32,6 +33,7 @@ from proj.jobs.task import SqlAlchemyTask, shared_task
 __all__ = [
     "NAMING_CONVENTION",
     "TRANSIENT_ERRORS",
+    "ClaimTakenBack",
     "ConfigurationError",
     "Job",
     "JobCancelled",

@@ -6,7 +6,8 @@ Error tree::
     ├── ConfigurationError       a setting proj cannot run with
     ├── TaskArgumentError        a task argument that cannot cross the queue
     ├── NotInstalledError        a task or app that no ``Jobs`` was installed on
-    └── JobCancelled             raised in a running job someone asked to stop
+    ├── JobCancelled             raised in a running job someone asked to stop
+    └── ClaimTakenBack           a run whose job was given to another run
 
 Each class's docstring is its default message.
 """
@@ -35,3 +36,8 @@ class NotInstalledError(ProjError):
 
 class JobCancelled(ProjError):
     """Someone asked this job to stop; it ends ``cancelled`` and its session rolls back."""
+
+
+class ClaimTakenBack(ProjError):
+    """This run's job was taken back and given to another run (the reconciler
+    found its worker gone): the run's transaction rolls back, effects included."""

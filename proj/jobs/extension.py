@@ -87,6 +87,9 @@ class Jobs:
         """The task-scoped session: inside a task run, that run's own session."""
         self.flask_app: Flask | None = None
         self.flask_db: SQLAlchemy | None = None
+        self.node: str | None = None
+        """The node name (``celery@host``) of the worker this process serves,
+        once it starts: what its heartbeats and its runs' claims name."""
         self.capture: Callable[[Sequence[Mapping[str, Any]]], None] | None = None
         """Where job messages go instead of the broker, when set (the testing
         kit's in-memory mode, :func:`proj.jobs.testing.in_memory`)."""
@@ -251,6 +254,8 @@ class Jobs:
     def _before_worker_starts(self, sender: Any, **_: Any) -> None:
         if not self._mine(sender):
             return
+        # Celery's thread pool gives a run the machine's name, not the node's.
+        self.node = str(sender.hostname)
         # Before the pool forks and the relay thread starts: a child forked while
         # another thread configures the mappers would wait for their lock forever.
         orm.configure_mappers()

@@ -10,8 +10,13 @@ if and only if that transaction commits. Its state only moves forward::
 
 Claiming (``queued``/``retrying`` → ``running``, attempts + 1) is a statement
 committed on its own; the move to ``succeeded`` commits with the
-task's own effects. Rows are also the dead-letter store: every task that
-finally fails, and every message a worker cannot run, ends as a ``failed`` row.
+task's own effects. Every move a run makes (success, retry, failure,
+progress, cancellation) is fenced by the attempt it claimed: it changes the
+row only while the row is still ``running`` that attempt, so a run whose job
+was taken back and claimed again cannot record anything, nor commit.
+
+Rows are also the dead-letter store: every task that finally fails, and every
+message a worker cannot run, ends as a ``failed`` row.
 
 Each attempt that ends in an error (retried, failed, its worker lost) leaves
 a ``job_attempts`` row with its error, traceback, worker and times.
@@ -53,6 +58,7 @@ from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
 from proj.jobs.clock import UtcDateTime, utcnow
 from proj.jobs.engine import autocommit
+from proj.jobs.errors import ClaimTakenBack
 from proj.jobs.models import (
     ATTEMPTS,
     CLAIMABLE,
@@ -151,7 +157,11 @@ def mark_published(bind: Engine | Connection, job_ids: Sequence[str]) -> None:
 
 _SUCCEED = (
     update(JOBS)
-    .where(JOBS.c.id == bindparam("job_id"))
+    .where(
+        JOBS.c.id == bindparam("job_id"),
+        JOBS.c.state == str(State.RUNNING),
+        JOBS.c.attempts == bindparam("attempt"),
+    )
     .values(
         state=str(State.SUCCEEDED),
         finished_at=bindparam("now"),
@@ -162,11 +172,25 @@ _SUCCEED = (
 """Built once: building an UPDATE costs more Python than running it."""
 
 
-def succeed(session: Session, job_id: str, result: Any) -> None:
-    """Mark the job succeeded, in the caller's (the task's) transaction."""
-    session.connection().execute(
-        _SUCCEED, {"job_id": job_id, "now": utcnow(), "result": jsonable(result)}
+def succeed(session: Session, job_id: str, attempt: int, result: Any) -> None:
+    """Mark the job succeeded, in the caller's (the task's) transaction, if
+    it is still ``running`` the attempt ``attempt``; else raise
+    :class:`~proj.jobs.errors.ClaimTakenBack` (the caller rolls back)."""
+    done = session.connection().execute(
+        _SUCCEED,
+        {"job_id": job_id, "attempt": attempt, "now": utcnow(), "result": jsonable(result)},
     )
+    if done.rowcount != 1:
+        raise ClaimTakenBack(
+            f"job {job_id} is no longer running attempt {attempt}: it was taken back and "
+            "given to another run, so this run's transaction rolls back"
+        )
+
+
+def running_attempt(job_id: str, attempt: int) -> tuple[ColumnElement[bool], ...]:
+    """The job's row while it is ``running`` the attempt ``attempt``: the fence
+    of every change a run makes."""
+    return (Job.id == job_id, Job.state == State.RUNNING, Job.attempts == attempt)
 
 
 def enqueue(session: Session, row: Mapping[str, Any], unique_key: str | None = None) -> str:
@@ -206,13 +230,14 @@ def _insert_unless_held(connection: Connection) -> Any:
     )
 
 
-def set_progress(engine: Engine, job_id: str, progress: float) -> bool:
-    """Record progress (0 to 100) in a transaction of its own, visible at once.
-    Returns whether someone asked the job to stop."""
+def set_progress(engine: Engine, job_id: str, attempt: int, progress: float) -> bool:
+    """Record the progress (0 to 100) of the attempt ``attempt``, in a
+    transaction of its own, visible at once. Returns whether someone asked the
+    job to stop."""
     with session_scope(engine) as session:
         asked = session.execute(
             update(Job)
-            .where(Job.id == job_id, Job.state == State.RUNNING)
+            .where(*running_attempt(job_id, attempt))
             .values(progress=progress)
             .returning(Job.cancel_requested_at)
         ).scalar()
@@ -291,13 +316,20 @@ def _keep_attempt(
 
 @patient
 def retrying(
-    engine: Engine, job_id: str, error: str, traceback: str | None, available_at: datetime
-) -> None:
-    """Mark a running job to run again from ``available_at``; the caller publishes."""
-    running = (Job.id == job_id, Job.state == State.RUNNING)
+    engine: Engine,
+    job_id: str,
+    attempt: int,
+    error: str,
+    traceback: str | None,
+    available_at: datetime,
+) -> bool:
+    """Mark the job, running the attempt ``attempt``, to run again from
+    ``available_at``; the caller publishes. False, and nothing changed, when
+    the job is no longer running that attempt."""
+    running = running_attempt(job_id, attempt)
     with session_scope(engine) as session:
         _keep_attempt(session, literal(str(State.RETRYING)), error, traceback, *running)
-        session.execute(
+        done = session.execute(
             update(Job)
             .where(*running)
             .values(
@@ -309,6 +341,7 @@ def retrying(
                 worker=None,
             )
         )
+    return bool(getattr(done, "rowcount", 0))
 
 
 def _again_or_failed() -> Any:
@@ -365,9 +398,12 @@ def record_failure(
     kwargs: Mapping[str, Any] | None = None,
     options: Mapping[str, Any] | None = None,
     attempts: int = 1,
+    claimed: bool = False,
 ) -> None:
     """End a job as ``failed``, creating its row if it has none (a task sent
-    with plain ``delay()``, or a message that could not be run)."""
+    with plain ``delay()``, or a message that could not be run). A run that
+    ``claimed`` the job's row (its attempt ``attempts``) fails it only while
+    it is still running that attempt."""
     values = {
         "state": State.FAILED,
         "error": clip(error),
@@ -375,7 +411,11 @@ def record_failure(
         "finished_at": utcnow(),
         "worker": None,
     }
-    unfinished = (Job.id == job_id, Job.state.not_in(FINISHED))
+    unfinished = (
+        running_attempt(job_id, attempts)
+        if claimed
+        else (Job.id == job_id, Job.state.not_in(FINISHED))
+    )
     with session_scope(engine) as session:
         _keep_attempt(session, literal(str(State.FAILED)), error, traceback, *unfinished)
         done = session.execute(update(Job).where(*unfinished).values(**values))
@@ -487,12 +527,13 @@ def cancel(session: Session, job_id: str) -> State | None:
 
 
 @patient
-def cancelled_while_running(engine: Engine, job_id: str) -> None:
-    """The running job stopped because it was asked to: ``cancelled``."""
+def cancelled_while_running(engine: Engine, job_id: str, attempt: int) -> None:
+    """The job's attempt ``attempt`` stopped because it was asked to: ``cancelled``
+    (nothing, if the job is no longer running that attempt)."""
     with session_scope(engine) as session:
         session.execute(
             update(Job)
-            .where(Job.id == job_id, Job.state == State.RUNNING)
+            .where(*running_attempt(job_id, attempt))
             .values(state=State.CANCELLED, finished_at=utcnow(), worker=None, progress=None)
         )
 

@@ -63,9 +63,11 @@ class SqlAlchemyTask(celery.Task[Any, Any]):
 
         Raises :class:`~proj.jobs.JobCancelled` if someone asked the job to stop.
         """
-        if worker.claim_of(self) is not None:
+        claim = worker.claim_of(self)
+        if claim is not None:
             progress = max(0.0, min(100.0, percent))
-            if ledger.set_progress(jobs_of(self.app).engine, str(self.request.id), progress):
+            engine = jobs_of(self.app).engine
+            if ledger.set_progress(engine, str(self.request.id), claim.attempts, progress):
                 raise JobCancelled()
 
     def cancel_requested(self) -> bool:

@@ -9,7 +9,10 @@ it is removed, so the connection is back in the pool before the next message.
 A job enqueued with ``delay_on_commit`` has a ledger row: its run first claims
 the row (a delivery of a job that already ran, was cancelled or is running
 elsewhere is acknowledged and skipped), and the move to ``succeeded`` commits
-with the task's own effects.
+with the task's own effects. A run whose job was taken back meanwhile (the
+reconciler found its worker gone, and another run claimed the job) cannot
+commit: its transaction rolls back, effects included, and its message is
+acknowledged (:class:`~proj.jobs.errors.ClaimTakenBack`).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from celery.worker.request import Request
 
 from proj.jobs import context, ledger, publisher
 from proj.jobs.clock import due_at, utcnow
-from proj.jobs.errors import JobCancelled
+from proj.jobs.errors import ClaimTakenBack, JobCancelled
 from proj.jobs.models import State
 from proj.jobs.registry import jobs_of
 from proj.jobs.retry import TRANSIENT_ERRORS, backoff, max_attempts_of, retry_policy_of
@@ -62,22 +65,26 @@ def run(task: SqlAlchemyTask, body: Callable[[], Any]) -> Any:
     if traced:
         setattr(request, SESSION_KEY, key)  # for after_return
     session = jobs.session
+    claim: ledger.Claim | None = None
     with task_scope(key), context.restored(carried_by(request)), _running(task), jobs.run_context():
         try:
             if claims:
-                _claim(task)
+                claim = _claim(task)
             retval = body()
-            if claims:
-                ledger.succeed(session(), str(request.id), retval)
+            if claim is not None:
+                ledger.succeed(session(), str(request.id), claim.attempts, retval)
             if session.registry.has():
                 _commit(task)
             return retval
         except BaseException as exc:
             if session.registry.has():
                 roll_back(session)
-            if isinstance(exc, JobCancelled) and claims:
-                ledger.cancelled_while_running(jobs.engine, str(request.id))
+            if isinstance(exc, JobCancelled) and claim is not None:
+                ledger.cancelled_while_running(jobs.engine, str(request.id), claim.attempts)
                 logger.info("%s[%s]: stopped, as asked; cancelled", task.name, request.id)
+                raise Ignore() from exc
+            if isinstance(exc, ClaimTakenBack):
+                logger.warning("%s[%s]: %s", task.name, request.id, exc)
                 raise Ignore() from exc
             if isinstance(exc, Reject) and not getattr(exc, "requeue", False):
                 reason = getattr(exc, "reason", exc)
@@ -115,9 +122,9 @@ def is_ledger_job(request: Any) -> bool:
     )
 
 
-def _claim(task: SqlAlchemyTask) -> None:
+def _claim(task: SqlAlchemyTask) -> ledger.Claim:
     jobs, request = jobs_of(task.app), task.request
-    worker = f"{request.hostname}:{os.getpid()}"
+    worker = f"{jobs.node or request.hostname}:{os.getpid()}"
     try:
         claim = ledger.claim(jobs.engine, str(request.id), worker)
     except Exception as exc:
@@ -139,6 +146,7 @@ def _claim(task: SqlAlchemyTask) -> None:
         )
         raise Ignore()
     setattr(request, CLAIM, claim)
+    return claim
 
 
 def _commit(task: SqlAlchemyTask) -> None:
@@ -169,7 +177,13 @@ def retry_job(
     when = due_at(options) or utcnow()
     job_id = str(task.request.id)
     trace = "".join(format_exception(exc)) if exc is not None else None
-    ledger.retrying(jobs.engine, job_id, repr(exc), trace, when)
+    if not ledger.retrying(jobs.engine, job_id, claim.attempts, repr(exc), trace, when):
+        logger.warning(
+            "%s[%s]: not retried: the job was taken back and given to another run",
+            task.name,
+            job_id,
+        )
+        raise Ignore()
     publisher.send_owed(jobs, [job_id])
     raise Retry(exc=exc, when=when)
 
@@ -207,6 +221,7 @@ def record_failure(
             args=list(args or ()),
             kwargs=dict(kwargs or {}),
             attempts=claim.attempts if claim else (task.request.retries or 0) + 1,
+            claimed=claim is not None,
         )
     except Exception:
         logger.exception("could not record the failure of %s[%s]", task.name, task_id)

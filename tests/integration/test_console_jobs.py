@@ -326,8 +326,8 @@ def test_the_job_page_shows_arguments_every_attempt_and_buttons_for_operators(
     name = f"tests.console.{tag()}.page"
     job_id = enqueue(celery_app, name, ["first-arg", 42], {"note": "<b>bold</b>"}, max_attempts=2)
     assert ledger.claim(worker_engine(), job_id, WORKER).claimed
-    ledger.retrying(
-        worker_engine(), job_id, "KeyError: 'first'", "Traceback one\n  line 1", utcnow()
+    assert ledger.retrying(
+        worker_engine(), job_id, 1, "KeyError: 'first'", "Traceback one\n  line 1", utcnow()
     )
     fail(job_id, name, "ValueError: second", "Traceback two\n  line 2")
 
@@ -357,7 +357,7 @@ def test_a_running_job_shows_its_progress_and_a_cancel_button(
     name = f"tests.console.{tag()}.running"
     job_id = enqueue(celery_app, name, max_attempts=3)
     assert ledger.claim(worker_engine(), job_id, WORKER).claimed
-    ledger.set_progress(worker_engine(), job_id, 40.0)
+    ledger.set_progress(worker_engine(), job_id, 1, 40.0)
 
     text = operator.get(f"/dashboard/jobs/{job_id}").text
 

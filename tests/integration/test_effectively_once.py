@@ -30,6 +30,7 @@ import proj.jobs.testing
 from proj.db import Session, session_scope
 from proj.jobs import Jobs, SqlAlchemyTask, outbox, publisher, shared_task, utcnow
 from proj.jobs.models import Job, State, WorkerBeat
+from proj.jobs.reconciler import reconcile
 from proj.jobs.relay import make_relay
 from proj.jobs.retry import retry_on
 from proj.jobs.scheduler import SlotScheduler, slot_job_id
@@ -53,6 +54,21 @@ def record(user_id: int, key: str | None = None) -> int:
     running and wait to be released (holding no lock, which on SQLite would
     stop every other writer)."""
     if key is not None:
+        RUNNING[key].set()
+        RELEASE[key].wait(timeout=60)
+    Session.add(Invoice(user_id=user_id, amount_cents=1))
+    return user_id
+
+
+STARTS: dict[str, int] = {}
+
+
+@shared_task(name="tests.once.slow_first")
+def slow_first(user_id: int, key: str) -> int:
+    """The effect, as ``record``'s; the first run of ``key`` waits to be
+    released before it writes it, the others do not wait."""
+    STARTS[key] = STARTS.get(key, 0) + 1
+    if STARTS[key] == 1:
         RUNNING[key].set()
         RELEASE[key].wait(timeout=60)
     Session.add(Invoice(user_id=user_id, amount_cents=1))
@@ -301,6 +317,51 @@ def test_reconciler_takes_back_a_dead_workers_job(stack: Stack, purged: Celery) 
         proj.jobs.testing.wait_for(lambda: job(kept).state == State.SUCCEEDED)
     assert (effects(lost_user), job(lost).attempts) == (1, 2)
     assert (effects(kept_user), job(kept).attempts) == (1, 1)
+
+
+def test_a_run_whose_job_was_taken_back_cannot_commit(
+    stack: Stack, purged: Celery, task_log: BufferingHandler
+) -> None:
+    """A live run whose worker missed its heartbeats (a busy solo pool, say)
+    has its job taken back by the reconciler; a second run claims and
+    completes it; then the first run reaches its commit. The ledger refuses
+    it: its transaction rolls back with its effect, and it says why. One
+    effect, one success, by the second attempt."""
+    hostname = f"slow-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
+    user_id, key = new_user(), uuid.uuid4().hex
+    RUNNING[key], RELEASE[key] = threading.Event(), threading.Event()
+    past = utcnow() - LONG_AGO
+    try:
+        with proj.jobs.testing.worker(purged, pool="threads", concurrency=2, hostname=hostname):
+            job_id = slow_first.apply_async_on_commit((user_id, key))
+            assert RUNNING[key].wait(timeout=30)
+            beating = select(WorkerBeat).where(WorkerBeat.hostname == hostname)
+            proj.jobs.testing.wait_for(lambda: one_row(beating))
+            with session_scope() as session:  # its worker's heartbeats stopped long ago
+                session.execute(update(Job).where(Job.id == job_id).values(started_at=past))
+                session.execute(
+                    update(WorkerBeat).where(WorkerBeat.hostname == hostname).values(beat_at=past)
+                )
+                taken = reconcile(session, purged, stack.settings.jobs.stale_after)
+            assert taken["abandoned"] == 1
+            publish_owed(stack, purged)
+            proj.jobs.testing.wait_for(lambda: job(job_id).state == State.SUCCEEDED)
+            RELEASE[key].set()
+            proj.jobs.testing.wait_for(lambda: taken_back(task_log, job_id))
+    finally:
+        RELEASE[key].set()
+
+    assert effects(user_id) == 1
+    done = job(job_id)
+    assert (done.state, done.attempts, done.result) == (State.SUCCEEDED, 2, user_id)
+    assert STARTS[key] == 2
+
+
+def taken_back(handler: BufferingHandler, job_id: str) -> bool:
+    return any(
+        job_id in record.getMessage() and "given to another run" in record.getMessage()
+        for record in list(handler.buffer)
+    )
 
 
 def one_row(query: Any) -> Any:
