@@ -74,6 +74,7 @@ def create_app(settings: Settings | None = None, celery_app: Celery | None = Non
     register_error_handlers(app)
     app.add_url_rule("/", view_func=index)
     app.add_url_rule("/healthz", view_func=healthz)
+    app.add_url_rule("/favicon.ico", view_func=favicon)
     app.add_url_rule(DOCUMENT_PATH, view_func=openapi_document)  # no token: see its module
     return app
 
@@ -134,6 +135,12 @@ def index() -> Response:
             "description": f"GET {url_for('openapi_document')}",
         },
     )
+
+
+def favicon() -> Response:
+    """The console's icon, for the browsers that ask every site for
+    ``/favicon.ico`` (the console's pages link it themselves)."""
+    return console.blueprint.send_static_file("favicon.svg")
 
 
 def healthz() -> Any:
