@@ -19,6 +19,8 @@ from proj.jobs import ConfigurationError
 
 
 class Mailer(Protocol):
+    """What sends the application's mail: SMTP, or a folder of ``.eml`` files."""
+
     def send(self, message: EmailMessage) -> None:
         """Deliver ``message`` or raise."""
         ...

@@ -30,6 +30,8 @@ class Receipt:
 
 
 class PaymentGateway(Protocol):
+    """What charges a customer: once per idempotency key, however often asked."""
+
     def charge(self, *, idempotency_key: str, amount_cents: int) -> Receipt:
         """Charge once per key; asking again with the key returns the first receipt."""
         ...

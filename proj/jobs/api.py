@@ -28,6 +28,7 @@ from proj.jobs.http import json_error
 from proj.jobs.models import Job, State
 
 blueprint = Blueprint("jobs", __name__)
+"""The job API: mount it with ``flask_app.register_blueprint(blueprint, url_prefix=...)``."""
 require_token(blueprint)
 
 DEFAULT_LIMIT = 50

@@ -38,6 +38,9 @@ TENANT_SLUG = re.compile(r"[a-z0-9_-]{1,64}")
 
 
 class Role(StrEnum):
+    """What an account or a token may do: a ``viewer`` reads; an ``operator``
+    also acts (retries, cancels, and the API's writes)."""
+
     VIEWER = "viewer"
     OPERATOR = "operator"
 

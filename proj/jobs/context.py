@@ -68,6 +68,8 @@ def set_tenant(slug: str | None) -> None:
 
 
 def current_tenant() -> str | None:
+    """The tenant of this context: set by :func:`set_tenant`, a token's, or a
+    running job's; None where tenants are not used."""
     return tenant_var.get()
 
 

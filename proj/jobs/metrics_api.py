@@ -57,9 +57,11 @@ from proj.jobs.models import CLAIMABLE, Job, State
 logger = logging.getLogger(__name__)
 
 blueprint = Blueprint("metrics", __name__)
+"""``GET /metrics``: mount it with ``flask_app.register_blueprint(blueprint)``."""
 require_token(blueprint)
 
 UNFINISHED = (State.QUEUED, State.RUNNING, State.RETRYING)
+"""The states the ``proj_jobs`` gauge counts."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class LedgerFigures:
     """What the ledger holds at :attr:`at`, as the gauges report it."""
 
     at: datetime
+    """When the ledger was read."""
     by_state: dict[str, int]
     """Unfinished state → jobs (every one of :data:`UNFINISHED`)."""
     waiting: dict[str, int]

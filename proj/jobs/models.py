@@ -18,6 +18,10 @@ from proj.jobs.clock import UtcDateTime, utcnow
 
 
 class State(StrEnum):
+    """Where a job stands: ``queued`` (waiting for its first run), ``running``,
+    ``retrying`` (waiting for its next attempt), then ``succeeded``, ``failed``
+    or ``cancelled``, which are final."""
+
     QUEUED = "queued"
     RUNNING = "running"
     RETRYING = "retrying"
@@ -53,6 +57,8 @@ NAMING_CONVENTION = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+"""The ledger's constraint and index naming convention (SQLAlchemy's
+``MetaData(naming_convention=...)``), which an application may use for its own."""
 
 
 def iso(moment: datetime | None) -> str | None:

@@ -1,6 +1,6 @@
-"""The commands README names, run as written: ``proj db upgrade``, ``proj run``
-(README's first command), the start-up refusal of ``celery -A proj worker`` and
-``beat``, and docker-compose.yml's services."""
+"""The commands README and the documentation name, run as written: ``proj db
+upgrade``, ``proj run`` (README's first command), the start-up refusal of
+``celery -A proj worker`` and ``beat``, and docker-compose.yml's services."""
 
 from __future__ import annotations
 
@@ -55,10 +55,11 @@ def readme_sign_up_line() -> str:
     return next(line for line in block if line.startswith("curl "))
 
 
-def readme_commands_table() -> list[str]:
-    """The commands README's "Commands" section lists."""
-    section = readme().split("## Commands", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"^\| `([^`]+)` \|", section, re.MULTILINE)
+def documented_commands() -> list[str]:
+    """The commands the documentation's table of processes lists (the first
+    column of the list table in ``docs/reference/cli.rst``)."""
+    page = (ROOT / "docs" / "reference" / "cli.rst").read_text()
+    return re.findall(r"^   \* - ``(.+)``$", page, re.MULTILINE)
 
 
 def clean_env() -> dict[str, str]:
@@ -246,11 +247,11 @@ def test_worker_and_beat_refuse_a_short_visibility_timeout(
     assert "Sending due task" not in beat.output()
 
 
-def test_docker_compose_runs_the_readme_commands() -> None:
-    """docker-compose.yml's services run the commands README's table names,
-    with settings proj reads."""
+def test_docker_compose_runs_the_documented_commands() -> None:
+    """docker-compose.yml's services run the commands the documentation's
+    table names, with settings proj reads."""
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    table = readme_commands_table()
+    table = documented_commands()
     expected = {
         "migrate": "proj db upgrade",
         "web": 'gunicorn "proj.web:create_app()"',

@@ -42,6 +42,7 @@ class Overview:
     """The ledger as the overview shows it, at :attr:`at`."""
 
     at: datetime
+    """When the ledger was read."""
     since: datetime
     """Where the last hour starts: the first of :data:`WINDOW_MINUTES` whole minutes."""
     by_queue: Mapping[str, Mapping[str, int]]

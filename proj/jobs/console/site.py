@@ -46,6 +46,8 @@ blueprint = Blueprint(
     static_folder="static",
     static_url_path="/static",
 )
+"""The console: mount it (``proj.jobs.console.blueprint``) once ``jobs.init_app``
+has run and ``SECRET_KEY`` is set."""
 
 SESSION_KEY = "proj_console_account"
 PUBLIC = frozenset({"proj_console.login", "proj_console.static"})

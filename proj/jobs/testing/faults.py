@@ -45,6 +45,7 @@ class TcpProxy:
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
         self.port = free_port()
+        """The loopback port clients connect to instead of ``target``."""
         self.connections = 0
         """Connections accepted so far (to check that clients do go through it)."""
         self._listener: socket.socket | None = None

@@ -1,20 +1,22 @@
-"""README's adoption example, run as written: saved as ``shop.py`` and driven
-in a process of its own, on a new PostgreSQL database (its URL in the
-``postgresql://`` form platforms hand out) and a new RabbitMQ vhost, after the
-commands README gives with it (``proj jobs upgrade``, ``proj token add``)."""
+"""The tutorial (``docs/tutorial/adopt.rst``), run as written: its code blocks
+saved as ``shop.py`` and driven in a process of its own, on a new PostgreSQL
+database (its URL in the ``postgresql://`` form platforms hand out) and a new
+RabbitMQ vhost, after the ``proj`` commands the tutorial gives with it
+(``proj jobs upgrade``, ``proj token add``, ``proj admin add``)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import stacks
+from doc_examples import TUTORIAL, console_commands, tutorial_shop
 
-ROOT = Path(__file__).resolve().parents[2]
 PROJ = Path(sys.executable).parent / "proj"
 REQUIRED = bool(os.environ.get("CI") or os.environ.get("PROJ_REQUIRE_SERVICES"))
 
@@ -45,16 +47,10 @@ print(json.dumps({
 """
 
 
-def adoption_example() -> str:
-    """The first Python block of README's "Adopting proj.jobs in your app"."""
-    section = (ROOT / "README.md").read_text().split("## Adopting proj.jobs in your app", 1)[1]
-    return section.split("```python\n", 1)[1].split("```", 1)[0]
-
-
-def proj(env: dict[str, str], *args: str, stdin: str = "") -> str:
-    """``proj <args>`` as README gives it; its output."""
+def proj(env: dict[str, str], command: str, stdin: str = "") -> str:
+    """``command`` (``proj ...``) as the tutorial gives it; its output."""
     done = subprocess.run(
-        [str(PROJ), *args],
+        [str(PROJ), *shlex.split(command)[1:]],
         env=env,
         input=stdin,
         capture_output=True,
@@ -66,15 +62,22 @@ def proj(env: dict[str, str], *args: str, stdin: str = "") -> str:
     return done.stdout
 
 
-def test_the_adoption_example_runs_as_written(tmp_path: Path) -> None:
-    """The shop's order is paid by its job, whose state the job API answers
-    with the token ``proj token add`` printed, and without a token refuses."""
+def test_the_tutorial_runs_as_written(tmp_path: Path) -> None:
+    """The tutorial's shop: its order is paid by its job, whose state the job
+    API answers with the token ``proj token add`` printed, and without a token
+    refuses."""
+    commands = console_commands(TUTORIAL, "proj")
+    assert commands == [
+        "proj jobs upgrade",
+        "proj token add ops --role viewer",
+        "proj admin add you@example.com --role operator",
+    ], "the test feeds each command what it asks for: say what changed"
     problem = stacks.missing_services("pg-rabbit")
     if problem:
         if REQUIRED:
             pytest.fail(problem)
         pytest.skip(problem)
-    (tmp_path / "shop.py").write_text(adoption_example())
+    (tmp_path / "shop.py").write_text(tutorial_shop())
     with stacks.postgres_database() as url, stacks.rabbitmq_vhost() as broker:
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("PROJ_", "CELERY_"))},
@@ -82,11 +85,10 @@ def test_the_adoption_example_runs_as_written(tmp_path: Path) -> None:
             "CELERY_BROKER_URL": broker,
             "SECRET_KEY": "a-long-random-value-for-the-test",
         }
-        proj(env, "jobs", "upgrade")
-        token = proj(env, "token", "add", "ops", "--role", "viewer").splitlines()[-1]
-        added = proj(
-            env, "admin", "add", "you@example.com", "--role", "operator", stdin="pw-4-test\n"
-        )
+        upgrade, add_token, add_account = commands
+        proj(env, upgrade)
+        token = proj(env, add_token).splitlines()[-1]
+        added = proj(env, add_account, stdin="pw-4-test\n")
         assert "you@example.com (operator) added" in added
         done = subprocess.run(
             [sys.executable, "-c", DRIVER, str(tmp_path), token],
