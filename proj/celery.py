@@ -1,5 +1,5 @@
 """The reference application's Celery resource: ``app``, configured from
-``celeryconfig`` and the environment, with proj.jobs installed on it.
+``proj.celeryconfig`` and the environment, with proj.jobs installed on it.
 
 ``celery -A proj worker`` and ``celery -A proj beat`` find ``app`` through
 ``proj/__init__.py``.
@@ -19,7 +19,7 @@ def make_celery(settings: Settings) -> Celery:
     celery_app: Celery = Celery(
         "proj", task_cls=SqlAlchemyTask, include=["proj.tasks"], set_as_current=False
     )
-    celery_app.config_from_object("celeryconfig")
+    celery_app.config_from_object("proj.celeryconfig")
     celery_app.conf.update(settings.celery_connection())
     Jobs(celery_app, settings=settings.jobs)
     return celery_app

@@ -31,6 +31,7 @@ from proj.config import Settings, load_settings, use_settings
 from proj.jobs import Jobs, NotInstalledError, auth
 from proj.migrations import upgrade
 
+# Loaded by its entry point already; named for runs without plugin autoloading.
 pytest_plugins = ["proj.jobs.testing.plugin"]
 
 REQUIRED = bool(os.environ.get("CI") or os.environ.get("PROJ_REQUIRE_SERVICES"))

@@ -25,11 +25,19 @@ What is traced:
   carries the publish span's ``traceparent``) and, under it, the SQL of the
   worker tier's engine. The relay's polls and the heartbeats are not traced
   (a trace a second, telling nothing).
+
+proj depends on OpenTelemetry's API only, whose calls do nothing without an
+SDK. Tracing needs the ``otel`` extra (``pip install 'proj[otel]'``: the SDK,
+its OTLP exporter and the Celery, Flask and SQLAlchemy instrumentations);
+without it proj runs untraced, and asking for tracing all the same
+(``OTEL_TRACES_EXPORTER``, :func:`enable`) raises :class:`ConfigurationError`
+naming what to install.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import sys
 import threading
@@ -65,6 +73,19 @@ MESSAGING_SYSTEM = "celery"
 STANDING_JOB = "proj.job.standing_id"
 """Set on a ``create`` span when a unique job already stood: its id (nothing
 was written, no message will follow)."""
+EXTRA = "proj[otel]"
+"""What to install for tracing: the distributions below."""
+EXTRA_MODULES = {
+    "opentelemetry.sdk": "opentelemetry-sdk",
+    "opentelemetry.instrumentation.celery": "opentelemetry-instrumentation-celery",
+    "opentelemetry.instrumentation.flask": "opentelemetry-instrumentation-flask",
+    "opentelemetry.instrumentation.sqlalchemy": "opentelemetry-instrumentation-sqlalchemy",
+}
+"""The modules tracing imports, whatever the exporter, and their distributions."""
+EXPORTER_MODULES = {
+    "otlp": ("opentelemetry.exporter.otlp.proto.http", "opentelemetry-exporter-otlp-proto-http")
+}
+"""The module (and distribution) each exporter needs besides those."""
 
 _installations: weakref.WeakSet[Jobs] = weakref.WeakSet()
 _wanted = False
@@ -110,8 +131,10 @@ def install(jobs: Jobs) -> None:
     exporter proj does not make."""
     global _wanted
     _installations.add(jobs)
-    if not exporter_names() or _wanted:
+    names = exporter_names()
+    if not names or _wanted:
         return
+    _require_extra(names)
     _wanted = True
     uid = "proj.jobs.tracing"
     signals.worker_init.connect(_start_in_worker, weak=False, dispatch_uid=uid)
@@ -137,11 +160,14 @@ def enable(provider: TracerProvider | None = None) -> TracerProvider:
     :func:`exporter_names` reads), set globally. A ``provider`` given is used
     by proj and its instrumentations only, never set globally, so a test can
     turn tracing on and :func:`disable` it again.
+
+    Raises :class:`ConfigurationError` when the ``otel`` extra is not installed.
     """
     global _active
     with _lock:
         if _active is not None:
             return _active.provider
+        _require_extra(exporter_names() if provider is None else ())
         from opentelemetry.metrics import NoOpMeterProvider
 
         provider = provider or _environment_provider()
@@ -257,6 +283,37 @@ def sending(messages: Sequence[Mapping[str, Any]]) -> Iterator[None]:
         "send", kind=SpanKind.CLIENT, links=links, attributes=attributes
     ):
         yield
+
+
+def missing_packages(exporters: Sequence[str] = ()) -> list[str]:
+    """The distributions of the ``otel`` extra that tracing to ``exporters``
+    needs and this environment lacks (none: tracing can be turned on)."""
+    needed = dict(EXTRA_MODULES)
+    needed.update(EXPORTER_MODULES[name] for name in exporters if name in EXPORTER_MODULES)
+    return [dist for module, dist in needed.items() if not _importable(module)]
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
+
+
+def _require_extra(exporters: Sequence[str]) -> None:
+    """Raise :class:`ConfigurationError` unless tracing to ``exporters`` (those
+    the environment names; none: a provider the caller made) can be turned on."""
+    missing = missing_packages(exporters)
+    if not missing:
+        return
+    lacking = f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed"
+    if exporters:
+        asked = os.environ.get("OTEL_TRACES_EXPORTER", "")
+        raise ConfigurationError(
+            f"OTEL_TRACES_EXPORTER={asked!r} turns tracing on, but {lacking}: "
+            f"pip install '{EXTRA}', or set OTEL_TRACES_EXPORTER=none."
+        )
+    raise ConfigurationError(f"Tracing needs the {EXTRA} extra ({lacking}): pip install '{EXTRA}'.")
 
 
 def _current() -> _Tracing | None:

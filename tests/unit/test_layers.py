@@ -4,6 +4,8 @@ importing it starts nothing, and only its ledger module changes a job's state.""
 from __future__ import annotations
 
 import ast
+import configparser
+import importlib.util
 import json
 import re
 import subprocess
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import proj.celeryconfig
 from proj.jobs import ConfigurationError
 from proj.jobs.engine import resolve_url
 
@@ -39,10 +42,26 @@ def test_the_library_imports_nothing_of_the_application() -> None:
     assert crossing == set()
 
 
-def test_celeryconfig_is_the_only_top_level_module_the_application_ships() -> None:
-    # The test and benchmark stacks left the package.
+def test_the_distribution_ships_the_proj_package_alone() -> None:
+    # Celery's settings are proj.celeryconfig; the checkout's top-level
+    # celeryconfig.py re-exports them and is not installed (the wheel itself:
+    # tests/e2e/test_distribution.py). The test and benchmark stacks left the package.
+    setup = configparser.ConfigParser()
+    setup.read(ROOT / "setup.cfg")
+    assert "py_modules" not in setup["options"]
+    assert setup["options.packages.find"]["include"] == "proj, proj.*"
     assert not (ROOT / "proj" / "scratch.py").exists()
     assert (ROOT / "tests" / "stacks.py").exists()
+
+
+def test_the_checkouts_celeryconfig_is_the_packages() -> None:
+    spec = importlib.util.spec_from_file_location("celeryconfig", ROOT / "celeryconfig.py")
+    assert spec is not None and spec.loader is not None
+    top_level = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(top_level)
+    settings = {k: v for k, v in vars(proj.celeryconfig).items() if not k.startswith("_")}
+    assert {k: getattr(top_level, k, None) for k in settings} == settings
+    assert {"task_acks_late", "task_queues", "beat_schedule"} <= set(settings)
 
 
 IMPORT_PROBE = """

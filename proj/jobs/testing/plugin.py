@@ -1,5 +1,9 @@
-"""proj.jobs's pytest plugin: ``pytest_plugins = ["proj.jobs.testing.plugin"]``
-in your ``conftest.py``.
+"""proj.jobs's pytest plugin, loaded in every pytest run where proj is
+installed (its ``pytest11`` entry point, named after this module). With
+``PYTEST_DISABLE_PLUGIN_AUTOLOAD`` set, load it with
+``pytest_plugins = ["proj.jobs.testing.plugin"]`` in your ``conftest.py``
+(where it is loaded already, that line does nothing); turn it off with
+``-p no:proj.jobs.testing.plugin``.
 
 - ``jobs_celery_app``: the Celery app whose jobs the fixtures below look at
   (Celery's current app; override it in your ``conftest.py``);
