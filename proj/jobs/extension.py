@@ -25,7 +25,7 @@ from flask_sqlalchemy import SQLAlchemy
 from kombu.message import Message
 from sqlalchemy import Engine, orm
 
-from proj.jobs import context, ledger, logs, metrics, outbox, sqlite_forks, tracing
+from proj.jobs import context, ledger, logs, metrics, outbox, revoke, sqlite_forks, tracing
 from proj.jobs.checks import check_configuration
 from proj.jobs.clock import utcnow
 from proj.jobs.deadletter import record_message
@@ -61,6 +61,9 @@ class Jobs:
     or the environment (:class:`~proj.jobs.settings.JobsSettings`). A worker
     consumer or beat scheduler the app already names is kept (dead letters
     and once-per-slot beat runs then need proj's classes in the chain).
+
+    Celery's revoke and terminate of a ledger job are kept in the ledger
+    (:mod:`proj.jobs.revoke`), so no restart or reconciler undoes them.
 
     A database result backend's URL (``result_backend``, or the
     ``CELERY_RESULT_BACKEND`` variable Celery reads before it) gets the driver
@@ -195,6 +198,7 @@ class Jobs:
             app.on_after_configure.connect(self._configure, weak=False)
         outbox.listen_for_commits()
         context.install()
+        revoke.install()
         for observer in OBSERVERS:
             observer.install(self)
         if self.settings.embedded:

@@ -24,7 +24,7 @@ a ``job_attempts`` row with its error, traceback, worker and times.
 This module is the only one that changes a job's ``state``, each change a
 named function: :func:`enqueue`, :func:`claim`, :func:`succeed`,
 :func:`retrying`, :func:`worker_lost`, :func:`record_failure`,
-:func:`refused`, :func:`cancel`, :func:`cancelled_while_running`,
+:func:`refused`, :func:`cancel`, :func:`revoke`, :func:`cancelled_while_running`,
 :func:`requeue`, :func:`resend`, :func:`abandon` and :func:`prune`.
 """
 
@@ -524,6 +524,27 @@ def cancel(session: Session, job_id: str) -> State | None:
         if getattr(done, "rowcount", 0) == 1:
             return State(was[0])
     return None
+
+
+def revoke(session: Session, job_ids: Sequence[str], *, terminate: bool) -> None:
+    """Celery's revoke of these jobs, in ``session``'s transaction: waiting
+    ones end ``cancelled``; running ones are asked to stop, or with
+    ``terminate`` (their process is being killed) end ``cancelled`` at once."""
+    now = utcnow()
+    session.execute(
+        update(Job)
+        .where(Job.id.in_(job_ids), Job.state.in_(CLAIMABLE))
+        .values(state=State.CANCELLED, finished_at=now, error="revoked")
+        .execution_options(synchronize_session=False)
+    )
+    cancelled = {"state": State.CANCELLED, "finished_at": now, "worker": None, "progress": None}
+    stopped = {**cancelled, "error": "terminated"} if terminate else {"cancel_requested_at": now}
+    session.execute(
+        update(Job)
+        .where(Job.id.in_(job_ids), Job.state == State.RUNNING)
+        .values(**stopped)
+        .execution_options(synchronize_session=False)
+    )
 
 
 @patient

@@ -26,6 +26,7 @@ from subprocesses import BIN, WORKER_OPTIONS, Commands, free_port
 
 from proj.config import DEFAULTS
 from proj.jobs import auth
+from proj.jobs.engine import resolve_url
 from proj.jobs.models import LedgerBase
 from proj.jobs.settings import DEFAULTS as JOBS_DEFAULTS
 from proj.migrations import alembic_config
@@ -116,12 +117,12 @@ def test_jobs_upgrade_touches_only_the_ledger(tmp_path: Path) -> None:
     if problem and "PostgreSQL" in problem:
         pytest.skip(problem)
     with stacks.postgres_database() as url:
-        engine = create_engine(url)
+        engine = create_engine(resolve_url(url))
         with engine.begin() as connection:
             connection.execute(text("CREATE TABLE alembic_version (version_num varchar(32))"))
             connection.execute(text("INSERT INTO alembic_version VALUES ('adopter_0042')"))
             connection.execute(text("CREATE TABLE orders (id integer PRIMARY KEY)"))
-        env = {**clean_env(), "DATABASE_URL": url.replace("postgresql+psycopg2:", "postgresql:")}
+        env = {**clean_env(), "DATABASE_URL": url}
         try:
             for _ in range(2):
                 done = subprocess.run(
