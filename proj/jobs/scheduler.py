@@ -2,9 +2,10 @@
 many ``celery beat`` processes are running (``Jobs`` makes it the app's
 ``beat_scheduler`` unless the app names another).
 
-Each run becomes a ledger job whose id is derived from the task and its slot
-(the period it falls in), so a second beat's copy of the same run finds the
-job already there and sends nothing.
+Each run becomes a ledger job whose id is derived from the entry (its name in
+the schedule, and its task) and its slot (the period it falls in), so a
+second beat's copy of the same run finds the job already there and sends
+nothing, while two entries for one task (other arguments, say) each run.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def slot_of(entry: ScheduleEntry, now: datetime) -> int:
 
 def slot_job_id(entry: ScheduleEntry, now: datetime) -> str:
     """The job id of ``entry``'s run in the slot ``now`` falls in."""
-    return str(uuid.uuid5(SLOTS, f"{entry.task}@{slot_of(entry, now)}"))
+    return str(uuid.uuid5(SLOTS, f"{entry.name}:{entry.task}@{slot_of(entry, now)}"))
 
 
 class SlotScheduler(PersistentScheduler):

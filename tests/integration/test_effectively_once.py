@@ -397,13 +397,14 @@ def test_reconciler_goes_by_heartbeats(stack: Stack, purged: Celery) -> None:
     assert states == {"dead": State.RETRYING, "new": State.RETRYING}
 
 
-def test_slot_job_id_is_per_task_and_slot() -> None:
+def test_slot_job_id_is_per_entry_and_slot() -> None:
     """Two beats' copies of an entry get the same job id in one slot, and
-    different ids in different slots or for different tasks."""
+    different ids in different slots, for different tasks, or for another
+    entry of the same task."""
     every_minute = timedelta(minutes=1)
     one = ScheduleEntry(name="a", task="tests.once.tick", schedule=every_minute)
     other = ScheduleEntry(
-        name="b",
+        name="a",
         task="tests.once.tick",
         schedule=every_minute,
         last_run_at=datetime(2030, 1, 1, tzinfo=UTC),
@@ -411,8 +412,10 @@ def test_slot_job_id_is_per_task_and_slot() -> None:
     start = datetime(2030, 1, 1, 12, 0, 5, tzinfo=UTC)
     assert slot_job_id(one, start) == slot_job_id(other, start + timedelta(seconds=50))
     assert slot_job_id(one, start) != slot_job_id(other, start + timedelta(seconds=60))
-    other_task = ScheduleEntry(name="c", task="tests.once.tock", schedule=every_minute)
+    other_task = ScheduleEntry(name="a", task="tests.once.tock", schedule=every_minute)
     assert slot_job_id(one, start) != slot_job_id(other_task, start)
+    other_entry = ScheduleEntry(name="b", task="tests.once.tick", schedule=every_minute)
+    assert slot_job_id(one, start) != slot_job_id(other_entry, start)
     cron = ScheduleEntry(name="d", task="tests.once.tick", schedule=crontab(minute="*"))
     assert slot_job_id(cron, start) == slot_job_id(cron, start + timedelta(seconds=50))
     assert slot_job_id(cron, start) != slot_job_id(cron, start + timedelta(minutes=1))
@@ -455,6 +458,39 @@ def test_two_beats_send_one_run_per_slot(celery_app: Celery, tmp_path: Path) -> 
         assert session.scalar(select(func.count(Job.id)).where(Job.name == task)) == 1
     assert job(job_id).published_at is not None
     assert queue_size(celery_app, queue) == 1
+
+
+def test_two_entries_of_one_task_each_run_once_a_slot(celery_app: Celery, tmp_path: Path) -> None:
+    """ "report-eu" and "report-us", both for one task with other arguments and
+    due in the same slot, with two beats running: each entry runs once."""
+    task = f"tests.once.report.{uuid.uuid4().hex}"
+    queue = f"tests.once.{uuid.uuid4().hex}"
+    decade = timedelta(days=3650)  # the slot will not change during the test
+    beats = [
+        SlotScheduler(app=celery_app, schedule_filename=str(tmp_path / f"beat{n}"), lazy=True)
+        for n in (1, 2)
+    ]
+    sent = [
+        beat.apply_async(
+            ScheduleEntry(
+                name=f"report-{region}",
+                task=task,
+                args=[region],
+                schedule=decade,
+                options={"queue": queue},
+                app=celery_app,
+            ),
+            advance=False,
+        )
+        for beat in beats
+        for region in ("eu", "us")
+    ]
+
+    assert [result is not None for result in sent] == [True, True, False, False]
+    with session_scope() as session:
+        rows = session.execute(select(Job.args).where(Job.name == task)).scalars().all()
+    assert sorted(args[0] for args in rows) == ["eu", "us"]
+    assert queue_size(celery_app, queue) == 2
 
 
 def test_beat_and_delay_on_commit_give_a_job_the_same_attempts(
