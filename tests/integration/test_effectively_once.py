@@ -28,7 +28,7 @@ from sqlalchemy.exc import IntegrityError
 
 import proj.jobs.testing
 from proj.db import Session, session_scope
-from proj.jobs import Jobs, SqlAlchemyTask, outbox, publisher, shared_task, utcnow
+from proj.jobs import Jobs, SqlAlchemyTask, ledger, outbox, publisher, shared_task, utcnow
 from proj.jobs.models import Job, State, WorkerBeat
 from proj.jobs.reconciler import reconcile
 from proj.jobs.relay import make_relay
@@ -317,6 +317,14 @@ def test_reconciler_takes_back_a_dead_workers_job(stack: Stack, purged: Celery) 
         proj.jobs.testing.wait_for(lambda: job(kept).state == State.SUCCEEDED)
     assert (effects(lost_user), job(lost).attempts) == (1, 2)
     assert (effects(kept_user), job(kept).attempts) == (1, 1)
+    assert history(lost) == [(1, "retrying", "the worker running it stopped answering")]
+    assert history(kept) == []
+
+
+def history(job_id: str) -> list[tuple[int, str, str | None]]:
+    """The job's attempts that ended in an error: number, outcome, error."""
+    with session_scope() as session:
+        return [(a.attempt, a.outcome, a.error) for a in ledger.attempts_of(session, job_id)]
 
 
 def test_a_run_whose_job_was_taken_back_cannot_commit(
@@ -355,6 +363,7 @@ def test_a_run_whose_job_was_taken_back_cannot_commit(
     done = job(job_id)
     assert (done.state, done.attempts, done.result) == (State.SUCCEEDED, 2, user_id)
     assert STARTS[key] == 2
+    assert history(job_id) == [(1, "retrying", "the worker running it stopped answering")]
 
 
 def taken_back(handler: BufferingHandler, job_id: str) -> bool:

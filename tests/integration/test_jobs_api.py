@@ -264,7 +264,16 @@ def test_failed_jobs_are_listed_in_pages(client: FlaskClient) -> None:
 
 @pytest.mark.parametrize(
     "query",
-    ["state=nope", "state=FAILED", "limit=0", "limit=-1", "limit=abc", "limit=501", "limit=2.5"],
+    [
+        "state=nope",
+        "state=FAILED",
+        "limit=0",
+        "limit=-1",
+        "limit=abc",
+        "limit=501",
+        "limit=2.5",
+        "limit=²",
+    ],
 )
 def test_invalid_listing_queries_are_400(client: FlaskClient, query: str) -> None:
     """An unknown state or a limit that is not 1 to 500 is a 400 JSON error."""

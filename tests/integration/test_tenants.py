@@ -293,6 +293,10 @@ def test_a_tenants_token_sees_and_makes_that_tenants_rows_only(
         assert as_a.post("/api/invoices", json=body).status_code == 400
         assert as_a.post("/api/reports", json={"user_id": theirs}).status_code == 400
         assert as_a.get(f"/api/jobs/{their_job}").status_code == 404
+        untenanted = tenanted.client(None)
+        assert untenanted.get(f"/api/jobs/{their_job}").status_code == 404
+        listed = untenanted.get("/api/jobs?limit=100").get_json()["jobs"]
+        assert their_job not in {job["id"] for job in listed}
 
         created = as_a.post("/api/users", json={"email": address})
         assert created.status_code == 201, created.get_data(as_text=True)
