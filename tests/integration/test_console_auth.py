@@ -92,7 +92,14 @@ def test_a_wrong_password_or_unknown_email_opens_nothing(app: Flask, browser: Fl
 
 def test_sign_in_goes_nowhere_off_site(app: Flask, browser: FlaskClient) -> None:
     email, password = account(app, "viewer")
-    for target in ("//evil.example/", "https://evil.example/", "javascript:alert(1)"):
+    for target in (
+        "//evil.example/",
+        "https://evil.example/",
+        "javascript:alert(1)",
+        "/\\evil.example/",
+        "/dashboard/\r\nSet-Cookie: x=1",
+        "/dashboard/\n",
+    ):
         answer = sign_in(browser, email, password, next_=target)
         assert answer.headers["Location"] == "/dashboard/", target
 

@@ -170,8 +170,12 @@ def logout() -> BaseResponse:
 
 
 def _local(target: str | None) -> str | None:
-    """``target`` if it is a path on this site (never another host)."""
+    """``target`` if it is a path on this site (never another host, nor a
+    header broken by a line break)."""
     if not target or not target.startswith("/") or target.startswith("//"):
+        return None
+    # Browsers read "/\host" as "//host"; a control character breaks the header.
+    if "\\" in target or not target.isprintable():
         return None
     parts = urlsplit(target)
     return target if not parts.scheme and not parts.netloc else None
