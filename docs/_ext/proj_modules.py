@@ -1,6 +1,9 @@
-"""``.. proj-modules::``: a section per module of a package, each
-``automodule`` with its members, so a module added to the code is on the
-site (and its docstrings must render) without anyone listing it.
+"""Directives that document proj's modules and exports from the code, so
+what is added to the code is on the site (and its docstrings must render)
+without anyone listing it.
+
+``.. proj-modules::``: a section per module of a package, each
+``automodule`` with its members.
 
 ::
 
@@ -12,6 +15,10 @@ out modules documented elsewhere (``name`` that module, ``name.*`` it and
 everything under it), ``:no-package:``
 the package itself. Alembic's ``env`` scripts and revision
 files are never imported: running them is what migrates a database.
+
+``.. proj-exports:: package``: each name of the package's ``__all__`` not
+documented yet (``:kind: exception`` for the exceptions only), so a name
+added to ``__all__`` lands on the API page by itself.
 
 Objects a package re-exports in its ``__all__`` (``proj.jobs.Jobs``,
 ``proj.jobs.testing.worker``...) are documented under that public name on
@@ -57,7 +64,10 @@ def public_objects() -> set[int]:
     """The ids of the objects the public packages re-export."""
     found: set[int] = set()
     for package in PUBLIC_PACKAGES:
-        module = importlib.import_module(package)
+        try:
+            module = importlib.import_module(package)
+        except Exception:  # noqa: S112 (import_everything has reported it)
+            continue
         found.update(id(getattr(module, name)) for name in getattr(module, "__all__", ()))
     return found
 

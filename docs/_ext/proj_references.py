@@ -15,6 +15,10 @@ under ``if TYPE_CHECKING:`` too):
   without intersphinx), and is not a warning;
 - to nothing, or to a proj object documented nowhere: Sphinx's warning
   stands (the build treats warnings as errors).
+
+A name the module does not bind is looked up in proj's other modules, when
+it means one thing there (or only other projects' things): the resolver
+never guesses between two proj objects.
 """
 
 from __future__ import annotations
@@ -105,7 +109,10 @@ def public_names() -> dict[int, str]:
     """The public name of each object the public packages re-export, by id."""
     names: dict[int, str] = {}
     for package in PUBLIC_PACKAGES:
-        module = importlib.import_module(package)
+        try:
+            module = importlib.import_module(package)
+        except Exception:  # noqa: S112 (reported when the build began)
+            continue
         for name in getattr(module, "__all__", ()):
             names[id(getattr(module, name))] = f"{package}.{name}"
     return names
@@ -137,8 +144,11 @@ def candidates(target: str, module_name: str | None, class_name: str | None) -> 
         if bound:
             paths.append(bound + dot + rest)
     paths.append(target)
-    for path in sorted(everywhere().get(first, ())):
-        paths.append(path + dot + rest)
+    # What the name means in proj's other modules, when that is one thing (or
+    # only other projects' things): never a guess between two proj objects.
+    elsewhere = everywhere().get(first, set())
+    if len({path for path in elsewhere if path.startswith("proj")}) <= 1:
+        paths += [path + dot + rest for path in sorted(elsewhere)]
     return list(dict.fromkeys(paths))
 
 

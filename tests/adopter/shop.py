@@ -1,5 +1,5 @@
 """A shop: a small Flask + Flask-SQLAlchemy + Celery application that adopts
-proj.jobs as its README shows, and nothing else of proj.
+proj.jobs as proj's tutorial shows, and nothing else of proj.
 
 It has its own declarative base and tables (``orders``), its own Alembic
 history (the ledger's ``jobs`` table has one of its own), a view that enqueues

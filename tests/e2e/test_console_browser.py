@@ -5,8 +5,8 @@ and RabbitMQ.
 
 Each page the test visits is saved as a screenshot in the test's temporary
 folder (``screens/``), so a failure can be looked at; with
-``PROJ_SCREENSHOTS`` set to a folder, they are copied there too (README's
-pictures in ``docs/`` are made that way).
+``PROJ_SCREENSHOTS`` set to a folder, they are copied there too (the
+console pictures in ``docs/console/`` are made that way).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""An application that is not proj's adopts proj.jobs as README shows: the
+"""An application that is not proj's adopts proj.jobs as the tutorial shows: the
 shop in ``tests/adopter/shop.py`` (its own Flask app, Flask-SQLAlchemy ``db``,
 tables, Alembic history and Celery app), on PostgreSQL + RabbitMQ and
 PostgreSQL + Redis, each test on a new database and broker.

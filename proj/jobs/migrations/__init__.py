@@ -3,7 +3,7 @@ version table, so it never meets the application's ``alembic_version``.
 
 ``upgrade(url)`` (``proj jobs upgrade``) migrates the ledger alone; an
 application's own Alembic environment can call :func:`upgrade_connection`
-from its ``env.py`` (see README).
+from its ``env.py`` (see the upgrading how-to in ``docs/``).
 """
 
 from __future__ import annotations
