@@ -345,10 +345,15 @@ def test_a_run_whose_job_was_taken_back_cannot_commit(
             assert RUNNING[key].wait(timeout=30)
             beating = select(WorkerBeat).where(WorkerBeat.hostname == hostname)
             proj.jobs.testing.wait_for(lambda: one_row(beating))
-            with session_scope() as session:  # its worker's heartbeats stopped long ago
+            # Its worker began before the run and its heartbeats stopped long
+            # ago: the heartbeat's age alone takes the job back (the broker,
+            # asked, would say the run is going on).
+            with session_scope() as session:
                 session.execute(update(Job).where(Job.id == job_id).values(started_at=past))
                 session.execute(
-                    update(WorkerBeat).where(WorkerBeat.hostname == hostname).values(beat_at=past)
+                    update(WorkerBeat)
+                    .where(WorkerBeat.hostname == hostname)
+                    .values(beat_at=past, started_at=past - timedelta(minutes=1))
                 )
                 taken = reconcile(session, purged, stack.settings.jobs.stale_after)
             assert taken["abandoned"] == 1

@@ -21,6 +21,7 @@ import redis
 from celery import Celery
 from flask import Flask
 from flask.testing import FlaskClient
+from kombu import Exchange, Queue
 from kombu.exceptions import BatchPublishError
 from sqlalchemy import create_engine, func, make_url, select, text, update
 
@@ -149,6 +150,33 @@ def test_a_message_rabbitmq_refuses_fails_its_job_only(
     assert job(big).state == State.FAILED
     assert "RabbitMQ refused the message" in (job(big).error or "")
     assert [job(s).published_at is not None for s in small] == [True] * 3
+
+
+def test_a_message_that_makes_rabbitmq_close_the_channel_fails_its_job_only(
+    stack: Stack, purged: Celery, fast_path_off: None
+) -> None:
+    """RabbitMQ closes the channel when a job's queue is declared with other
+    arguments than the queue it has: the batch is sent again one message at a
+    time, the job that closed the channel fails with the reason, and the
+    three behind it are published."""
+    if stack.name != "pg-rabbit":
+        pytest.skip("a channel closed by the broker is RabbitMQ's")
+    odd = f"tests.odd.{uuid.uuid4().hex}"
+    with purged.connection_for_write() as connection:
+        Queue(odd, Exchange(odd), routing_key=odd, queue_arguments={"x-max-length": 5})(
+            connection.default_channel
+        ).declare()
+    bad = note.apply_async_on_commit((new_email(),), queue=odd)
+    good = [note.apply_async_on_commit((new_email(),)) for _ in range(3)]
+    relay = make_relay(purged, replace(Jobs.of(purged).settings, relay_grace=0.0))
+    try:
+        assert relay.relay_once() == 3
+    finally:
+        relay.engine.dispose()
+    assert job(bad).state == State.FAILED
+    assert "the broker closed the channel" in (job(bad).error or "")
+    assert "PRECONDITION_FAILED" in (job(bad).error or "")
+    assert [job(g).published_at is not None for g in good] == [True] * 3
 
 
 def test_jobs_redis_will_not_take_stay_owed(
