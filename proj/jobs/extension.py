@@ -25,7 +25,17 @@ from flask_sqlalchemy import SQLAlchemy
 from kombu.message import Message
 from sqlalchemy import Engine, orm
 
-from proj.jobs import context, ledger, logs, metrics, outbox, revoke, sqlite_forks, tracing
+from proj.jobs import (
+    context,
+    ledger,
+    logs,
+    metrics,
+    metrics_server,
+    outbox,
+    revoke,
+    sqlite_forks,
+    tracing,
+)
 from proj.jobs.checks import check_configuration
 from proj.jobs.clock import utcnow
 from proj.jobs.deadletter import record_message
@@ -42,8 +52,9 @@ from proj.jobs.task import SqlAlchemyTask
 DEFAULT_CONSUMER = "celery.worker.consumer:Consumer"
 DEFAULT_SCHEDULER = "celery.beat:PersistentScheduler"
 RECONCILE_TASK = "proj.reconcile_jobs"
-OBSERVERS = (tracing, logs, metrics)
-"""What watches jobs: traces, structured logs, metrics."""
+OBSERVERS = (tracing, logs, metrics, metrics_server)
+"""What watches jobs: traces, structured logs, metrics (and each worker's,
+beat's and relay's port serving them)."""
 RESULT_BACKEND_VARIABLE = "CELERY_RESULT_BACKEND"
 """The variable Celery reads its result backend from before its settings."""
 EXTENSION_KEY = "proj.jobs"

@@ -9,6 +9,7 @@ metric                                 type       labels
 ``proj_jobs_retries_total``            counter    ``task``
 ``proj_job_run_duration_seconds``      histogram  ``task``
 ``proj_job_enqueue_to_start_seconds``  histogram  ``task``
+``proj_outbox_relayed_total``          counter
 =====================================  =========  ===============================
 
 - *enqueued*: a ledger job when the transaction that wrote its row commits
@@ -25,7 +26,9 @@ metric                                 type       labels
 - *enqueue to start*: from when the job could start (its message's
   publication, or its ETA if later) to the start of the run. A job the
   relay publishes late (the broker was away) counts from that publication:
-  the outbox's lag is ``proj_outbox_oldest_owed_age_seconds``.
+  the outbox's lag is ``proj_outbox_oldest_owed_age_seconds``;
+- *relayed*: a job the relay published (its fast path had not), in the
+  worker or ``proj relay`` that published it.
 
 Runs are counted by Celery's ``task_prerun``/``task_postrun`` signals, for the
 tasks of apps ``Jobs`` is installed on (eager runs left out); a run cut off
@@ -40,6 +43,11 @@ relay and beat all count. The folder must be empty when the first process
 starts (a file is never removed while its process lives). Files are named
 by host and pid, not pid alone, so that containers (each with its own pids)
 may share the folder. Without the variable, each process counts for itself.
+
+With ``PROJ_METRICS_PORT`` set, each worker, beat and relay serves its own
+process group's counts on that port (:mod:`proj.jobs.metrics_server`), for
+deployments whose processes share no folder (pods): the group's main process
+then counts in a folder of its own (:func:`count_in`) before it forks.
 """
 
 from __future__ import annotations
@@ -47,11 +55,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import time
 import weakref
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery, signals
@@ -62,6 +70,7 @@ from prometheus_client.registry import Collector
 from proj.jobs import publisher
 from proj.jobs.clock import parse_eta
 from proj.jobs.errors import JobCancelled
+from proj.jobs.metrics_files import process_naming
 from proj.jobs.registry import ATTRIBUTE
 from proj.jobs.worker import claim_of, is_ledger_job
 
@@ -114,6 +123,9 @@ class Meters:
             ["task"],
             buckets=WAIT_BUCKETS,
         )
+        self.relayed = Counter(
+            "proj_outbox_relayed_total", "Jobs the relay published (their fast path had not)."
+        )
 
 
 @cache
@@ -121,14 +133,8 @@ def meters() -> Meters:
     """This process's :class:`Meters`, made on first use (by :func:`install`)."""
     folder = os.environ.get(MULTIPROCESS_DIR)
     if folder:
-        if getattr(values.ValueClass, "_multiprocess", False):
-            os.makedirs(folder, exist_ok=True)
-            host = socket.gethostname().replace("_", "-")
-            # Files named by host and pid: containers sharing the folder have
-            # pids of their own, and two processes must never share a file.
-            values.ValueClass = values.MultiProcessValue(  # type: ignore[no-untyped-call]
-                lambda: f"{host}-{os.getpid()}"
-            )
+        if counts_in_files():
+            _name_files(Path(folder))
         else:
             logger.warning(
                 "%s is set, but prometheus_client was imported before it was: this "
@@ -136,6 +142,42 @@ def meters() -> Meters:
                 MULTIPROCESS_DIR,
             )
     return Meters()
+
+
+def counts_in_files() -> bool:
+    """Whether values made in this process from now on are kept in files
+    (multiprocess mode), rather than in memory."""
+    return bool(getattr(values.ValueClass, "_multiprocess", False))
+
+
+def _name_files(folder: Path) -> None:
+    # Files named by host and pid: containers sharing the folder have pids of
+    # their own, and two processes must never share a file.
+    folder.mkdir(parents=True, exist_ok=True)
+    values.ValueClass = values.MultiProcessValue(process_naming())  # type: ignore[no-untyped-call]
+
+
+def count_in(folder: Path) -> None:
+    """Keep values in files of ``folder`` from now on, in this process and
+    those it forks (``PROMETHEUS_MULTIPROC_DIR`` names it). The meters are
+    made again: what this process counted before is dropped (a worker
+    counts nothing before it starts)."""
+    os.environ[MULTIPROCESS_DIR] = str(folder)
+    _name_files(folder)
+    if meters.cache_info().currsize:
+        for metric in vars(meters()).values():
+            REGISTRY.unregister(metric)
+        meters.cache_clear()
+    meters()
+
+
+def stop_counting_in(folder: Path) -> None:
+    """Values made from now on stay in memory again (those made already
+    keep their files, removed or not), and a process this one starts, or
+    becomes (Celery's restart on SIGHUP execs), counts in memory too."""
+    values.ValueClass = values.MutexValue
+    if os.environ.get(MULTIPROCESS_DIR) == str(folder):
+        del os.environ[MULTIPROCESS_DIR]
 
 
 def counted() -> Collector:
@@ -173,6 +215,12 @@ def enqueued(task_name: str) -> None:
     """Count a new ledger job of ``task_name``, committed (the outbox calls
     this once the transaction that wrote its row has committed)."""
     meters().enqueued.labels(task_name).inc()
+
+
+def relayed(count: int) -> None:
+    """Count ``count`` jobs the relay published."""
+    if count:
+        meters().relayed.inc(count)
 
 
 def _stamp(headers: dict[str, Any] | None = None, **_: Any) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 from celery import Celery, bootsteps
 from sqlalchemy import Engine
 
+from proj.jobs import metrics, metrics_server
 from proj.jobs.clock import utcnow
 from proj.jobs.engine import make_engine
 from proj.jobs.models import Job
@@ -73,12 +74,18 @@ class Relay:
                 connection, self.celery_app, Job.created_at <= cutoff, limit=self.batch_size
             )
         self.published += count
+        metrics.relayed(count)
         return count
 
     def relay(self, stop: threading.Event) -> None:
         """Publish owed jobs until ``stop`` is set: at once when notified (on
-        PostgreSQL), and every ``poll_interval`` seconds in any case."""
-        with self._notifications(stop) as wait:
+        PostgreSQL), and every ``poll_interval`` seconds in any case.
+
+        A relay of its own (not in a worker) serves its ``/metrics`` on
+        ``PROJ_METRICS_PORT`` meanwhile (:func:`proj.jobs.metrics_server.serving`);
+        :class:`~proj.jobs.ConfigurationError` if it cannot listen there."""
+        settings = jobs_of(self.celery_app).settings
+        with metrics_server.serving(settings), self._notifications(stop) as wait:
             while not stop.is_set():
                 try:
                     while self.relay_once() and not stop.is_set():

@@ -101,7 +101,7 @@ class JobsSettings:
     object a line from every process (:mod:`proj.jobs.logs`)."""
     metrics_port: int = 0
     """Where each worker, beat and relay serves its own ``/metrics`` (its
-    prefork children summed; :mod:`proj.jobs.metrics_server`); 0: none. Two
+    prefork children added up; :mod:`proj.jobs.metrics_server`); 0: none. Two
     processes on one host need two ports."""
     metrics_address: str = "0.0.0.0"  # noqa: S104  (scraped from other pods)
     """The address ``metrics_port`` listens on: every interface, as Prometheus
@@ -161,8 +161,8 @@ class JobsSettings:
             raise ConfigurationError(f"DATABASE_URL: {exc}") from None
         if settings.metrics_port > MAX_PORT:
             raise ConfigurationError(
-                f"PROJ_METRICS_PORT={settings.metrics_port}: expected a port, 1 to {MAX_PORT}"
-                " (0: no metrics port)."
+                f"PROJ_METRICS_PORT={str(settings.metrics_port)!r}: expected a port, 1 to"
+                f" {MAX_PORT}, or 0 for none."
             )
         if settings.log_format not in LOG_FORMATS:
             raise ConfigurationError(
