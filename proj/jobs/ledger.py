@@ -39,8 +39,11 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import (
+    JSON,
     Connection,
     Engine,
+    Executable,
+    Integer,
     bindparam,
     case,
     delete,
@@ -94,6 +97,9 @@ class Claim:
     """The row's state (after the claim); None if proj never issued the id."""
     attempts: int = 0
     max_attempts: int = 0
+    context: Mapping[str, Any] | None = None
+    """The context the job was enqueued in, as its row keeps it: what its run
+    restores, whatever its message's header says."""
 
 
 class Standalone:
@@ -104,10 +110,17 @@ class Standalone:
     a server crash means a job is published or claimed again, which the claim
     makes harmless."""
 
-    def __init__(self, sql: str, *binds: BindParameter[Any]) -> None:
-        self.plain = text(sql).bindparams(*binds)
+    def __init__(
+        self, sql: str, *binds: BindParameter[Any], returning: Mapping[str, Any] | None = None
+    ) -> None:
+        plain = text(sql).bindparams(*binds)
         # Sent as one query, the two statements are one transaction.
-        self.no_disk_wait = text(f"SET LOCAL synchronous_commit TO OFF; {sql}").bindparams(*binds)
+        no_disk_wait = text(f"SET LOCAL synchronous_commit TO OFF; {sql}").bindparams(*binds)
+        # The returned columns' types, where given (JSON is text on SQLite).
+        self.plain: Executable = plain.columns(**returning) if returning else plain
+        self.no_disk_wait: Executable = (
+            no_disk_wait.columns(**returning) if returning else no_disk_wait
+        )
 
     def run(self, engine: Engine, params: Mapping[str, Any]) -> list[Row[Any]]:
         """Execute and commit; the rows it returns, if any."""
@@ -122,8 +135,9 @@ _CLAIM = Standalone(
     f"UPDATE jobs SET state = '{State.RUNNING}', attempts = attempts + 1, started_at = :now,"  # noqa: S608
     " worker = :worker, error = NULL"
     f" WHERE id = :id AND state IN ('{State.QUEUED}', '{State.RETRYING}')"
-    " RETURNING attempts, max_attempts",
+    " RETURNING attempts, max_attempts, context",
     bindparam("now", type_=UtcDateTime),
+    returning={"attempts": Integer, "max_attempts": Integer, "context": JSON},
 )
 _MARK_PUBLISHED = Standalone(
     "UPDATE jobs SET published_at = :now WHERE id IN :ids AND published_at IS NULL",
@@ -140,7 +154,8 @@ def claim(engine: Engine, job_id: str, worker: str) -> Claim:
     """
     rows = _CLAIM.run(engine, {"id": job_id, "worker": worker, "now": utcnow()})
     if rows:
-        return Claim(True, State.RUNNING, rows[0].attempts, rows[0].max_attempts)
+        found = rows[0]
+        return Claim(True, State.RUNNING, found.attempts, found.max_attempts, found.context)
     with engine.connect() as connection:
         return Claim(False, connection.scalar(select(JOBS.c.state).where(JOBS.c.id == job_id)))
 

@@ -8,7 +8,8 @@ it is removed, so the connection is back in the pool before the next message.
 
 A job enqueued with ``delay_on_commit`` has a ledger row: its run first claims
 the row (a delivery of a job that already ran, was cancelled or is running
-elsewhere is acknowledged and skipped), and the move to ``succeeded`` commits
+elsewhere is acknowledged and skipped), its body runs in the context its row
+keeps (not its message's header), and the move to ``succeeded`` commits
 with the task's own effects. A run whose job was taken back meanwhile (the
 reconciler found its worker gone, and another run claimed the job) cannot
 commit: its transaction rolls back, effects included, and its message is
@@ -21,7 +22,7 @@ import itertools
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from traceback import format_exception
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -70,11 +71,14 @@ def run(task: SqlAlchemyTask, body: Callable[[], Any]) -> Any:
         try:
             if claims:
                 claim = _claim(task)
-            retval = body()
-            if claim is not None:
-                ledger.succeed(session(), str(request.id), claim.attempts, retval)
-            if session.registry.has():
-                _commit(task)
+            # A claimed job runs in the context its row keeps (its tenant
+            # included), whatever a forged or mangled header says.
+            with context.restored(claim.context) if claim is not None else nullcontext():
+                retval = body()
+                if claim is not None:
+                    ledger.succeed(session(), str(request.id), claim.attempts, retval)
+                if session.registry.has():
+                    _commit(task)
             return retval
         except BaseException as exc:
             if session.registry.has():

@@ -29,8 +29,9 @@ from proj.celery import make_celery
 from proj.cli import tenant_isolation_problems
 from proj.config import Settings, load_settings, use_settings
 from proj.db import Session, db, session_scope
-from proj.jobs import Jobs, auth, context, shared_task
+from proj.jobs import Jobs, auth, context, publisher, shared_task
 from proj.jobs.engine import resolve_url
+from proj.jobs.publisher import MESSAGE_FIELDS
 from proj.jobs.relay import make_relay
 from proj.migrations import upgrade
 from proj.models import TENANT_TABLES, Invoice, User
@@ -350,6 +351,37 @@ def test_jobs_the_relay_publishes_run_for_the_tenant_in_their_row(
         assert tenanted.result(raw_ours) == {"seen": True, "changed": 1}
         welcomed = signed_up.get_json()["id"]
         proj.jobs.testing.wait_for(lambda: tenanted.row("users", welcomed)["welcomed_at"])
+    assert tenanted.row("users", theirs.user)["welcomed_at"] is None
+
+
+def test_a_claimed_job_runs_for_the_tenant_in_its_row_whatever_its_message_says(
+    purged_tenanted: Tenanted,
+) -> None:
+    """Tenant A's job, published (by hand, as a forger with access to the
+    broker could) with tenant B's context in its header: the run restores the
+    context its row keeps, so it cannot see nor change B's rows."""
+    tenanted = purged_tenanted
+    a, b = new_tenant(), new_tenant()
+    theirs = make_rows(b)
+    settings = tenanted.jobs.settings
+    tenanted.jobs.settings = replace(settings, outbox_fast_path=False)
+    try:
+        with context.tenant(a):
+            job_id = welcome_by_id.delay_on_commit(theirs.user)
+    finally:
+        tenanted.jobs.settings = settings
+    with context.tenant(b):
+        forged = context.capture()
+    row = proj.jobs.testing.job(job_id)
+    assert row.context and row.context.get("tenant") == a
+    message = {
+        **publisher.job_message({column: getattr(row, column) for column in MESSAGE_FIELDS}),
+        "context": forged,
+    }
+    with tenanted.celery_app.producer_or_acquire() as producer:
+        publisher.send(tenanted.celery_app, message, producer)
+    with proj.jobs.testing.worker(tenanted.celery_app, pool="threads", concurrency=2):
+        assert tenanted.result(job_id) == {"seen": False, "changed": 0}
     assert tenanted.row("users", theirs.user)["welcomed_at"] is None
 
 
