@@ -15,8 +15,8 @@ BIN = Path(sys.executable).parent
 @pytest.mark.parametrize(
     "command",
     [
-        ["ruff", "check", "proj", "tests", "bench", "celeryconfig.py"],
-        ["ruff", "format", "--check", "proj", "tests", "bench", "celeryconfig.py"],
+        ["ruff", "check", "proj", "tests", "bench", "docs", "celeryconfig.py"],
+        ["ruff", "format", "--check", "proj", "tests", "bench", "docs", "celeryconfig.py"],
         ["mypy", "proj", "celeryconfig.py"],
     ],
     ids=["ruff", "ruff-format", "mypy"],
