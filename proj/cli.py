@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -158,8 +160,6 @@ def check() -> None:
     problems = []
     try:
         check_configuration(celery_app)
-        if not settings.embedded:  # embedded, the web tier keeps a key of its own
-            secret_key(settings)
     except ConfigurationError as exc:
         problems.append(f"configuration: {exc}")
     try:
@@ -168,6 +168,12 @@ def check() -> None:
             problems += [f"tenants: {found}" for found in tenant_isolation_problems(connection)]
     except Exception as exc:
         problems.append(f"database: {exc.__class__.__name__}: {exc}")
+    try:
+        # The key the web tier would use (embedded, the one it keeps in the
+        # data folder, which connecting has made).
+        secret_key(settings)
+    except ConfigurationError as exc:
+        problems.append(f"configuration: {exc}")
     try:
         with celery_app.connection_for_write() as connection:
             connection.ensure_connection(max_retries=1, timeout=5)
@@ -350,6 +356,27 @@ def _welcome(url: str, mail_url: str, first_access: tuple[str, str] | None) -> s
     return "\n".join(lines)
 
 
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _keep_private(folder: Path) -> None:
+    """The embedded data folder, and all in it, readable by its owner only: it
+    holds password and token hashes, job arguments and mail. What is made
+    from now on is made so (umask 077, which the processes ``proj run``
+    starts inherit); what was made before is made so now."""
+    os.umask(0o077)
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(0o700 if path.is_dir() else 0o600)
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -364,7 +391,16 @@ def run(host: str, port: int) -> None:
     from proj.migrations import upgrade as upgrade_database
 
     settings = current_settings()
+    if settings.embedded:
+        _keep_private(settings.data_dir)
     logs.start(settings.jobs)
+    if not settings.cookie_secure and not _loopback(host):
+        _say(
+            f"proj: serving on {host} over plain HTTP, so the console's session cookies "
+            "are not Secure: anyone on the way can read them. Serve proj behind HTTPS "
+            "with PROJ_COOKIE_SECURE=1, or keep --host on 127.0.0.1.",
+            err=True,
+        )
     upgrade_database()
     first_access = _first_access(settings) if settings.embedded else None
     processes: dict[str, subprocess.Popen[bytes]] = {}

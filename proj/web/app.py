@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from celery import Celery
@@ -85,26 +87,25 @@ MIN_SECRET = 16
 
 def secret_key(settings: Settings) -> str:
     """``SECRET_KEY``; on the embedded setup, when it is not set, a random key
-    kept in the data folder. Elsewhere a missing, default or short one is
-    refused: it signs the console's sessions and CSRF tokens."""
+    kept in the data folder, readable by its owner only. A default or short
+    one is refused everywhere, and a missing one outside the embedded setup:
+    it signs the console's sessions and CSRF tokens."""
     key = settings.secret_key
     if key and key not in WEAK_SECRETS and len(key) >= MIN_SECRET:
         return key
-    if not settings.embedded:
+    if key or not settings.embedded:
         raise ConfigurationError(
             f"set SECRET_KEY to a random value of at least {MIN_SECRET} characters "
             '(python -c "import secrets; print(secrets.token_urlsafe(32))"); '
             "it signs the console's sessions"
         )
-    if key:
-        return key
     kept = settings.data_dir / "secret-key"
     try:
         # Made once, whole, readable by its owner only; a process starting at
         # the same moment reads the one that won.
         made = os.open(kept, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        pass
+        _refuse_if_others_may_read(kept)
     else:
         with os.fdopen(made, "w") as out:
             out.write(secrets.token_urlsafe(32))
@@ -114,6 +115,20 @@ def secret_key(settings: Settings) -> str:
             return key
         time.sleep(0.01)  # the process that made it is still writing
     raise ConfigurationError(f"{kept} is empty: delete it, or set SECRET_KEY")
+
+
+def _refuse_if_others_may_read(kept: Path) -> None:
+    found = kept.stat()
+    if found.st_uid != os.getuid():
+        raise ConfigurationError(
+            f"{kept} belongs to another user (uid {found.st_uid}): delete it, or set SECRET_KEY"
+        )
+    if found.st_mode & 0o077:
+        raise ConfigurationError(
+            f"{kept} may be read by others (mode {stat.S_IMODE(found.st_mode):o}): "
+            f"chmod 600 it if nobody else read it, else delete it (sessions signed "
+            "with it end)"
+        )
 
 
 def _connect_args(url: str) -> dict[str, Any]:

@@ -8,13 +8,15 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import click
 import pytest
 import stacks
-from subprocesses import BIN
+from subprocesses import BIN, Commands, free_port
 
 from proj.cli import LIBRARY_COMMANDS, main
 
@@ -141,3 +143,21 @@ def test_check_on_the_embedded_default_needs_no_secret_key(tmp_path: os.PathLike
     """Embedded, the web tier keeps a key of its own in the data folder."""
     done = proj("check", env=clean_env(PROJ_DATA_DIR=str(tmp_path)))
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_run_on_every_interface_says_its_cookies_are_not_secure(
+    commands: Commands, tmp_path: Path
+) -> None:
+    """``proj run --host 0.0.0.0`` serves plain HTTP beyond this machine: it
+    says the console's cookies are not Secure there, and what to do."""
+    port = free_port()
+    run = commands.start(
+        "proj",
+        *(str(BIN / "proj"), "run", "--host", "0.0.0.0", "--port", str(port)),  # noqa: S104
+        env=clean_env(),
+        cwd=tmp_path,
+    )
+    run.wait_for_output("proj is running")
+    assert "session cookies are not Secure" in run.output()
+    assert "PROJ_COOKIE_SECURE=1" in run.output()
+    assert run.stop(signal.SIGINT) == 0

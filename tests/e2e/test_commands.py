@@ -9,6 +9,7 @@ import os
 import re
 import shlex
 import signal
+import stat
 import subprocess
 import urllib.request
 import uuid
@@ -185,6 +186,10 @@ def test_readme_first_command_runs_proj(commands: Commands, tmp_path: Path, ctrl
     assert install == test_line.rsplit(" && ", 1)[0]
     assert run.endswith("proj run")
 
+    # A data folder some earlier tool left readable by all: proj run closes it.
+    (tmp_path / "proj-data").mkdir(mode=0o755)
+    (tmp_path / "proj-data" / "notes.txt").write_text("made before")
+    (tmp_path / "proj-data" / "notes.txt").chmod(0o644)
     port = free_port()
     proj = commands.start(
         "proj", str(BIN / "proj"), "run", "--port", str(port), env=clean_env(), cwd=tmp_path
@@ -211,6 +216,13 @@ def test_readme_first_command_runs_proj(commands: Commands, tmp_path: Path, ctrl
     mail = tmp_path / "proj-data" / "mail"
     proj.until(lambda: any(address in p.read_text() for p in mail.glob("*.eml")))
     proj.until(lambda: http("GET", f"{url}api/users/{user['id']}", token)[1]["welcomed_at"])
+    data = tmp_path / "proj-data"
+    modes = {
+        str(path.relative_to(tmp_path)): stat.S_IMODE(path.stat().st_mode)
+        for path in [data, *data.rglob("*")]
+    }
+    assert {path for path, mode in modes.items() if mode & 0o077} == set(), modes
+    assert "proj-data/secret-key" in modes and "proj-data/proj.sqlite3" in modes
 
     assert not re.findall(r"Traceback|dead letter", proj.output()), proj.output()
     family = proj.children()

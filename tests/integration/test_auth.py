@@ -34,6 +34,7 @@ from proj.jobs.auth import SAFE_METHODS
 from proj.jobs.ledger import record_failure
 from proj.models import Invoice, User
 from proj.web import create_app
+from proj.web.app import secret_key
 
 if TYPE_CHECKING:
     from conftest import Stack
@@ -362,6 +363,30 @@ def test_create_app_refuses_a_weak_secret_key_outside_the_embedded_setup(
     assert good.secret_key == stack.env["SECRET_KEY"]
     with good.app_context():
         web_db.engine.dispose()
+
+
+@pytest.mark.parametrize("key", ["dev", "changeme", "fifteen-chars!!"])
+def test_the_embedded_setup_refuses_a_weak_secret_key_too(tmp_path: Path, key: str) -> None:
+    """A known-default or short ``SECRET_KEY`` is refused on the embedded
+    setup too (only a missing one gets a key of the setup's own)."""
+    settings = load_settings({"PROJ_DATA_DIR": str(tmp_path), "SECRET_KEY": key})
+    assert settings.embedded
+    with pytest.raises(ConfigurationError, match="set SECRET_KEY"):
+        secret_key(settings)
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o644])
+def test_a_kept_key_others_may_read_is_refused(tmp_path: Path, mode: int) -> None:
+    """An existing ``<data_dir>/secret-key`` that others may read (a copy, a
+    restore, a wide umask) is refused, saying what to do."""
+    kept = tmp_path / "secret-key"
+    kept.write_text("a-key-somebody-else-may-have-read")
+    kept.chmod(mode)
+    settings = load_settings({"PROJ_DATA_DIR": str(tmp_path)})
+    with pytest.raises(ConfigurationError, match=f"may be read by others \\(mode {mode:o}\\)"):
+        secret_key(settings)
+    kept.chmod(0o600)
+    assert secret_key(settings) == "a-key-somebody-else-may-have-read"
 
 
 def embedded_app(data_dir: Path) -> Flask:
