@@ -35,6 +35,8 @@ DEFAULTS: Mapping[str, str] = {
     "SECRET_KEY": "",
     "PROJ_COOKIE_SECURE": "",
     "PROJ_LOGIN_RATE_LIMIT": "10/minute",
+    "PROJ_SESSION_IDLE_TIMEOUT": "3600",
+    "PROJ_SESSION_LIFETIME": "43200",
     "PROJ_RATELIMIT_STORAGE_URI": "memory://",
     "PROJ_MAX_CONTENT_LENGTH": "65536",
     "PROJ_PAYMENT_LATENCY": "0",
@@ -84,6 +86,10 @@ class Settings:
     """Session cookies only over HTTPS (default: outside the embedded setup)."""
     login_rate_limit: str
     """Console login attempts allowed per client address (``10/minute``)."""
+    session_idle_timeout: float
+    """Seconds a console session may go without a request before it ends."""
+    session_lifetime: float
+    """Seconds a console session lasts at most after sign-in, however busy."""
     ratelimit_storage_uri: str
     """Where login attempts are counted (``memory://``: per process; ``redis://...``)."""
     max_content_length: int
@@ -191,6 +197,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         secret_key=raw("SECRET_KEY"),
         cookie_secure=flag("PROJ_COOKIE_SECURE", not database_url.startswith("sqlite")),
         login_rate_limit=rate("PROJ_LOGIN_RATE_LIMIT"),
+        session_idle_timeout=read("PROJ_SESSION_IDLE_TIMEOUT", float),
+        session_lifetime=read("PROJ_SESSION_LIFETIME", float),
         ratelimit_storage_uri=raw("PROJ_RATELIMIT_STORAGE_URI"),
         max_content_length=read("PROJ_MAX_CONTENT_LENGTH", int),
         payment_latency=read("PROJ_PAYMENT_LATENCY", float),

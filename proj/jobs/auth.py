@@ -15,12 +15,12 @@ import hashlib
 import hmac
 import re
 import secrets
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, g, request
-from sqlalchemy import String, delete, func, select
+from sqlalchemy import String, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 from werkzeug.security import check_password_hash, generate_password_hash
@@ -63,6 +63,14 @@ class Account(LedgerBase):
     password_hash: Mapped[str] = mapped_column(String(255))
     role: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    session_nonce: Mapped[str | None] = mapped_column(String(64), default=None)
+    """What every console session of the account carries; a new one (at
+    sign-out, a password change) ends them all on the server. None: no
+    session is open."""
+
+    def end_sessions(self) -> None:
+        """End every console session of the account (from its next request on)."""
+        self.session_nonce = secrets.token_hex(16)
 
 
 class ApiToken(LedgerBase):
@@ -77,6 +85,10 @@ class ApiToken(LedgerBase):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     tenant: Mapped[str | None] = mapped_column(String(64))
     """The tenant whose rows a request with this token sees (None: no tenant)."""
+    expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    """When the token stops opening anything (None: never)."""
+    last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    """When a request last used it (to the minute)."""
 
 
 # Checked when the email is unknown, so a wrong email takes as long as a wrong password.
@@ -109,22 +121,58 @@ def authenticate(session: Session, email: str, password: str) -> Account | None:
     return account if account is not None and matches else None
 
 
+def set_password(session: Session, email: str, password: str) -> Account:
+    """Give the account of ``email`` a new password, ending its console
+    sessions. :class:`AuthError` if there is no such account."""
+    if len(password) < MIN_PASSWORD:
+        raise AuthError(f"the password must have at least {MIN_PASSWORD} characters")
+    account = _account(session, email)
+    account.password_hash = generate_password_hash(password)
+    account.end_sessions()
+    session.flush()
+    return account
+
+
+def remove_account(session: Session, email: str) -> None:
+    """Remove the account of ``email``; its sessions end with it.
+    :class:`AuthError` if there is no such account."""
+    session.delete(_account(session, email))
+    session.flush()
+
+
+def _account(session: Session, email: str) -> Account:
+    found = session.scalar(select(Account).where(Account.email == email.strip().lower()))
+    if found is None:
+        raise AuthError(f"no account for {email.strip().lower()!r}")
+    return found
+
+
 def has_accounts(session: Session) -> bool:
     """True once any console account exists."""
     return bool(session.scalar(select(func.count()).select_from(Account)))
 
 
-def add_token(session: Session, name: str, role: str, tenant: str | None = None) -> str:
+def add_token(
+    session: Session,
+    name: str,
+    role: str,
+    tenant: str | None = None,
+    expires_in: timedelta | None = None,
+) -> str:
     """A new token named ``name`` (flushed in ``session``'s transaction): the
     only time the token itself is known. With ``tenant``, requests with it
-    act for that tenant only (:mod:`proj.jobs.context`)."""
+    act for that tenant only (:mod:`proj.jobs.context`); with ``expires_in``,
+    it opens nothing once that time has passed."""
     name = name.strip()
     if not name:
         raise AuthError("a token needs a name")
     if tenant is not None and not TENANT_SLUG.fullmatch(tenant):
         raise AuthError(f"a tenant is 1 to 64 of a-z, 0-9, - and _, not {tenant!r}")
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    row = ApiToken(name=name, token_hash=_digest(token), role=_role(role), tenant=tenant)
+    expires_at = utcnow() + expires_in if expires_in is not None else None
+    row = ApiToken(
+        name=name, token_hash=_digest(token), role=_role(role), tenant=tenant, expires_at=expires_at
+    )
     _flush_new(session, row, f"a token named {name!r} exists already")
     return token
 
@@ -136,12 +184,37 @@ def revoke_token(session: Session, name: str) -> bool:
 
 
 def token_for(session: Session, token: str) -> ApiToken | None:
-    """The live token row for ``token``, or None (unknown or revoked)."""
+    """The live token row for ``token``, or None (unknown, revoked or expired)."""
     found = session.scalar(select(ApiToken).where(ApiToken.token_hash == _digest(token)))
     # The index found it by hash; comparing again in constant time costs nothing.
-    if found is not None and hmac.compare_digest(found.token_hash, _digest(token)):
-        return found
-    return None
+    if found is None or not hmac.compare_digest(found.token_hash, _digest(token)):
+        return None
+    if found.expires_at is not None and found.expires_at <= utcnow():
+        return None
+    return found
+
+
+def tokens(session: Session) -> list[ApiToken]:
+    """Every token, by name."""
+    return list(session.scalars(select(ApiToken).order_by(ApiToken.name)))
+
+
+LAST_USE_GRAIN = timedelta(minutes=1)
+"""How often a token's ``last_used_at`` is written, at most (not every request)."""
+
+
+def note_use(session: Session, found: ApiToken) -> None:
+    """Record that ``found`` is in use now, unless it was within
+    :data:`LAST_USE_GRAIN` (in ``session``'s transaction)."""
+    now = utcnow()
+    if found.last_used_at is not None and now - found.last_used_at < LAST_USE_GRAIN:
+        return
+    session.execute(
+        update(ApiToken)
+        .where(ApiToken.id == found.id)
+        .values(last_used_at=now)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def _digest(token: str) -> str:
@@ -186,13 +259,15 @@ def _check_bearer() -> tuple[Response, int, dict[str, str]] | None:
     session = request_session()
     found = token_for(session, token.strip())
     if found is not None:
+        note_use(session, found)
         session.expunge(found)
     # The look-up's transaction began with no tenant: the request's own
     # begins afresh, with the token's.
-    session.rollback()
+    session.commit()
     if found is None:
         challenge["WWW-Authenticate"] += ', error="invalid_token"'
-        return (*json_error(401, "unauthorized", "the token is unknown or revoked"), challenge)
+        message = "the token is unknown, revoked or expired"
+        return (*json_error(401, "unauthorized", message), challenge)
     needed = Role.VIEWER if request.method in SAFE_METHODS else Role.OPERATOR
     if not Role(found.role).may(needed):
         message = f"a {found.role} token may not {request.method} here; an operator's may"

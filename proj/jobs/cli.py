@@ -11,6 +11,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timedelta
+from typing import Any
 
 import click
 from sqlalchemy import create_engine, orm, pool
@@ -23,6 +25,27 @@ from proj.jobs.session import session_scope
 from proj.jobs.settings import JobsSettings
 
 ROLE = click.Choice([role.value for role in auth.Role])
+
+
+class Duration(click.ParamType):  # type: ignore[type-arg]
+    """A length of time as ``90d``, ``12h`` or ``30m``."""
+
+    name = "duration"
+    UNITS = {"d": "days", "h": "hours", "m": "minutes"}
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> timedelta:
+        if isinstance(value, timedelta):
+            return value
+        text = str(value).strip().lower()
+        count, unit = text[:-1], text[-1:]
+        if unit not in self.UNITS or not count.isascii() or not count.isdigit():
+            self.fail(f"{value!r} is not a duration such as 90d, 12h or 30m", param, ctx)
+        if int(count) == 0:
+            self.fail(f"{value!r}: a token that expires at once opens nothing", param, ctx)
+        return timedelta(**{self.UNITS[unit]: int(count)})
+
+
+DURATION = Duration()
 DATABASE_URL = "proj.jobs.database_url"
 """The key of ``click`` context's ``meta`` an application's command may set."""
 
@@ -75,13 +98,35 @@ def admin() -> None:
 def add_account(email: str, role: str) -> None:
     """Add a console account. The password is read from standard input when
     it is not a terminal, and prompted for (twice) when it is."""
-    if sys.stdin.isatty():
-        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
-    else:
-        password = sys.stdin.readline().rstrip("\r\n")
     with _ledger_session() as session:
-        added = auth.add_account(session, email, password, role).email
+        added = auth.add_account(session, email, _read_password(), role).email
     click.echo(f"account {added} ({role}) added")
+
+
+@admin.command("password")
+@click.argument("email")
+def set_password(email: str) -> None:
+    """Give an account a new password (read as ``admin add`` reads it); its
+    console sessions end."""
+    with _ledger_session() as session:
+        changed = auth.set_password(session, email, _read_password()).email
+    click.echo(f"account {changed}: password changed; its sessions have ended")
+
+
+@admin.command("remove")
+@click.argument("email")
+def remove_account(email: str) -> None:
+    """Remove an account; its console sessions end with it."""
+    with _ledger_session() as session:
+        auth.remove_account(session, email)
+    click.echo(f"account {email.strip().lower()} removed")
+
+
+def _read_password() -> str:
+    if sys.stdin.isatty():
+        password: str = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+        return password
+    return sys.stdin.readline().rstrip("\r\n")
 
 
 @click.group()
@@ -95,13 +140,40 @@ def token() -> None:
 @click.option(
     "--tenant", help="the tenant whose rows its requests see and make (default: rows of none)"
 )
-def add_token(name: str, role: str, tenant: str | None) -> None:
+@click.option(
+    "--expires",
+    type=DURATION,
+    help="how long until it opens nothing: 90d, 12h, 30m (default: never)",
+)
+def add_token(name: str, role: str, tenant: str | None, expires: timedelta | None) -> None:
     """Make a token; it is printed once, on the last line, and only its hash is kept."""
     with _ledger_session() as session:
-        made = auth.add_token(session, name, role, tenant)
+        made = auth.add_token(session, name, role, tenant, expires)
     scope = f", tenant {tenant}" if tenant else ""
     click.echo(f"token {name} ({role}{scope}) added; keep it now, it is not shown again:")
     click.echo(made)
+
+
+@token.command("list")
+def list_tokens() -> None:
+    """The tokens: name, role, tenant, last use and expiry (never the token)."""
+    with _ledger_session() as session:
+        rows = [
+            (
+                found.name,
+                found.role,
+                found.tenant or "-",
+                _when(found.last_used_at, "never used"),
+                _when(found.expires_at, "never expires"),
+            )
+            for found in auth.tokens(session)
+        ]
+    for row in [("name", "role", "tenant", "last used", "expires"), *rows]:
+        click.echo("  ".join(row))
+
+
+def _when(moment: datetime | None, otherwise: str) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M UTC") if moment is not None else otherwise
 
 
 @token.command("revoke")

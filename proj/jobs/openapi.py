@@ -198,7 +198,7 @@ def responses() -> dict[str, Any]:
     challenge = '`Bearer realm="proj"`, with `error="invalid_token"` for an unknown token.'
     return {
         "Unauthorized": json_body(
-            "No token, or one that is unknown or revoked.",
+            "No token, or one that is unknown, revoked or expired.",
             schema("Error"),
             **{"WWW-Authenticate": challenge},
         ),

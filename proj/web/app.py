@@ -49,6 +49,8 @@ def create_app(settings: Settings | None = None, celery_app: Celery | None = Non
         SESSION_COOKIE_SAMESITE="Lax",
         SESSION_COOKIE_HTTPONLY=True,
         PROJ_LOGIN_RATE_LIMIT=settings.login_rate_limit,
+        PROJ_SESSION_IDLE_TIMEOUT=settings.session_idle_timeout,
+        PROJ_SESSION_LIFETIME=settings.session_lifetime,
         PROJ_RATELIMIT_STORAGE_URI=settings.ratelimit_storage_uri,
         MAX_CONTENT_LENGTH=settings.max_content_length,
         SQLALCHEMY_DATABASE_URI=jobs.database_url,

@@ -13,7 +13,7 @@ from flask import Flask
 from subprocesses import BIN
 
 from proj.db import db as web_db
-from proj.jobs import auth
+from proj.jobs import auth, utcnow
 
 if TYPE_CHECKING:
     from conftest import Stack
@@ -111,3 +111,55 @@ def test_admin_add_reads_the_password_from_stdin(stack: Stack, app: Flask) -> No
         assert auth.authenticate(web_db.session, email, password + "x") is None
         assert auth.authenticate(web_db.session, other, password) is None
         web_db.session.rollback()
+
+
+def test_admin_password_and_remove(stack: Stack, app: Flask) -> None:
+    """``proj admin password EMAIL`` sets the password read from standard
+    input (the old one opens nothing after it); ``proj admin remove EMAIL``
+    removes the account; either for an unknown email is refused, saying so."""
+    email, old, new = f"ops-{uuid.uuid4().hex[:10]}@example.com", "old-password", "new-password"
+    assert proj(stack, "admin", "add", email, "--role", "viewer", stdin=f"{old}\n").returncode == 0
+    changed = proj(stack, "admin", "password", email, stdin=f"{new}\n")
+    assert changed.returncode == 0, changed.stdout + changed.stderr
+    assert "sessions have ended" in changed.stdout and new not in changed.stdout
+    with app.app_context():
+        assert auth.authenticate(web_db.session, email, old) is None
+        assert auth.authenticate(web_db.session, email, new) is not None
+        web_db.session.rollback()
+    removed = proj(stack, "admin", "remove", email)
+    assert removed.returncode == 0, removed.stdout + removed.stderr
+    with app.app_context():
+        assert auth.authenticate(web_db.session, email, new) is None
+        web_db.session.rollback()
+    for args in (("remove", email), ("password", email)):
+        refused = proj(stack, "admin", *args, stdin=f"{new}\n")
+        assert refused.returncode != 0
+        assert f"no account for {email!r}" in refused.stderr
+
+
+def test_token_add_with_an_expiry_lists_and_ends(stack: Stack, app: Flask) -> None:
+    """``--expires 90d`` makes a token that works until then; ``proj token
+    list`` shows its role, tenant, last use (once used) and expiry; past its
+    expiry it opens nothing (401). A duration that is not one is refused."""
+    name = f"e2e-{uuid.uuid4().hex[:10]}"
+    made = proj(stack, "token", "add", name, "--role", "viewer", "--expires", "90d")
+    assert made.returncode == 0, made.stdout + made.stderr
+    token = made.stdout.splitlines()[-1]
+    assert status(app, "GET", "/api/jobs?limit=1", token) == 200
+    listed = proj(stack, "token", "list")
+    assert listed.returncode == 0, listed.stderr
+    [line] = [line for line in listed.stdout.splitlines() if line.startswith(f"{name} ")]
+    assert "viewer" in line and "never used" not in line and "never expires" not in line
+    assert token not in listed.stdout
+    with app.app_context():
+        web_db.session.execute(
+            web_db.update(auth.ApiToken)
+            .where(auth.ApiToken.name == name)
+            .values(expires_at=utcnow())
+        )
+        web_db.session.commit()
+    assert status(app, "GET", "/api/jobs?limit=1", token) == 401
+    for bad in ("90", "1y", "0d", "-5d"):
+        refused = proj(stack, "token", "add", f"{name}-{bad}", "--role", "viewer", "--expires", bad)
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert "Invalid value for '--expires'" in refused.stderr, refused.stderr

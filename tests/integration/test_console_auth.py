@@ -15,13 +15,19 @@ from sqlalchemy import delete, func, select
 
 from proj.db import db
 from proj.jobs import auth
-from proj.jobs.console.site import SESSION_KEY
+from proj.jobs.console import sessions
 from proj.web import create_app
 
 if TYPE_CHECKING:
     from conftest import Stack
 
-PAGES = ["/dashboard/", "/dashboard/jobs", "/dashboard/periodic", "/dashboard/workers"]
+PAGES = [
+    "/dashboard/",
+    "/dashboard/jobs",
+    "/dashboard/periodic",
+    "/dashboard/workers",
+    "/dashboard/tokens",
+]
 
 
 def account(app: Flask, role: str) -> tuple[str, str]:
@@ -79,6 +85,70 @@ def test_signing_in_opens_every_page_and_signing_out_closes_them(
     assert browser.get("/dashboard/").status_code == 302
 
 
+def copied_session(app: Flask, browser: FlaskClient) -> FlaskClient:
+    """Another client carrying a copy of ``browser``'s session cookie, as a
+    cookie taken from a browser would be used."""
+    copy = app.test_client()
+    cookie = browser.get_cookie(app.config.get("SESSION_COOKIE_NAME", "session"))
+    assert cookie is not None
+    copy.set_cookie(cookie.key, cookie.value)
+    return copy
+
+
+def test_signing_out_ends_every_copy_of_the_session(app: Flask, browser: FlaskClient) -> None:
+    """A copy of the cookie taken before sign-out opens nothing after it; the
+    account signs in again as usual."""
+    email, password = account(app, "operator")
+    sign_in(browser, email, password)
+    copy = copied_session(app, browser)
+    assert copy.get("/dashboard/").status_code == 200
+    token = csrf_of(browser.get("/dashboard/").text)
+    assert browser.post("/dashboard/logout", data={"csrf_token": token}).status_code == 302
+    assert copy.get("/dashboard/").status_code == 302
+    assert sign_in(browser, email, password).status_code == 302
+    assert browser.get("/dashboard/").status_code == 200
+    assert copy.get("/dashboard/").status_code == 302
+
+
+@pytest.mark.parametrize("change", ["password", "removal", "removal-and-new-account"])
+def test_a_password_change_or_removal_ends_the_accounts_sessions(
+    app: Flask, browser: FlaskClient, change: str
+) -> None:
+    """After ``proj admin password`` or ``proj admin remove`` (the functions
+    they call), the account's open session is out at its next request; a new
+    account, which SQLite may give the removed one's id, is not opened by it."""
+    email, password = account(app, "viewer")
+    sign_in(browser, email, password)
+    assert browser.get("/dashboard/").status_code == 200
+    with app.app_context():
+        if change == "password":
+            auth.set_password(db.session, email, "a-new-password")
+        else:
+            auth.remove_account(db.session, email)
+        db.session.commit()
+    if change == "removal-and-new-account":
+        account(app, "operator")
+    assert browser.get("/dashboard/").status_code == 302
+    if change == "password":
+        assert sign_in(browser, email, "a-new-password").status_code == 302
+        assert browser.get("/dashboard/").status_code == 200
+
+
+@pytest.mark.parametrize("key", ["PROJ_SESSION_IDLE_TIMEOUT", "PROJ_SESSION_LIFETIME"])
+def test_a_session_ends_when_idle_or_old(app: Flask, browser: FlaskClient, key: str) -> None:
+    """A session unused for the idle timeout, or older than its lifetime
+    however busy, is out."""
+    email, password = account(app, "viewer")
+    sign_in(browser, email, password)
+    assert browser.get("/dashboard/").status_code == 200
+    moved = sessions.SEEN if key == "PROJ_SESSION_IDLE_TIMEOUT" else sessions.BEGAN
+    limit = float(app.config.get(key, 0))
+    assert limit > 0
+    with browser.session_transaction() as session:
+        session[moved] = session[moved] - limit - 1
+    assert browser.get("/dashboard/").status_code == 302
+
+
 def test_a_wrong_password_or_unknown_email_opens_nothing(app: Flask, browser: FlaskClient) -> None:
     email, password = account(app, "operator")
     for tried in ((email, password + "x"), ("nobody@example.com", password)):
@@ -86,7 +156,7 @@ def test_a_wrong_password_or_unknown_email_opens_nothing(app: Flask, browser: Fl
         assert answer.status_code == 401
         assert "do not match" in answer.text
         with browser.session_transaction() as session:
-            assert SESSION_KEY not in session
+            assert sessions.ACCOUNT not in session
     assert browser.get("/dashboard/").status_code == 302
 
 
@@ -168,7 +238,7 @@ def test_pages_have_no_inline_script_or_style(app: Flask, browser: FlaskClient) 
 
 def test_secure_cookies_outside_the_embedded_setup(stack: Stack, app: Flask) -> None:
     email, password = account(app, "viewer")
-    cookie = sign_in(app.test_client(), email, password).headers["Set-Cookie"]  # type: ignore[attr-defined]
+    cookie = sign_in(app.test_client(), email, password).headers["Set-Cookie"]
     assert ("Secure" in cookie) == stack.on_postgres
 
 

@@ -35,7 +35,7 @@ from proj.jobs.reconciler import queue_of
 from proj.jobs.scheduler import SlotScheduler, slot_job_id
 
 PASSWORD = "a long enough password"
-PAGES = ("/dashboard/", "/dashboard/periodic", "/dashboard/workers")
+PAGES = ("/dashboard/", "/dashboard/periodic", "/dashboard/workers", "/dashboard/tokens")
 WAITING_OR_RUNNING = {State.QUEUED, State.RUNNING, State.RETRYING}
 OUTCOMES = {State.SUCCEEDED, State.FAILED, State.CANCELLED}
 VOID = frozenset({"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta"})
@@ -488,6 +488,34 @@ def test_the_workers_page_shows_heartbeats_and_running_jobs(
     other = page.one("tr", data_worker=silent)
     assert (other.attrs["data-alive"], other.attrs["data-running"]) == ("no", "0")
     assert page.one("table", id="unbeating").one("tr", data_job_id=lookalike)
+
+
+def test_the_tokens_page_lists_each_token_and_never_the_token(app: Flask) -> None:
+    """Name, role, tenant, last use and expiry of every token; the token
+    itself is nowhere on the page (only its hash is kept anyway)."""
+    tag = uuid.uuid4().hex[:8]
+    with app.app_context():
+        used = auth.add_token(web_db.session, f"used-{tag}", "operator", tenant="acme")
+        auth.add_token(web_db.session, f"expired-{tag}", "viewer", expires_in=timedelta(0))
+        web_db.session.commit()
+    assert (
+        app.test_client()
+        .get("/api/jobs?limit=1", headers={"Authorization": f"Bearer {used}"})
+        .status_code
+        == 200
+    )
+    client = signed_in(app, "viewer")
+
+    page = page_of(client, "/dashboard/tokens")
+
+    row = page.one("tr", data_token=f"used-{tag}")
+    cells = [cell.text for cell in row.find("td")]
+    assert cells[:2] == ["operator", "acme"]
+    assert "never" not in cells[3] and cells[4] == "never"
+    expired = page.one("tr", data_token=f"expired-{tag}")
+    assert expired.attrs["data-expired"] == "yes"
+    assert [cell.text for cell in expired.find("td")][3] == "never"
+    assert used.removeprefix(auth.TOKEN_PREFIX) not in client.get("/dashboard/tokens").text
 
 
 @pytest.mark.parametrize("role", ["viewer", "operator"])

@@ -1,4 +1,4 @@
-"""The console's overview, periodic tasks and workers pages: read-only, every
+"""The console's overview, periodic tasks, workers and tokens pages: read-only, every
 figure from the ledger (:mod:`~proj.jobs.console.figures`,
 :mod:`~proj.jobs.console.schedules`, :mod:`~proj.jobs.console.fleet`)."""
 
@@ -9,6 +9,7 @@ from typing import Any
 from flask import current_app, render_template
 
 from proj.jobs.auth import request_session
+from proj.jobs.auth import tokens as api_tokens
 from proj.jobs.clock import utcnow
 from proj.jobs.console import charts, wording
 from proj.jobs.console.figures import ACTIVE, OUTCOMES
@@ -63,3 +64,10 @@ def workers() -> str:
     now = utcnow()
     found = fleet(request_session(), settings.stale_after, now)
     return _page("workers.html", refresh=REFRESH, fleet=found, settings=settings, now=now)
+
+
+@blueprint.get("/tokens")
+def tokens() -> str:
+    """The API tokens: name, role, tenant, last use and expiry (never the
+    token, which is shown once, when ``proj token add`` makes it)."""
+    return _page("tokens.html", tokens=api_tokens(request_session()), now=utcnow())

@@ -2,7 +2,8 @@
 form must carry.
 
 - Every page but the login page and static files needs a signed-in console
-  account (:class:`~proj.jobs.auth.Account`); a viewer reads, and only an
+  account (:class:`~proj.jobs.auth.Account`), in a session that has not
+  ended (:mod:`proj.jobs.console.sessions`); a viewer reads, and only an
   operator may POST anything but the login and logout forms.
 - Every POST carries a CSRF token (Flask-WTF's); one without a valid token
   is refused before it reaches a view, so it changes nothing.
@@ -26,7 +27,6 @@ from flask import (
     redirect,
     render_template,
     request,
-    session,
     url_for,
 )
 from flask_wtf.csrf import CSRFError, generate_csrf, validate_csrf
@@ -37,6 +37,7 @@ from werkzeug.wrappers.response import Response as BaseResponse
 from wtforms import ValidationError
 
 from proj.jobs import auth
+from proj.jobs.console import sessions
 from proj.jobs.http import json_error
 
 blueprint = Blueprint(
@@ -49,7 +50,6 @@ blueprint = Blueprint(
 """The console: mount it (``proj.jobs.console.blueprint``) once ``jobs.init_app``
 has run and ``SECRET_KEY`` is set."""
 
-SESSION_KEY = "proj_console_account"
 PUBLIC = frozenset({"proj_console.login", "proj_console.static"})
 ANYONE_MAY_POST = frozenset({"proj_console.login", "proj_console.logout"})
 SECURITY_HEADERS = {
@@ -100,7 +100,7 @@ def _guard() -> BaseResponse | None:
         _check_csrf()
     if request.endpoint in PUBLIC:
         return None
-    account = _signed_in()
+    account = sessions.current()
     if account is None:
         if request.method == "POST":
             raise Refused(401, "unauthorized", "sign in to the console first")
@@ -117,14 +117,6 @@ def _check_csrf() -> None:
         validate_csrf(request.form.get("csrf_token"))
     except ValidationError as exc:
         raise CSRFError(str(exc)) from None
-
-
-def _signed_in() -> auth.Account | None:
-    account_id = session.get(SESSION_KEY)
-    if not isinstance(account_id, int):
-        return None
-    # Looked up on every request: a deleted account is out at once.
-    return auth.request_session().get(auth.Account, account_id)
 
 
 @blueprint.after_request
@@ -158,14 +150,14 @@ def login() -> Any:
     if account is None:
         error = "that email and password do not match an account"
         return render_template("proj_console/login.html", next=target, error=error), 401
-    session.clear()  # a new session for the signed-in visitor (no fixation)
-    session[SESSION_KEY] = account.id
+    sessions.begin(account)
     return redirect(target or url_for("proj_console.overview"))
 
 
 @blueprint.post("/logout")
 def logout() -> BaseResponse:
-    session.clear()
+    """Sign out: every session of the account ends, on the server."""
+    sessions.end(g.get("console_account"))
     return redirect(url_for("proj_console.login"))
 
 
