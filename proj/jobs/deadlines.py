@@ -11,18 +11,29 @@ connection past its deadline is closed (psycopg2 closes a connection whose
 wait failed), which SQLAlchemy sees as a lost connection: the pool drops it,
 and the error is transient. Green mode does not support ``COPY``; an
 application that copies does without the deadline (set it to 0).
+
+Inside :func:`within` (a web request, with :func:`per_request`), the waits of
+those connections draw on one budget, the block's: a request that checks a
+token, pings a connection, reconnects and runs its query answers within the
+budget, not within a deadline for each of them.
 """
 
 from __future__ import annotations
 
 import select
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import psycopg2
 import psycopg2.extensions
+from flask import Flask
 
 _installed: list[bool] = []
+_budget: ContextVar[tuple[float, float] | None] = ContextVar("proj_deadline", default=None)
+"""The block's budget: when it ends (monotonic) and how many seconds it was."""
 
 
 class DeadlineExceeded(psycopg2.OperationalError):
@@ -44,11 +55,43 @@ def connect_args(seconds: float) -> dict[str, Any]:
     return {"connection_factory": connect}
 
 
+@contextmanager
+def within(seconds: float) -> Iterator[None]:
+    """Inside the block, the waits of connections that have a deadline draw
+    on one budget of ``seconds`` (0: each wait its own deadline only)."""
+    token = _budget.set(_ending_in(seconds))
+    try:
+        yield
+    finally:
+        _budget.reset(token)
+
+
+def per_request(flask_app: Flask, seconds: float) -> None:
+    """Every request of ``flask_app`` runs :func:`within` ``seconds``."""
+
+    def begin() -> None:
+        _budget.set(_ending_in(seconds))
+
+    def end(_: BaseException | None = None) -> None:
+        _budget.set(None)
+
+    flask_app.before_request(begin)
+    flask_app.teardown_request(end)
+
+
+def _ending_in(seconds: float) -> tuple[float, float] | None:
+    return (time.monotonic() + seconds, seconds) if seconds else None
+
+
 def wait(connection: Any) -> None:
     """psycopg2's wait callback: poll until the operation is done, giving up
-    after the connection's ``answer_within`` seconds (if it has any)."""
+    after the connection's ``answer_within`` seconds (if it has any), or
+    sooner when the block's budget (:func:`within`) ends first."""
     limit: float | None = getattr(connection, "answer_within", None)
     deadline = time.monotonic() + limit if limit else None
+    budget = _budget.get()
+    if deadline is not None and budget is not None and budget[0] < deadline:
+        deadline, limit = budget
     poller = select.poll()
     registered = None
     while True:

@@ -18,7 +18,7 @@ from sqlalchemy.pool import NullPool
 
 from proj.config import Settings, current_settings
 from proj.db import db
-from proj.jobs import ConfigurationError, Jobs, auth, console, engine_options
+from proj.jobs import ConfigurationError, Jobs, auth, console, deadlines, engine_options
 from proj.jobs import api as jobs_api
 from proj.jobs import metrics_api as jobs_metrics
 from proj.web.api import api
@@ -63,6 +63,9 @@ def create_app(settings: Settings | None = None, celery_app: Celery | None = Non
         ),
     )
     app.extensions["proj.celery"] = celery_app
+    # One budget for every wait of a request (token look-up, ping, reconnect,
+    # its own queries), not one for each.
+    deadlines.per_request(app, settings.web_answer_within)
     # The health check's own connections: never one of a request's, and a
     # check left waiting on a silent server holds none of the pool's.
     app.extensions["proj.health_engine"] = create_engine(

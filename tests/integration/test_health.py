@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
+import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +19,8 @@ from sqlalchemy import make_url
 import proj.celery
 from proj.config import Settings, load_settings
 from proj.db import db as web_db
+from proj.jobs import Jobs, auth
+from proj.jobs.engine import PING_AFTER_IDLE
 from proj.jobs.testing.faults import TcpProxy
 from proj.web import create_app
 
@@ -25,6 +29,8 @@ if TYPE_CHECKING:
 
 CLOSED_BROKERS = ["amqp://guest:guest@127.0.0.1:1//", "redis://127.0.0.1:1/0"]
 CLOSED_DATABASE = "postgresql+psycopg2://postgres@127.0.0.1:1/x"
+BUDGET = 2.0
+"""``PROJ_WEB_ANSWER_WITHIN`` in the silent-database request test, seconds."""
 
 
 def ask_health(
@@ -124,3 +130,52 @@ def test_silent_database_behind_a_blackholed_proxy(stack: Stack) -> None:
         fields = unavailable(ask_health(replace(stack.settings, jobs=jobs), before=proxy.blackhole))
         proxy.restore()
     assert list(fields) == ["database"]
+
+
+def test_a_request_answers_within_one_budget_when_the_database_goes_silent(
+    stack: Stack,
+) -> None:
+    """A sign-up with ``PROJ_WEB_ANSWER_WITHIN=2`` while PostgreSQL, behind a
+    proxy, goes silent: the token look-up's ping, a reconnect and the
+    request's own queries all draw on one budget, so it answers 503 within
+    the budget and a second, not a deadline for each of them."""
+    if not stack.on_postgres:
+        pytest.skip("a database server to put behind the proxy: this stack runs SQLite")
+    url = make_url(stack.settings.database_url)
+    with TcpProxy((str(url.host), int(url.port or 5432))) as proxy:
+        silent = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+        jobs = replace(stack.settings.jobs, database_url=silent)
+        settings = replace(stack.settings, web_answer_within=BUDGET, jobs=jobs)
+        current = celery.current_app._get_current_object()
+        own = proj.celery.make_celery(settings)  # its sign-ups enqueue through the proxy too
+        own.set_current()
+        try:
+            flask_app = create_app(settings, own)
+        finally:
+            current.set_current()
+        with flask_app.app_context():
+            token = auth.add_token(web_db.session, f"budget-{uuid.uuid4().hex[:8]}", "operator")
+            web_db.session.commit()
+        client = flask_app.test_client()
+        headers = {"Authorization": f"Bearer {token}"}
+
+        def sign_up() -> int:
+            body = {"email": f"{uuid.uuid4().hex[:10]}@example.com"}
+            return client.post("/api/users", json=body, headers=headers).status_code
+
+        own.set_current()
+        try:
+            assert sign_up() == 201
+            time.sleep(PING_AFTER_IDLE + 0.2)  # the next checkout pings the pooled connection
+            proxy.blackhole()
+            began = time.monotonic()
+            status = sign_up()
+            took = time.monotonic() - began
+            proxy.restore()
+        finally:
+            current.set_current()
+            with flask_app.app_context():
+                web_db.engine.dispose()
+            Jobs.of(own).dispose()
+    assert status == 503
+    assert took < BUDGET + 1.0, f"answered after {took:.1f} s"
