@@ -67,6 +67,7 @@ from proj.jobs.models import (
     CLAIMABLE,
     FINISHED,
     JOBS,
+    TENANT_OR_NONE,
     UNIQUE_WHILE,
     Job,
     JobAttempt,
@@ -212,9 +213,10 @@ def enqueue(session: Session, row: Mapping[str, Any], unique_key: str | None = N
     """Write a new ``queued`` job's row at once on ``session``'s connection, in
     its transaction (the ORM's unit of work would cost more than the INSERT).
 
-    With ``unique_key``, while a job of the same task with that key waits or
-    runs, nothing is written and that job's id is returned; this never raises
-    into the caller's transaction. Returns the id of the job that stands.
+    With ``unique_key``, while a job of the same task and tenant with that key
+    waits or runs, nothing is written and that job's id is returned; this
+    never raises into the caller's transaction. Returns the id of the job
+    that stands.
     """
     connection = session.connection(bind_arguments={"mapper": Job})
     values = {**row, "state": str(State.QUEUED), "attempts": 0, "unique_key": unique_key}
@@ -224,9 +226,13 @@ def enqueue(session: Session, row: Mapping[str, Any], unique_key: str | None = N
     for _ in range(UNIQUE_TRIES):
         if connection.execute(_insert_unless_held(connection), values).rowcount:
             return str(row["id"])
+        tenant = row.get("tenant")
         holder = connection.scalar(
             select(Job.id).where(
-                Job.name == row["name"], Job.unique_key == unique_key, Job.state.in_(_HOLDING)
+                Job.name == row["name"],
+                Job.tenant.is_(None) if tenant is None else Job.tenant == tenant,
+                Job.unique_key == unique_key,
+                Job.state.in_(_HOLDING),
             )
         )
         if holder is not None:
@@ -241,7 +247,7 @@ _HOLDING = (State.QUEUED, State.RETRYING, State.RUNNING)
 def _insert_unless_held(connection: Connection) -> Any:
     dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
     return dialect.insert(JOBS).on_conflict_do_nothing(
-        index_elements=["name", "unique_key"], index_where=text(UNIQUE_WHILE)
+        index_elements=["name", TENANT_OR_NONE, "unique_key"], index_where=text(UNIQUE_WHILE)
     )
 
 

@@ -47,6 +47,8 @@ def jsonable(value: Any) -> Any:
 
 
 UNIQUE_WHILE = "unique_key IS NOT NULL AND state IN ('queued', 'retrying', 'running')"
+TENANT_OR_NONE = text("coalesce(tenant, '')")
+"""A job's tenant in the unique index (no tenant is one tenant of its own)."""
 """While a job holds its unique key: from enqueue until it finishes."""
 
 NAMING_CONVENTION = {
@@ -85,10 +87,12 @@ class Job(LedgerBase):
             postgresql_where=text("published_at IS NULL"),
             sqlite_where=text("published_at IS NULL"),
         ),
-        # One waiting or running job a task and unique key (see ``unique=``).
+        # One waiting or running job a task, tenant and unique key (see
+        # ``unique=``); no tenant is one tenant of its own.
         Index(
-            "uq_jobs_name_unique_key",
+            "uq_jobs_name_tenant_unique_key",
             "name",
+            TENANT_OR_NONE,
             "unique_key",
             unique=True,
             postgresql_where=text(UNIQUE_WHILE),

@@ -34,6 +34,7 @@ from proj.jobs import (
     Jobs,
     SqlAlchemyTask,
     TaskArgumentError,
+    context,
     ledger,
     retry_on,
     shared_task,
@@ -276,6 +277,26 @@ def test_a_unique_job_enqueued_fifty_times_at_once_is_one_job(purged: Celery) ->
     with proj.jobs.testing.worker(purged):
         proj.jobs.testing.wait_for_state(ids.pop(), State.SUCCEEDED)
     assert note.apply_async_on_commit((email,), unique=key) not in ids
+
+
+def test_unique_keys_are_each_tenants_own(purged: Celery) -> None:
+    """Tenant A's waiting job holds its key for A only: tenant B, and a
+    caller with no tenant, enqueuing the same task with the same key each
+    get a job of their own, which their second try gets back."""
+    key = f"unique-{uuid.uuid4().hex}"
+    email = new_email()
+
+    def enqueue(tenant: str | None) -> str:
+        with context.tenant(tenant):
+            return note.apply_async_on_commit((email,), unique=key)
+
+    first = {tenant: enqueue(tenant) for tenant in ("a", "b", None)}
+    again = {tenant: enqueue(tenant) for tenant in ("a", "b", None)}
+    assert first == again
+    assert len(set(first.values())) == 3
+    with session_scope() as session:
+        rows = session.execute(select(Job.tenant).where(Job.unique_key == key)).scalars()
+        assert sorted(rows, key=str) == sorted(["a", "b", None], key=str)
 
 
 def test_charging_again_while_a_charge_waits_answers_the_same_job(
