@@ -420,11 +420,12 @@ def record_failure(
     options: Mapping[str, Any] | None = None,
     attempts: int = 1,
     claimed: bool = False,
+    tenant: str | None = None,
 ) -> None:
     """End a job as ``failed``, creating its row if it has none (a task sent
     with plain ``delay()``, or a message that could not be run). A run that
     ``claimed`` the job's row (its attempt ``attempts``) fails it only while
-    it is still running that attempt."""
+    it is still running that attempt. A row made here is ``tenant``'s."""
     values = {
         "state": State.FAILED,
         "error": clip(error),
@@ -451,6 +452,7 @@ def record_failure(
                     attempts=attempts,
                     max_attempts=attempts,
                     published_at=utcnow(),
+                    tenant=tenant,
                     **values,
                 )
             )

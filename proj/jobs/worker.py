@@ -200,7 +200,8 @@ def record_failure(
     args: Sequence[Any] | None,
     kwargs: Mapping[str, Any] | None,
 ) -> None:
-    """End the job's row ``failed`` (made if the job had none). Never raises."""
+    """End the job's row ``failed`` (made, for the tenant its message
+    carries, if the job had none). Never raises."""
     # Celery may call on_failure outside the run (the request is then
     # empty): what it passes is what identifies the job.
     claim = claim_of(task)
@@ -226,6 +227,8 @@ def record_failure(
             kwargs=dict(kwargs or {}),
             attempts=claim.attempts if claim else (task.request.retries or 0) + 1,
             claimed=claim is not None,
+            # A plain task's row is made now, for the tenant it ran for.
+            tenant=(carried_by(task.request) or {}).get("tenant"),
         )
     except Exception:
         logger.exception("could not record the failure of %s[%s]", task.name, task_id)
@@ -278,6 +281,7 @@ class JobRequest(Request):
             args=list(self.args or ()),
             kwargs=dict(self.kwargs or {}),
             attempts=attempt,
+            tenant=(carried_by(self.request_dict) or {}).get("tenant"),
         )
         return True
 

@@ -45,6 +45,12 @@ def seen() -> dict[str, Any]:
     }
 
 
+@shared_task(name="tests.context.fails")
+def fails() -> None:
+    """Fail for good (nothing retries a ValueError)."""
+    raise ValueError("fails for the test")
+
+
 @pytest.fixture
 def fast_path_off(celery_app: Celery) -> Iterator[None]:
     jobs = Jobs.of(celery_app)
@@ -140,3 +146,13 @@ def test_a_tenant_is_a_slug(app: Flask) -> None:
         with pytest.raises(auth.AuthError, match="tenant"):
             auth.add_token(db.session, "bad", "viewer", "Acme Corp")
         db.session.rollback()
+
+
+def test_a_failed_plain_task_keeps_its_tenant(purged: Celery) -> None:
+    """A plain ``.delay()`` has no row until it fails; the failed row it gets
+    is the tenant's it ran for, so only that tenant's tokens read it."""
+    with context.tenant("acme"):
+        task_id = fails.delay().id
+    with proj.jobs.testing.worker(purged):
+        [failed] = proj.jobs.testing.wait_for(lambda: proj.jobs.testing.failed_jobs(task_id))
+    assert failed.tenant == "acme"

@@ -14,7 +14,8 @@ from sqlalchemy import select
 
 import proj.jobs.testing
 from proj.db import session_scope
-from proj.jobs.deadletter import UNRUNNABLE
+from proj.jobs import context
+from proj.jobs.deadletter import QUOTED, UNRUNNABLE
 from proj.jobs.models import Job, State
 from proj.models import User
 from proj.tasks import send_welcome
@@ -69,19 +70,17 @@ def task_headers(task: str, task_id: str) -> dict[str, Any]:
 
 
 def letters(task_ids: list[str], marker: str) -> dict[str, tuple[str, str]]:
-    """(reason, task name) of each failed job recorded for ``task_ids``, and of
-    those without a task id whose message holds ``marker`` (keyed by ``marker``)."""
+    """(reason, task name) of each dead letter quoting one of ``task_ids``, and
+    of those quoting none whose message holds ``marker`` (keyed by ``marker``)."""
     with session_scope() as session:
         rows = session.scalars(
-            select(Job).where(
-                Job.state == State.FAILED,
-                Job.id.in_(task_ids) | Job.id.like("dead-letter-%"),
-            )
+            select(Job).where(Job.state == State.FAILED, Job.id.like("dead-letter-%"))
         ).all()
         found: dict[str, tuple[str, str]] = {}
         for row in rows:
             message = (row.options or {}).get(UNRUNNABLE, {})
-            key = row.id if row.id in task_ids else (marker if marker in str(message) else None)
+            quoted = message.get(QUOTED)
+            key = quoted if quoted in task_ids else (marker if marker in str(message) else None)
             if key is not None:
                 assert key not in found, f"{key} recorded twice"
                 found[key] = (message.get("reason"), row.name)
@@ -137,3 +136,34 @@ def test_bad_messages_are_dead_lettered(purged: Celery, tmp_path: Path) -> None:
     # have: a late ack the stopping worker had not sent yet is a redelivery.)
     bad = {undecodable, unknown, pickled}
     assert [left for left in queued(purged) if left in bad or marker in left] == []
+
+
+def test_a_dead_letter_quoting_a_job_leaves_that_job_alone(purged: Celery) -> None:
+    """An undecodable message quoting the id of tenant A's waiting job (a
+    mangled copy, or a forgery) is recorded as a dead letter of its own,
+    naming that id and A's tenant; the job itself is not touched, and runs."""
+    with session_scope() as session:
+        user = User(email=f"quoted-{uuid.uuid4().hex[:12]}@example.com", tenant="acme")
+        session.add(user)
+        session.flush()
+        user_id = user.id
+    with context.tenant("acme"):
+        job_id = send_welcome.apply_async_on_commit((user_id,), countdown=3)
+    publish_raw(
+        purged,
+        "{this is not json",
+        headers={
+            **task_headers("proj.tasks.send_welcome", job_id),
+            context.HEADER: {"tenant": "x"},
+        },
+    )
+    with proj.jobs.testing.worker(purged, pool="threads", concurrency=2):
+        proj.jobs.testing.wait_for(lambda: len(letters([job_id], uuid.uuid4().hex)) == 1)
+        assert proj.jobs.testing.job(job_id).state != State.FAILED
+        proj.jobs.testing.wait_for_state(job_id, State.SUCCEEDED, celery_app=purged)
+    with session_scope() as session:
+        letter = session.scalars(
+            select(Job).where(Job.id.like("dead-letter-%"), Job.options.isnot(None))
+        ).all()
+        [mine] = [row for row in letter if (row.options or {})[UNRUNNABLE].get(QUOTED) == job_id]
+        assert (mine.tenant, mine.state) == ("acme", State.FAILED)
