@@ -12,7 +12,7 @@ it is counted in the :class:`Tally`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from sqlalchemy import ColumnElement, Text, cast, select
@@ -95,6 +95,8 @@ class Tally:
 
     done: int = 0
     """Jobs retried, or cancelled at once."""
+    cancelled: list[str] = field(default_factory=list)
+    """The ids of the jobs cancelled at once (cancel only)."""
     stopping: int = 0
     """Running jobs asked to stop (cancel only)."""
     skipped: int = 0
@@ -142,6 +144,7 @@ def cancel_each(session: Session, job_ids: Iterable[str]) -> Tally:
             tally.stopping += 1
         else:
             tally.done += 1
+            tally.cancelled.append(job_id)
     return tally
 
 

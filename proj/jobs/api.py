@@ -21,7 +21,7 @@ from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session
 
-from proj.jobs import actions, ledger
+from proj.jobs import actions, ledger, revoke
 from proj.jobs.auth import request_session, require_token, token_tenant
 from proj.jobs.extension import EXTENSION_KEY, Jobs
 from proj.jobs.http import json_error
@@ -150,6 +150,8 @@ def cancel_job(job_id: str) -> tuple[Response, int]:
         session.rollback()
         raise JobApiError(409, "conflict", str(exc)) from None
     session.commit()
+    if was != State.RUNNING:  # a running one is announced by its worker when it stops
+        revoke.announce(_jobs().celery_app, [job_id])
     session.expire(job)
     answer = job_or_404(job_id).to_json()
     if was == State.RUNNING:

@@ -16,12 +16,18 @@ the ledger as it receives it, before Celery's own handling:
 
 Every worker receives the broadcast and writes the same rows: doing it twice
 changes nothing. Revokes by stamped headers are not recorded.
+
+The other way round, proj's own cancel (the job API, the console) is told
+as Celery tells a revoke: a ``task-revoked`` event (:func:`announce`), so
+Flower and ``celery events`` show the job revoked rather than waiting or
+started for ever.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import socket
 from collections.abc import Iterable
 from typing import Any
 
@@ -77,3 +83,24 @@ def record(celery_app: Any, job_ids: Iterable[str], *, terminate: bool) -> None:
             ledger.revoke(session, ids, terminate=terminate)
     except Exception:
         logger.exception("revoke of %s not recorded in the ledger", ", ".join(ids))
+
+
+def announce(celery_app: Any, job_ids: Iterable[str]) -> None:
+    """Send a ``task-revoked`` event for each of ``job_ids`` (cancelled by
+    proj): what Flower and ``celery events`` listen to. Nothing where the
+    broker cannot broadcast (the embedded SQLite one); never raises."""
+    ids = [str(job_id) for job_id in job_ids]
+    if not ids:
+        return
+    try:
+        with celery_app.connection_for_read() as connection:
+            if "fanout" not in connection.transport.implements.exchange_type:
+                return
+        hostname = f"proj@{socket.gethostname()}"
+        with celery_app.events.default_dispatcher(hostname=hostname) as dispatcher:
+            for job_id in ids:
+                dispatcher.send(
+                    "task-revoked", uuid=job_id, terminated=False, signum=None, expired=False
+                )
+    except Exception:
+        logger.exception("the revoke of %s was not announced", ", ".join(ids))

@@ -32,7 +32,7 @@ from celery.exceptions import Ignore, Reject, Retry
 from celery.worker import state as worker_state
 from celery.worker.request import Request
 
-from proj.jobs import context, ledger, publisher
+from proj.jobs import context, ledger, publisher, revoke
 from proj.jobs.clock import due_at, utcnow
 from proj.jobs.errors import ClaimTakenBack, JobCancelled
 from proj.jobs.models import State
@@ -85,6 +85,7 @@ def run(task: SqlAlchemyTask, body: Callable[[], Any]) -> Any:
                 roll_back(session)
             if isinstance(exc, JobCancelled) and claim is not None:
                 ledger.cancelled_while_running(jobs.engine, str(request.id), claim.attempts)
+                revoke.announce(task.app, [str(request.id)])
                 logger.info("%s[%s]: stopped, as asked; cancelled", task.name, request.id)
                 raise Ignore() from exc
             if isinstance(exc, ClaimTakenBack):

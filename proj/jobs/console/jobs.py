@@ -17,7 +17,7 @@ from flask import current_app, flash, redirect, render_template, request, url_fo
 from sqlalchemy import ColumnElement, Select, select, tuple_, union_all
 from werkzeug.wrappers.response import Response as BaseResponse
 
-from proj.jobs import actions, ledger
+from proj.jobs import actions, ledger, revoke
 from proj.jobs.auth import request_session
 from proj.jobs.console import bulk
 from proj.jobs.console.bulk import Selection
@@ -176,6 +176,7 @@ def act_on_jobs() -> BaseResponse:
     job_ids, capped = selection.pick(session, Queues(_installed().celery_app))
     tally = selection.apply(session, _installed(), job_ids)
     session.commit()
+    revoke.announce(_installed().celery_app, tally.cancelled)
     summary = selection.summary(
         tally, len(job_ids), capped, int(expected) if expected.isdigit() else 0
     )
@@ -235,6 +236,7 @@ def cancel_job(job_id: str) -> BaseResponse:
                 "next check; a job that never checks finishes normally"
             )
         else:
+            revoke.announce(_installed().celery_app, [job_id])
             flash(f"job {job_id} is cancelled; it will never run")
     return redirect(url_for(".job", job_id=job_id))
 
