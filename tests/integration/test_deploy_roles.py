@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import uuid
@@ -58,15 +57,6 @@ class Roles:
     app_url: str
     admin_url: str
     """A superuser on the same database."""
-
-
-def _postgres_answers() -> bool:
-    host, port, _ = stacks.POSTGRES
-    try:
-        socket.create_connection((host, port), timeout=2).close()
-        return True
-    except OSError:
-        return False
 
 
 @contextmanager
@@ -139,7 +129,7 @@ def roles() -> Iterator[Roles]:
     """The roles, and the database migrated as compose's migrate service does."""
     if shutil.which("psql") is None:
         pytest.skip("psql (which runs the init script) is not installed")
-    if not _postgres_answers():
+    if stacks.missing_services("postgres"):
         pytest.skip("PostgreSQL at {}:{} not reachable".format(*stacks.POSTGRES[:2]))
     with initialised_database() as made:
         migrated = proj_command("db", "upgrade", database_url=made.owner_url)

@@ -435,16 +435,21 @@ def test_slot_job_id_is_per_entry_and_slot() -> None:
     assert slot_job_id(cron, start) != slot_job_id(cron, start + timedelta(minutes=1))
 
 
+def two_beats(celery_app: Celery, tmp_path: Path) -> list[SlotScheduler]:
+    """Two beat schedulers on ``celery_app``, each with a schedule file of its own."""
+    return [
+        SlotScheduler(app=celery_app, schedule_filename=str(tmp_path / f"beat{n}"), lazy=True)
+        for n in (1, 2)
+    ]
+
+
 def test_two_beats_send_one_run_per_slot(celery_app: Celery, tmp_path: Path) -> None:
     """Two schedulers sending the same entry in the same slot make one ledger
     row and one message; enqueuing that slot's id again is an IntegrityError."""
     task = f"tests.once.tick.{uuid.uuid4().hex}"
     queue = f"tests.once.{uuid.uuid4().hex}"
     decade = timedelta(days=3650)  # the slot will not change during the test
-    beats = [
-        SlotScheduler(app=celery_app, schedule_filename=str(tmp_path / f"beat{n}"), lazy=True)
-        for n in (1, 2)
-    ]
+    beats = two_beats(celery_app, tmp_path)
     entries = [
         ScheduleEntry(
             name="tick", task=task, schedule=decade, options={"queue": queue}, app=celery_app
@@ -475,15 +480,12 @@ def test_two_beats_send_one_run_per_slot(celery_app: Celery, tmp_path: Path) -> 
 
 
 def test_two_entries_of_one_task_each_run_once_a_slot(celery_app: Celery, tmp_path: Path) -> None:
-    """ "report-eu" and "report-us", both for one task with other arguments and
-    due in the same slot, with two beats running: each entry runs once."""
+    """Entries "report-eu" and "report-us", both for one task with other
+    arguments and due in the same slot, with two beats running: each runs once."""
     task = f"tests.once.report.{uuid.uuid4().hex}"
     queue = f"tests.once.{uuid.uuid4().hex}"
     decade = timedelta(days=3650)  # the slot will not change during the test
-    beats = [
-        SlotScheduler(app=celery_app, schedule_filename=str(tmp_path / f"beat{n}"), lazy=True)
-        for n in (1, 2)
-    ]
+    beats = two_beats(celery_app, tmp_path)
     sent = [
         beat.apply_async(
             ScheduleEntry(

@@ -6,7 +6,8 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -116,18 +117,25 @@ def test_silent_broker(tmp_path: Path, scheme: str) -> None:
         assert list(unavailable(ask_health(settings))) == ["broker"]
 
 
-def test_silent_database_behind_a_blackholed_proxy(stack: Stack) -> None:
-    """PostgreSQL behind a proxy: the health check answers 200; then the proxy
-    keeps every connection open and forwards nothing, and the next check still
-    answers, 503 naming the database only (a check on a connection kept from
-    the first would wait for the server forever)."""
+@contextmanager
+def behind_a_proxy(stack: Stack) -> Iterator[tuple[TcpProxy, Settings]]:
+    """The stack's settings with its PostgreSQL behind a proxy the test may
+    blackhole (skipped on SQLite)."""
     if not stack.on_postgres:
         pytest.skip("a database server to put behind the proxy: this stack runs SQLite")
     url = make_url(stack.settings.database_url)
     with TcpProxy((str(url.host), int(url.port or 5432))) as proxy:
         silent = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-        jobs = replace(stack.settings.jobs, database_url=silent)
-        fields = unavailable(ask_health(replace(stack.settings, jobs=jobs), before=proxy.blackhole))
+        yield proxy, replace(stack.settings, jobs=replace(stack.settings.jobs, database_url=silent))
+
+
+def test_silent_database_behind_a_blackholed_proxy(stack: Stack) -> None:
+    """PostgreSQL behind a proxy: the health check answers 200; then the proxy
+    keeps every connection open and forwards nothing, and the next check still
+    answers, 503 naming the database only (a check on a connection kept from
+    the first would wait for the server forever)."""
+    with behind_a_proxy(stack) as (proxy, settings):
+        fields = unavailable(ask_health(settings, before=proxy.blackhole))
         proxy.restore()
     assert list(fields) == ["database"]
 
@@ -139,13 +147,8 @@ def test_a_request_answers_within_one_budget_when_the_database_goes_silent(
     proxy, goes silent: the token look-up's ping, a reconnect and the
     request's own queries all draw on one budget, so it answers 503 within
     the budget and a second, not a deadline for each of them."""
-    if not stack.on_postgres:
-        pytest.skip("a database server to put behind the proxy: this stack runs SQLite")
-    url = make_url(stack.settings.database_url)
-    with TcpProxy((str(url.host), int(url.port or 5432))) as proxy:
-        silent = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-        jobs = replace(stack.settings.jobs, database_url=silent)
-        settings = replace(stack.settings, web_answer_within=BUDGET, jobs=jobs)
+    with behind_a_proxy(stack) as (proxy, through_proxy):
+        settings = replace(through_proxy, web_answer_within=BUDGET)
         current = celery.current_app._get_current_object()
         own = proj.celery.make_celery(settings)  # its sign-ups enqueue through the proxy too
         own.set_current()
