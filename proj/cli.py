@@ -1,5 +1,6 @@
 """The ``proj`` command: ``proj run``, ``proj db upgrade``, ``proj jobs upgrade``,
-``proj admin add``, ``proj token add|revoke``, ``proj relay``, ``proj check``.
+``proj admin add|password|remove``, ``proj token add|list|revoke``,
+``proj relay``, ``proj check``.
 
 Importing it loads click alone: each command imports what it runs when it
 runs, so ``proj --help`` and ``proj --version`` answer at once. A setting
