@@ -48,21 +48,21 @@ WRAPPED = "__proj_revoke__"
 def install() -> None:
     """Record ``revoke`` and ``terminate`` control commands in the ledger (see
     the module), in this process, for every app proj is installed on."""
-    revoke, terminate = Panel.data["revoke"], Panel.data["terminate"]
-    if getattr(revoke, WRAPPED, False):
+    celery_revoke, celery_terminate = Panel.data["revoke"], Panel.data["terminate"]
+    if getattr(celery_revoke, WRAPPED, False):
         return
 
-    @functools.wraps(revoke)
+    @functools.wraps(celery_revoke)
     def recorded_revoke(
         state: Any, task_id: Any, terminate: bool = False, signal: Any = None, **kwargs: Any
     ) -> Any:
         record(state.app, maybe_list(task_id) or (), terminate=terminate)
-        return revoke(state, task_id, terminate=terminate, signal=signal, **kwargs)
+        return celery_revoke(state, task_id, terminate=terminate, signal=signal, **kwargs)
 
-    @functools.wraps(terminate)
+    @functools.wraps(celery_terminate)
     def recorded_terminate(state: Any, signal: Any, task_id: Any, **kwargs: Any) -> Any:
         record(state.app, maybe_list(task_id) or (), terminate=True)
-        return terminate(state, signal, task_id, **kwargs)
+        return celery_terminate(state, signal, task_id, **kwargs)
 
     for name, command in (("revoke", recorded_revoke), ("terminate", recorded_terminate)):
         setattr(command, WRAPPED, True)
