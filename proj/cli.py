@@ -189,8 +189,8 @@ def check() -> None:
 
 def tenant_isolation_problems(connection: Connection) -> list[str]:
     """Why tenants would see each other's rows through ``connection``'s role:
-    it bypasses row-level security, or owns a tenant table where it is off or
-    not forced. Nothing where tenants are not used (no API token and no job
+    it bypasses row-level security, owns a tenant table (an owner may switch
+    its row-level security off), or row-level security is off on one. Nothing where tenants are not used (no API token and no job
     has one) and on databases without row-level security."""
     from sqlalchemy import text
 
@@ -222,8 +222,8 @@ def tenant_isolation_problems(connection: Connection) -> list[str]:
         ]
     tables = connection.execute(
         text(
-            "SELECT relname, relrowsecurity, relforcerowsecurity,"
-            " pg_has_role(relowner, 'USAGE') AS owned FROM pg_class"
+            "SELECT relname, relrowsecurity, pg_has_role(relowner, 'USAGE') AS owned"
+            " FROM pg_class"
             " WHERE oid IN (SELECT to_regclass(name) FROM unnest(:names) AS name)"
         ),
         {"names": list(TENANT_TABLES)},
@@ -231,10 +231,11 @@ def tenant_isolation_problems(connection: Connection) -> list[str]:
     return [
         f"row-level security is off on {table.relname}; run proj db upgrade"
         if not table.relrowsecurity
-        else f"{role.name} owns {table.relname}, whose row-level security is not "
-        f"forced: ALTER TABLE {table.relname} FORCE ROW LEVEL SECURITY"
+        else f"{role.name} owns {table.relname}, so it may switch its row-level security "
+        "off: migrate as an owner role and connect the application as another one "
+        "(neither owner, superuser nor BYPASSRLS)"
         for table in tables
-        if not table.relrowsecurity or (table.owned and not table.relforcerowsecurity)
+        if not table.relrowsecurity or table.owned
     ]
 
 

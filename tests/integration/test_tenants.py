@@ -1,9 +1,10 @@
 """Tenants: a tenant sees and changes its own rows only.
 
 On PostgreSQL the database keeps them apart (row-level security, migration
-0003), so these tests connect as a role it applies to: a new role with
-NOSUPERUSER NOBYPASSRLS that owns a new database and its tables. The
-application's own look-ups keep them apart on every stack (the last tests).
+0003), so these tests connect as a role it applies to, as a deployment
+does: a role with NOSUPERUSER NOBYPASSRLS that may read and write the rows
+of tables another role made and owns. The application's own look-ups keep
+them apart on every stack (the last tests).
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ class Tenanted:
     flask_app: Flask
     admin: Engine
     """A superuser on the same database: sees every row, whatever the tenant."""
+    owner: str
+    """The role that ran the migrations and owns the tables."""
 
     @property
     def jobs(self) -> Jobs:
@@ -102,25 +105,43 @@ class Tenanted:
 
 
 @contextmanager
-def role_database() -> Iterator[str]:
-    """The URL of a new database, as a new role that row-level security
-    applies to and that owns the database (and so, once migrated, its
-    tables); both dropped afterwards."""
+def role_database() -> Iterator[tuple[str, str]]:
+    """The URLs of a new database as its two roles, as a deployment has them:
+    an owner, who runs the migrations and owns the tables, and the
+    application's role, which may read and write their rows and is neither
+    owner, superuser nor BYPASSRLS (row-level security applies to it). The
+    database and the roles are dropped afterwards."""
     host, port, superuser = stacks.POSTGRES
     suffix = uuid.uuid4().hex[:10]
-    role, name = f"proj_tenant_{suffix}", f"proj_scratch_{suffix}"
+    owner, app, name = f"proj_owner_{suffix}", f"proj_app_{suffix}", f"proj_scratch_{suffix}"
     admin = psycopg2.connect(host=host, port=port, user=superuser, dbname="postgres")
     admin.autocommit = True
     try:
         with admin.cursor() as cursor:
-            cursor.execute(f'CREATE ROLE "{role}" LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB')
-            cursor.execute(f'CREATE DATABASE "{name}" OWNER "{role}"')
+            for role in (owner, app):
+                cursor.execute(f'CREATE ROLE "{role}" LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB')
+            cursor.execute(f'CREATE DATABASE "{name}" OWNER "{owner}"')
+        inside = psycopg2.connect(host=host, port=port, user=superuser, dbname=name)
+        inside.autocommit = True
+        with inside, inside.cursor() as cursor:
+            cursor.execute(f'GRANT USAGE ON SCHEMA public TO "{app}"')
+            rights = {"TABLES": "SELECT, INSERT, UPDATE, DELETE", "SEQUENCES": "USAGE, SELECT"}
+            for kind, granted in rights.items():
+                cursor.execute(
+                    f'ALTER DEFAULT PRIVILEGES FOR ROLE "{owner}" '
+                    f'GRANT {granted} ON {kind} TO "{app}"'
+                )
+        inside.close()
         try:
-            yield f"postgresql://{role}@{host}:{port}/{name}"
+            yield (
+                f"postgresql://{app}@{host}:{port}/{name}",
+                f"postgresql://{owner}@{host}:{port}/{name}",
+            )
         finally:
             with admin.cursor() as cursor:
                 cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-                cursor.execute(f'DROP ROLE IF EXISTS "{role}"')
+                for role in (app, owner):
+                    cursor.execute(f'DROP ROLE IF EXISTS "{role}"')
     finally:
         admin.close()
 
@@ -130,7 +151,7 @@ def role_stack(stack: Stack) -> Iterator[Tenanted]:
     """proj on the stack's broker and a migrated database of the role's."""
     if not stack.on_postgres:
         pytest.skip("row-level security is PostgreSQL's")
-    with role_database() as url:
+    with role_database() as (url, owner_url):
         env = {
             **stack.env,
             "DATABASE_URL": url,
@@ -138,14 +159,14 @@ def role_stack(stack: Stack) -> Iterator[Tenanted]:
             "PROJ_RELAY_IN_WORKER": "0",
         }
         settings = load_settings(env)
-        upgrade(url)
+        upgrade(owner_url)
         own = make_celery(settings)
         superuser = make_url(resolve_url(url)).set(username=stacks.POSTGRES[2])
         admin = create_engine(superuser, poolclass=pool.NullPool)
         flask_app = create_app(settings, own)
         flask_app.testing = True
         try:
-            yield Tenanted(settings, own, flask_app, admin)
+            yield Tenanted(settings, own, flask_app, admin, str(make_url(owner_url).username))
         finally:
             Jobs.of(own).dispose()
             with flask_app.app_context():
@@ -418,24 +439,25 @@ def test_a_pooled_connection_reused_without_a_tenant_sees_nothing_of_the_last_on
 
 
 def test_proj_check_names_a_role_that_bypasses_row_level_security(tenanted: Tenanted) -> None:
-    """Once tenants are in use, ``proj check`` names a superuser, and an owner
-    of a tenant table whose row-level security is not forced; the role it
-    applies to passes."""
+    """Once tenants are in use, ``proj check`` names a superuser, and the
+    owner of the tenant tables (an owner may switch their row-level security
+    off, forced or not); the application's role, which owns nothing, passes."""
     tenanted.token(new_tenant())
     with tenanted.jobs.engine.connect() as connection:
         assert tenant_isolation_problems(connection) == []
     with tenanted.admin.connect() as connection:
         [problem] = tenant_isolation_problems(connection)
         assert "superuser" in problem
-    with tenanted.admin.begin() as connection:
-        connection.execute(text("ALTER TABLE invoices NO FORCE ROW LEVEL SECURITY"))
+    owner = create_engine(
+        make_url(tenanted.admin.url).set(username=tenanted.owner), poolclass=pool.NullPool
+    )
     try:
-        with tenanted.jobs.engine.connect() as connection:
-            [problem] = tenant_isolation_problems(connection)
-            assert "invoices" in problem and "FORCE ROW LEVEL SECURITY" in problem
+        with owner.connect() as connection:
+            problems = tenant_isolation_problems(connection)
     finally:
-        with tenanted.admin.begin() as connection:
-            connection.execute(text("ALTER TABLE invoices FORCE ROW LEVEL SECURITY"))
+        owner.dispose()
+    assert len(problems) == len(TENANT_TABLES)
+    assert all(f"{tenanted.owner} owns" in problem for problem in problems), problems
 
 
 def test_proj_check_says_nothing_where_tenants_are_not_used(stack: Stack) -> None:
