@@ -37,6 +37,8 @@ LIBRARY_COMMANDS = {
 """proj.jobs's command groups, each loaded when it is used: where it is, and
 its help line (what ``proj --help`` shows without loading it)."""
 
+METRICS_PORT = "PROJ_METRICS_PORT"
+"""The setting only ``proj run``'s worker gets: one process may listen on a port."""
 STOP_TIMEOUT = 20.0
 """Seconds ``proj run`` waits for its processes to stop before killing them."""
 
@@ -190,8 +192,9 @@ def check() -> None:
 def tenant_isolation_problems(connection: Connection) -> list[str]:
     """Why tenants would see each other's rows through ``connection``'s role:
     it bypasses row-level security, owns a tenant table (an owner may switch
-    its row-level security off), or row-level security is off on one. Nothing where tenants are not used (no API token and no job
-    has one) and on databases without row-level security."""
+    its row-level security off), or row-level security is off on one.
+    Nothing where tenants are not used (no API token and no job has one) and
+    on databases without row-level security."""
     from sqlalchemy import text
 
     from proj.models import TENANT_TABLES
@@ -411,8 +414,11 @@ def run(host: str, port: int) -> None:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         for name, command in _commands(host, port).items():
+            # One metrics port a machine: the worker's (beat's jobs are counted
+            # where they run, and the web serves its own /metrics).
+            env = {k: v for k, v in os.environ.items() if name == "worker" or k != METRICS_PORT}
             # proj's own commands, with this Python: nothing from input.
-            processes[name] = subprocess.Popen(command)  # noqa: S603
+            processes[name] = subprocess.Popen(command, env=env)  # noqa: S603
         if _wait_for_port(host, port, processes):
             # Printed, never logged: it holds the first password and token.
             click.echo(_welcome(f"http://{host}:{port}/", settings.mail_url, first_access))

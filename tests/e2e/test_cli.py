@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import click
@@ -161,3 +162,32 @@ def test_run_on_every_interface_says_its_cookies_are_not_secure(
     assert "session cookies are not Secure" in run.output()
     assert "PROJ_COOKIE_SECURE=1" in run.output()
     assert run.stop(signal.SIGINT) == 0
+
+
+def test_run_with_a_metrics_port_serves_the_workers_metrics(
+    commands: Commands, tmp_path: Path
+) -> None:
+    """``PROJ_METRICS_PORT`` with ``proj run``: its worker serves the port
+    (beat, which would take the same port, does not), and all keep running."""
+    port, metrics_port = free_port(), free_port()
+    run = commands.start(
+        "proj",
+        *(str(BIN / "proj"), "run", "--port", str(port)),
+        env=clean_env(PROJ_METRICS_PORT=str(metrics_port), PROJ_METRICS_ADDRESS="127.0.0.1"),
+        cwd=tmp_path,
+    )
+    run.wait_for_output("proj is running")
+    assert b"proj_" in run.until(lambda: scrape(f"http://127.0.0.1:{metrics_port}/metrics"))
+    assert "PROJ_METRICS_PORT" not in run.output()
+    assert run.stop(signal.SIGINT) == 0
+
+
+def scrape(url: str) -> bytes | None:
+    """What ``url`` answers, or None while nothing listens there."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=10) as answer:
+            body: bytes = answer.read()
+            return body
+    except OSError:
+        return None
