@@ -17,7 +17,7 @@ from typing import Any
 
 import limits
 
-from proj.jobs import ConfigurationError, JobsSettings
+from proj.jobs import ConfigurationError, JobsSettings, login_limit
 from proj.jobs.engine import resolve_result_backend
 from proj.jobs.settings import number
 
@@ -37,7 +37,8 @@ DEFAULTS: Mapping[str, str] = {
     "PROJ_LOGIN_RATE_LIMIT": "10/minute",
     "PROJ_SESSION_IDLE_TIMEOUT": "3600",
     "PROJ_SESSION_LIFETIME": "43200",
-    "PROJ_RATELIMIT_STORAGE_URI": "memory://",
+    "PROJ_RATELIMIT_STORAGE_URI": "auto",
+    "PROJ_TRUSTED_PROXIES": "0",
     "PROJ_MAX_CONTENT_LENGTH": "65536",
     "PROJ_PAYMENT_LATENCY": "0",
     "PROJ_CLEANUP_INTERVAL": "3600",
@@ -85,13 +86,22 @@ class Settings:
     cookie_secure: bool
     """Session cookies only over HTTPS (default: outside the embedded setup)."""
     login_rate_limit: str
-    """Console login attempts allowed per client address (``10/minute``)."""
+    """Console sign-in attempts allowed per client address, and per account
+    tried, in any window of that length (``10/minute``)."""
     session_idle_timeout: float
     """Seconds a console session may go without a request before it ends."""
     session_lifetime: float
     """Seconds a console session lasts at most after sign-in, however busy."""
     ratelimit_storage_uri: str
-    """Where login attempts are counted (``memory://``: per process; ``redis://...``)."""
+    """Where sign-in attempts are counted: ``database`` (the ledger's table),
+    ``redis://...`` or ``memory://`` (each process its own). ``auto``: the
+    broker's Redis when the broker is Redis, else the database, but
+    ``memory://`` on the embedded setup (one web process)."""
+    trusted_proxies: int
+    """How many proxies in front of the web tier append the client's address
+    to ``X-Forwarded-For``; the client address is the one the outermost of
+    them saw (Werkzeug's ``ProxyFix``). 0: none, the socket's peer, and the
+    header is ignored."""
     max_content_length: int
     """Largest request body the API accepts, in bytes; larger ones get 413."""
     payment_latency: float
@@ -168,6 +178,18 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             ) from None
         return raw(name)
 
+    def store(name: str) -> str:
+        uri = raw(name).strip()
+        broker = text("CELERY_BROKER_URL")
+        if uri == "auto":
+            # Kombu's Redis URLs are redis-py's, which limits hands them to.
+            redis = broker.startswith(("redis:", "rediss:"))
+            uri = broker if redis else login_limit.default_store(database_url)
+        try:
+            return login_limit.check_store(uri)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"{name}: {exc}") from None
+
     def flag(name: str, default: bool) -> bool:
         value = raw(name).strip().lower()
         if value in ("", "auto"):
@@ -199,7 +221,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         login_rate_limit=rate("PROJ_LOGIN_RATE_LIMIT"),
         session_idle_timeout=read("PROJ_SESSION_IDLE_TIMEOUT", float),
         session_lifetime=read("PROJ_SESSION_LIFETIME", float),
-        ratelimit_storage_uri=raw("PROJ_RATELIMIT_STORAGE_URI"),
+        ratelimit_storage_uri=store("PROJ_RATELIMIT_STORAGE_URI"),
+        trusted_proxies=read("PROJ_TRUSTED_PROXIES", int),
         max_content_length=read("PROJ_MAX_CONTENT_LENGTH", int),
         payment_latency=read("PROJ_PAYMENT_LATENCY", float),
         cleanup_interval=read("PROJ_CLEANUP_INTERVAL", float),

@@ -111,6 +111,9 @@ def app(stack: Stack, celery_app: Celery) -> Iterator[Flask]:
 
     flask_app = create_app(stack.settings, celery_app)
     flask_app.testing = True
+    # Each test's app counts its own sign-ins (they all come from 127.0.0.1);
+    # test_console_auth tests the stores the stack shares.
+    flask_app.config["PROJ_RATELIMIT_STORAGE_URI"] = "memory://"
     yield flask_app
     with flask_app.app_context():
         web_db.engine.dispose()

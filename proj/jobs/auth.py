@@ -1,5 +1,6 @@
 """Who may see and act on jobs: console accounts (email and password) and API
-tokens (``Authorization: Bearer <token>``), each with a role.
+tokens (``Authorization: Bearer <token>``), each with a role; and the console
+sign-in attempts counted against their limit (:class:`LoginAttempt`).
 
 A ``viewer`` reads; an ``operator`` also writes. Passwords are hashed with
 Werkzeug's scrypt; a token is shown once, when it is made, and only its
@@ -11,6 +12,7 @@ request that is not ``GET``/``HEAD``/``OPTIONS`` needs an operator's.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import re
@@ -20,7 +22,7 @@ from enum import StrEnum
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, g, request
-from sqlalchemy import String, delete, func, select, update
+from sqlalchemy import Index, String, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 from werkzeug.security import check_password_hash, generate_password_hash
@@ -91,8 +93,27 @@ class ApiToken(LedgerBase):
     """When a request last used it (to the minute)."""
 
 
-# Checked when the email is unknown, so a wrong email takes as long as a wrong password.
-_NOBODY = generate_password_hash(secrets.token_hex(16))
+class LoginAttempt(LedgerBase):
+    """A console sign-in attempt let through, for as long as it counts against
+    its limit (:mod:`proj.jobs.login_limit`, when attempts are counted in the
+    database)."""
+
+    __tablename__ = "proj_login_attempts"
+    __table_args__ = (Index("ix_proj_login_attempts_key_expires_at", "key", "expires_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    key: Mapped[str] = mapped_column(String(64))
+    """SHA-256 of what is counted (the client address or the email tried, and
+    the rate): neither the address nor the email is kept."""
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+    """When the attempt stops counting (and may be deleted)."""
+
+
+@functools.cache
+def _nobody() -> str:
+    # Checked when the email is unknown, so a wrong email takes as long as a
+    # wrong password; made at first use, so importing costs no scrypt.
+    return generate_password_hash(secrets.token_hex(16))
 
 
 def _role(role: str) -> Role:
@@ -117,7 +138,7 @@ def add_account(session: Session, email: str, password: str, role: str) -> Accou
 def authenticate(session: Session, email: str, password: str) -> Account | None:
     """The account these credentials open, or None."""
     account = session.scalar(select(Account).where(Account.email == email.strip().lower()))
-    matches = check_password_hash(account.password_hash if account else _NOBODY, password)
+    matches = check_password_hash(account.password_hash if account else _nobody(), password)
     return account if account is not None and matches else None
 
 

@@ -15,6 +15,7 @@ from celery import Celery
 from flask import Flask, Response, current_app, jsonify, url_for
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.pool import NullPool
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from proj.config import Settings, current_settings
 from proj.db import db
@@ -33,7 +34,8 @@ def create_app(settings: Settings | None = None, celery_app: Celery | None = Non
     """The web application for ``settings`` (default: the environment's).
 
     Views enqueue through ``celery_app`` (default: ``proj.celery.app``), whose
-    broker the health check asks.
+    broker the health check asks. With ``PROJ_TRUSTED_PROXIES``, the client
+    address is taken from ``X-Forwarded-For`` as that many proxies set it.
     """
     if celery_app is None:
         from proj.celery import app as proj_app
@@ -83,6 +85,10 @@ def create_app(settings: Settings | None = None, celery_app: Celery | None = Non
     app.add_url_rule("/healthz", view_func=healthz)
     app.add_url_rule("/favicon.ico", view_func=favicon)
     app.add_url_rule(DOCUMENT_PATH, view_func=openapi_document)  # no token: see its module
+    if settings.trusted_proxies:
+        # Only the addresses the trusted proxies appended: what a client
+        # wrote in the header itself is never the client address.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies)  # type: ignore[method-assign]
     return app
 
 

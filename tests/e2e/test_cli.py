@@ -85,6 +85,8 @@ def test_help_lines_of_the_library_groups_are_theirs() -> None:
         ("PROJ_LOG_FORMAT", "xml", "expected json or text"),
         ("PROJ_OUTBOX_FAST_PATH", "maybe", "expected 1 or 0"),
         ("PROJ_LOGIN_RATE_LIMIT", "lots", "a rate such as 10/minute"),
+        ("PROJ_RATELIMIT_STORAGE_URI", "memcached://cache:11211", "give database, memory://"),
+        ("PROJ_TRUSTED_PROXIES", "all", "expected a whole number"),
         ("DATABASE_URL", "postgresql+psycopg://u@db/app", "pip install psycopg"),
         ("DATABASE_URL", "not a url", "is not a database URL"),
         ("CELERY_RESULT_BACKEND", "db+postgresql+pg8000://u@db/app", "pip install pg8000"),

@@ -4,17 +4,25 @@ and what a request without its CSRF token or with the wrong role changes
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import secrets
+import socket
+import threading
 import uuid
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
 
 import pytest
+from celery import Celery
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import delete, func, select
+from werkzeug.test import TestResponse
 
 from proj.db import db
-from proj.jobs import auth
+from proj.jobs import auth, utcnow
 from proj.jobs.console import sessions
 from proj.web import create_app
 
@@ -183,24 +191,192 @@ def test_sign_in_without_its_csrf_token_is_refused(app: Flask, browser: FlaskCli
     assert browser.get("/dashboard/").status_code == 302
 
 
-def test_sign_in_attempts_are_limited_per_address(stack: Stack, celery_app: object) -> None:
-    app = create_app(stack.settings, celery_app)  # type: ignore[arg-type]
-    app.config["PROJ_LOGIN_RATE_LIMIT"] = "3/minute"
+RATE = "3/minute"
+"""The sign-in limit of the apps :func:`make_app` makes."""
+
+
+def new_address() -> str:
+    """A client address no other test uses (the stack's stores outlive a test)."""
+    number = secrets.randbits(24)
+    return f"10.{number >> 16}.{(number >> 8) & 255}.{number & 255}"
+
+
+def new_email() -> str:
+    return f"tried-{uuid.uuid4().hex[:12]}@example.com"
+
+
+def attempt(client: FlaskClient, email: str, password: str = "", **environ: str) -> TestResponse:
+    """A sign-in through the form, the request's WSGI ``environ`` given
+    (``REMOTE_ADDR``, ``HTTP_X_FORWARDED_FOR``)."""
+    token = csrf_of(client.get("/dashboard/login", environ_base=environ).text)
+    form = {"email": email, "password": password, "csrf_token": token, "next": ""}
+    return client.post("/dashboard/login", data=form, environ_base=environ)
+
+
+@pytest.fixture
+def make_app(stack: Stack, celery_app: Celery) -> Iterator[Callable[..., Flask]]:
+    """Makes the web application on the stack as each web process has it (a
+    limiter of its own, counting in the store its settings name), allowing
+    :data:`RATE` sign-in attempts; keyword arguments change its settings."""
+    made: list[Flask] = []
+
+    def make(**changes: Any) -> Flask:
+        flask_app = create_app(dataclasses.replace(stack.settings, **changes), celery_app)
+        flask_app.config["PROJ_LOGIN_RATE_LIMIT"] = RATE
+        made.append(flask_app)
+        return flask_app
+
+    yield make
+    for flask_app in made:
+        with flask_app.app_context():
+            db.engine.dispose()
+
+
+def test_sign_in_attempts_are_limited_per_address(make_app: Callable[..., Flask]) -> None:
+    """Attempts from one address on many accounts: the fourth is refused,
+    the right password too, and another address is not."""
+    app = make_app()
+    email, password = account(app, "operator")
+    client, address = app.test_client(), new_address()
+    statuses = [attempt(client, new_email(), REMOTE_ADDR=address).status_code for _ in range(3)]
+    assert statuses == [401, 401, 401]
+    limited = attempt(client, email, password, REMOTE_ADDR=address)  # right, but one too many
+    assert limited.status_code == 429
+    assert "from this address" in limited.text
+    assert client.get("/dashboard/").status_code == 302
+    assert attempt(client, email, password, REMOTE_ADDR=new_address()).status_code == 302
+
+
+def test_sign_in_attempts_are_limited_per_account(make_app: Callable[..., Flask]) -> None:
+    """Attempts on one account from many addresses: the fourth is refused,
+    whatever address it comes from, and another account is not."""
+    app = make_app()
+    email, password = account(app, "viewer")
+    client = app.test_client()
+    statuses = [attempt(client, email, REMOTE_ADDR=new_address()).status_code for _ in range(3)]
+    assert statuses == [401, 401, 401]
+    limited = attempt(client, f" {email.upper()} ", password, REMOTE_ADDR=new_address())
+    assert limited.status_code == 429
+    assert "for this account" in limited.text
+    assert client.get("/dashboard/").status_code == 302
+    assert attempt(client, new_email(), REMOTE_ADDR=new_address()).status_code == 401
+
+
+@pytest.mark.parametrize("store", ["default", "database"])
+def test_web_processes_share_the_count(
+    stack: Stack, make_app: Callable[..., Flask], store: str
+) -> None:
+    """Two web processes (two apps, a limiter each) count in one store: by
+    default the broker's Redis on pg-redis and the database on pg-rabbit;
+    the database when it is named, on every stack. Three attempts in all,
+    per address and per account, not three in each process."""
+    if store == "default" and not stack.on_postgres:
+        pytest.skip("the embedded setup counts in each process's memory")
+    changes = {"ratelimit_storage_uri": "database"} if store == "database" else {}
+    first, second = make_app(**changes), make_app(**changes)
+    clients = [first.test_client(), second.test_client()]
+    address = new_address()
+    statuses = [
+        attempt(clients[n % 2], new_email(), REMOTE_ADDR=address).status_code for n in range(3)
+    ]
+    assert statuses == [401, 401, 401]
+    for client in clients:
+        limited = attempt(client, new_email(), REMOTE_ADDR=address)
+        assert (limited.status_code, "from this address" in limited.text) == (429, True)
+    email = new_email()
+    statuses = [
+        attempt(clients[n % 2], email, REMOTE_ADDR=new_address()).status_code for n in range(3)
+    ]
+    assert statuses == [401, 401, 401]
+    for client in clients:
+        limited = attempt(client, email, REMOTE_ADDR=new_address())
+        assert (limited.status_code, "for this account" in limited.text) == (429, True)
+    broker = stack.env.get("CELERY_BROKER_URL", "")
+    expected = broker if store == "default" and broker.startswith("redis://") else "database"
+    assert first.config["PROJ_RATELIMIT_STORAGE_URI"] == expected
+    if expected == "database":
+        with first.app_context():
+            live = select(func.count()).where(auth.LoginAttempt.expires_at > utcnow())
+            assert (db.session.scalar(live) or 0) >= 6  # the attempts let through
+
+
+def test_attempts_at_once_in_the_database_never_pass_the_limit(
+    make_app: Callable[..., Flask],
+) -> None:
+    """Twelve attempts from one address at the same moment, through two web
+    processes counting in the database: three go ahead, never more."""
+    apps = [make_app(ratelimit_storage_uri="database") for _ in range(2)]
+    address = new_address()
+    clients = [apps[n % 2].test_client() for n in range(12)]
+    tokens = [csrf_of(client.get("/dashboard/login").text) for client in clients]
+    start = threading.Barrier(len(clients))
+
+    def post(n: int) -> int:
+        form = {"email": new_email(), "password": "", "csrf_token": tokens[n], "next": ""}
+        start.wait()
+        answer = clients[n].post(
+            "/dashboard/login", data=form, environ_base={"REMOTE_ADDR": address}
+        )
+        return answer.status_code
+
+    with ThreadPoolExecutor(len(clients)) as pool:
+        statuses = sorted(pool.map(post, range(len(clients))))
+    assert statuses == [401] * 3 + [429] * 9
+
+
+def test_a_store_that_does_not_answer_refuses_the_attempt(make_app: Callable[..., Flask]) -> None:
+    """Attempts that cannot be counted do not go ahead uncounted: 503, and
+    the right password signs nobody in."""
+    app = make_app(ratelimit_storage_uri=f"redis://127.0.0.1:{closed_port()}/0")
     email, password = account(app, "operator")
     client = app.test_client()
-    statuses = [sign_in(client, email, "wrong-password").status_code for _ in range(3)]
-    assert statuses == [401, 401, 401]
-    limited = sign_in(client, email, password)  # right, but one too many
-    assert limited.status_code == 429
+    refused = attempt(client, email, password, REMOTE_ADDR=new_address())
+    assert refused.status_code == 503
+    assert "cannot be counted" in refused.text
     assert client.get("/dashboard/").status_code == 302
-    other = client.post(
-        "/dashboard/login",
-        data={"email": email, "password": password, "csrf_token": "x"},
-        environ_base={"REMOTE_ADDR": "10.0.0.9"},
-    )
-    assert other.status_code == 400  # another address is not limited (its form is stale)
-    with app.app_context():
-        db.engine.dispose()
+
+
+def closed_port() -> int:
+    """A local port nothing listens on."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_behind_a_trusted_proxy_each_client_is_counted_apart(
+    make_app: Callable[..., Flask],
+) -> None:
+    """With ``PROJ_TRUSTED_PROXIES=1``, requests that all come from the proxy
+    are counted by the address it appended to ``X-Forwarded-For``: a second
+    client is not limited by the first, and what a client wrote in the header
+    itself before the proxy's address changes nothing."""
+    app = make_app(trusted_proxies=1)
+    client, proxy = app.test_client(), new_address()
+    first, second = new_address(), new_address()
+    statuses = [
+        attempt(client, new_email(), REMOTE_ADDR=proxy, HTTP_X_FORWARDED_FOR=first).status_code
+        for _ in range(3)
+    ]
+    assert statuses == [401, 401, 401]
+    forged = f"{new_address()}, {first}"  # the client's own value, then the proxy's
+    limited = attempt(client, new_email(), REMOTE_ADDR=proxy, HTTP_X_FORWARDED_FOR=forged)
+    assert limited.status_code == 429
+    other = attempt(client, new_email(), REMOTE_ADDR=proxy, HTTP_X_FORWARDED_FOR=second)
+    assert other.status_code == 401
+
+
+def test_a_forged_forwarded_for_does_not_escape_the_limit(make_app: Callable[..., Flask]) -> None:
+    """Trusting no proxy (the default), a client that sends a new
+    ``X-Forwarded-For`` with each attempt is still counted by its own address."""
+    app = make_app()
+    client, address = app.test_client(), new_address()
+    statuses = [
+        attempt(
+            client, new_email(), REMOTE_ADDR=address, HTTP_X_FORWARDED_FOR=new_address()
+        ).status_code
+        for _ in range(4)
+    ]
+    assert statuses == [401, 401, 401, 429]
 
 
 def test_a_deleted_account_is_out_at_once(app: Flask, browser: FlaskClient) -> None:

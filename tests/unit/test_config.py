@@ -55,8 +55,45 @@ def test_plain_delay_does_not_wait_for_rabbitmqs_confirm(tmp_path: Path) -> None
     [
         ("PROJ_WEB_POOL_SIZE", "many", "PROJ_WEB_POOL_SIZE='many': expected a whole number"),
         ("PROJ_PAYMENT_LATENCY", "-1", "PROJ_PAYMENT_LATENCY='-1': expected a number, 0 or more"),
+        ("PROJ_TRUSTED_PROXIES", "all", "PROJ_TRUSTED_PROXIES='all': expected a whole number"),
+        (
+            "PROJ_RATELIMIT_STORAGE_URI",
+            "memcached://:secret@cache:11211",
+            "^PROJ_RATELIMIT_STORAGE_URI: cannot count sign-in attempts in a 'memcached' store"
+            "[^@]*$",
+        ),
     ],
 )
 def test_a_bad_value_names_its_variable(tmp_path: Path, name: str, value: str, says: str) -> None:
     with pytest.raises(ConfigurationError, match=says):
         load_settings({"PROJ_DATA_DIR": str(tmp_path), name: value})
+
+
+@pytest.mark.parametrize(
+    ("environ", "counted_in"),
+    [
+        ({}, "memory://"),
+        ({"DATABASE_URL": "postgresql://u@db/app", "CELERY_BROKER_URL": "amqp://mq//"}, "database"),
+        (
+            {"DATABASE_URL": "postgresql://u@db/app", "CELERY_BROKER_URL": "redis://cache:6379/2"},
+            "redis://cache:6379/2",
+        ),
+        (
+            {"CELERY_BROKER_URL": "rediss://cache:6380/0", "PROJ_RATELIMIT_STORAGE_URI": "auto"},
+            "rediss://cache:6380/0",
+        ),
+        (
+            {"DATABASE_URL": "postgresql://u@db/app", "PROJ_RATELIMIT_STORAGE_URI": "memory://"},
+            "memory://",
+        ),
+        ({"PROJ_RATELIMIT_STORAGE_URI": "database"}, "database"),
+    ],
+)
+def test_sign_in_attempts_are_counted_where_every_web_process_sees_them(
+    tmp_path: Path, environ: dict[str, str], counted_in: str
+) -> None:
+    """By default: the broker's Redis, else the database, but each process's
+    memory on the embedded setup (one web process). A value set is kept."""
+    settings = load_settings({"PROJ_DATA_DIR": str(tmp_path), **environ})
+    assert settings.ratelimit_storage_uri == counted_in
+    assert settings.trusted_proxies == 0

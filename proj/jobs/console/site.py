@@ -7,9 +7,12 @@ form must carry.
   operator may POST anything but the login and logout forms.
 - Every POST carries a CSRF token (Flask-WTF's); one without a valid token
   is refused before it reaches a view, so it changes nothing.
-- Login attempts are rate-limited per client address (``PROJ_LOGIN_RATE_LIMIT``
-  in the Flask config, default ``10/minute``; ``PROJ_RATELIMIT_STORAGE_URI``,
-  default ``memory://``: set ``redis://...`` to count across processes).
+- Sign-in attempts are limited per client address and per account tried
+  (:mod:`proj.jobs.login_limit`): ``PROJ_LOGIN_RATE_LIMIT`` in the Flask
+  config, default ``10/minute``, counted where ``PROJ_RATELIMIT_STORAGE_URI``
+  says (``database``, ``redis://...`` or ``memory://``; unset, the database,
+  or each process's memory on SQLite). A store that does not answer refuses
+  the attempt (503).
 - Responses carry a content security policy (no inline script or style, no
   framing) and are not cached.
 """
@@ -31,12 +34,11 @@ from flask import (
 )
 from flask_wtf.csrf import CSRFError, generate_csrf, validate_csrf
 from limits import parse
-from limits.storage import storage_from_string
-from limits.strategies import MovingWindowRateLimiter
+from limits.errors import StorageError
 from werkzeug.wrappers.response import Response as BaseResponse
 from wtforms import ValidationError
 
-from proj.jobs import auth
+from proj.jobs import auth, login_limit
 from proj.jobs.console import sessions
 from proj.jobs.http import json_error
 
@@ -50,6 +52,8 @@ blueprint = Blueprint(
 """The console: mount it (``proj.jobs.console.blueprint``) once ``jobs.init_app``
 has run and ``SECRET_KEY`` is set."""
 
+DEFAULT_RATE = "10/minute"
+"""Sign-in attempts allowed per address and per account (``PROJ_LOGIN_RATE_LIMIT`` unset)."""
 PUBLIC = frozenset({"proj_console.login", "proj_console.static"})
 ANYONE_MAY_POST = frozenset({"proj_console.login", "proj_console.logout"})
 SECURITY_HEADERS = {
@@ -142,10 +146,10 @@ def login() -> Any:
     target = _local(request.values.get("next"))
     if request.method == "GET":
         return render_template("proj_console/login.html", next=target)
-    if not _attempt_allowed():
-        message = "too many sign-in attempts from this address; wait a minute"
-        return render_template("proj_console/login.html", next=target, error=message), 429
     email = request.form.get("email", "")
+    refused = _attempt_refusal(email)
+    if refused is not None:
+        return render_template("proj_console/login.html", next=target, error=refused), 429
     account = auth.authenticate(auth.request_session(), email, request.form.get("password", ""))
     if account is None:
         error = "that email and password do not match an account"
@@ -173,14 +177,25 @@ def _local(target: str | None) -> str | None:
     return target if not parts.scheme and not parts.netloc else None
 
 
-def _attempt_allowed() -> bool:
-    limiter: tuple[MovingWindowRateLimiter, Any] | None = current_app.extensions.get(
-        "proj.console.limiter"
-    )
-    if limiter is None:
-        uri = current_app.config.get("PROJ_RATELIMIT_STORAGE_URI", "memory://")
-        rate = parse(current_app.config.get("PROJ_LOGIN_RATE_LIMIT", "10/minute"))
-        limiter = (MovingWindowRateLimiter(storage_from_string(uri)), rate)
-        current_app.extensions["proj.console.limiter"] = limiter
-    strategy, rate = limiter
-    return strategy.hit(rate, "proj-console-login", request.remote_addr or "unknown")
+def _attempt_refusal(email: str) -> str | None:
+    """Why this sign-in attempt may not go ahead (None: it may), counting it."""
+    limit: login_limit.LoginLimit | None = current_app.extensions.get("proj.console.login_limit")
+    if limit is None:
+        config = current_app.config
+        database_url = str(auth.request_session().get_bind().engine.url)
+        limit = login_limit.login_limit(
+            config.get("PROJ_RATELIMIT_STORAGE_URI") or login_limit.default_store(database_url),
+            parse(config.get("PROJ_LOGIN_RATE_LIMIT", DEFAULT_RATE)),
+            auth.request_session,
+        )
+        current_app.extensions["proj.console.login_limit"] = limit
+    try:
+        refused = limit.refusal(request.remote_addr or "unknown", email)
+    except StorageError:
+        raise Refused(
+            503, "unavailable", "sign-in attempts cannot be counted just now; try again shortly"
+        ) from None
+    if refused is None:
+        return None
+    where = "from this address" if refused == "address" else "for this account"
+    return f"too many sign-in attempts {where} (at most {limit.rate}); wait and try again"
