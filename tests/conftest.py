@@ -24,6 +24,7 @@ from celery import Celery
 from celery._state import get_current_app
 from flask import Flask
 from flask.testing import FlaskClient
+from hypothesis import settings
 
 import proj.jobs.testing
 from proj.celery import make_celery
@@ -35,6 +36,14 @@ from proj.migrations import upgrade
 pytest_plugins = ["proj.jobs.testing.plugin"]
 
 REQUIRED = bool(os.environ.get("CI") or os.environ.get("PROJ_REQUIRE_SERVICES"))
+
+# Hypothesis (the property tests, and Schemathesis's fuzzing of the API) tries
+# the same examples on every run, so CI fails or passes as it did here, and
+# keeps no example database; `pytest --hypothesis-profile=thorough` looks
+# twenty times further, with new examples each run.
+settings.register_profile("proj", max_examples=50, deadline=None, derandomize=True, database=None)
+settings.register_profile("thorough", max_examples=1000, deadline=None, database=None)
+settings.load_profile("proj")
 
 _skipped: dict[str, str] = {}
 

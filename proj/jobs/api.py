@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from proj.jobs import actions, ledger, revoke
 from proj.jobs.auth import request_session, require_token, token_tenant
 from proj.jobs.extension import EXTENSION_KEY, Jobs
-from proj.jobs.http import json_error
+from proj.jobs.http import json_error, whole_number
 from proj.jobs.models import Job, State
 
 blueprint = Blueprint("jobs", __name__)
@@ -110,15 +110,15 @@ def list_jobs() -> Response:
 def _limit(raw: str | None) -> int:
     if raw is None:
         return DEFAULT_LIMIT
-    # isdigit() alone takes "²", which int() refuses.
-    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_LIMIT:
+    limit = whole_number(raw)
+    if limit is None or not 1 <= limit <= MAX_LIMIT:
         raise JobApiError(
             400,
             "invalid_query",
             f"limit must be a whole number from 1 to {MAX_LIMIT}",
             {"limit": raw},
         )
-    return int(raw)
+    return limit
 
 
 @blueprint.post("/<job_id>/retry")

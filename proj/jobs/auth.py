@@ -137,7 +137,13 @@ def add_account(session: Session, email: str, password: str, role: str) -> Accou
 
 def authenticate(session: Session, email: str, password: str) -> Account | None:
     """The account these credentials open, or None."""
-    account = session.scalar(select(Account).where(Account.email == email.strip().lower()))
+    email = email.strip().lower()
+    # No account's email holds a NUL, which PostgreSQL refuses in text.
+    account = (
+        session.scalar(select(Account).where(Account.email == email))
+        if "\x00" not in email
+        else None
+    )
     matches = check_password_hash(account.password_hash if account else _nobody(), password)
     return account if account is not None and matches else None
 

@@ -1,5 +1,6 @@
-"""The one JSON error shape every proj endpoint answers with:
-``{"error": {"code", "message", "fields"?}}``."""
+"""What every proj endpoint shares: the one JSON error shape it answers
+with, ``{"error": {"code", "message", "fields"?}}``, and how it reads a
+whole number sent as text."""
 
 from __future__ import annotations
 
@@ -15,3 +16,16 @@ def json_error(
     if fields:
         body["fields"] = fields
     return jsonify(error=body), status
+
+
+def whole_number(text: str) -> int | None:
+    """The whole number ``text`` spells in ASCII digits (``"050"`` is 50), or
+    None: never an error, whatever the text. ``int()`` alone would take
+    ``" 5"``, ``"+5"`` and ``"5_0"``; ``str.isdigit()`` alone takes ``"²"``,
+    which ``int()`` refuses, as it refuses more than 4,300 digits."""
+    if not (text.isascii() and text.isdigit()):
+        return None
+    try:
+        return int(text)
+    except ValueError:  # longer than sys.get_int_max_str_digits()
+        return None

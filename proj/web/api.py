@@ -38,7 +38,7 @@ def json_object() -> dict[str, Any]:
         )
     try:
         data = request.get_json()
-    except BadRequest:
+    except (BadRequest, RecursionError):  # RecursionError: nested deeper than Python parses
         raise ApiError(400, "malformed_json", "the request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise ApiError(400, "invalid_body", "the request body must be a JSON object")
@@ -76,7 +76,13 @@ def create_user() -> tuple[Response, int, dict[str, str]]:
     email = data.get("email")
     if email is None:
         raise invalid({"email": "required"})
-    if not isinstance(email, str) or len(email) > 320 or not EMAIL.match(email.strip()):
+    # Printable too: no NUL (PostgreSQL refuses it in text), no lone surrogate (UTF-8 has none).
+    if (
+        not isinstance(email, str)
+        or len(email) > 320
+        or not EMAIL.match(email.strip())
+        or not email.strip().isprintable()
+    ):
         raise invalid({"email": "not a valid email address"})
     user = User(email=email.strip().lower())
     db.session.add(user)

@@ -137,11 +137,16 @@ def test_invalid_email_is_refused(client: FlaskClient, body: dict[str, Any], pro
         ),
         ({"data": '{"email": ', "content_type": "application/json"}, 400, "malformed_json"),
         ({"data": b'{"email": "\xff"}', "content_type": "application/json"}, 400, "malformed_json"),
+        (
+            {"data": "[" * 5000 + "]" * 5000, "content_type": "application/json"},
+            400,
+            "malformed_json",
+        ),
         ({"json": ["a@example.com"]}, 400, "invalid_body"),
         ({"json": "a@example.com"}, 400, "invalid_body"),
         ({"data": "null", "content_type": "application/json"}, 400, "invalid_body"),
     ],
-    ids=["form", "text", "truncated-json", "bad-utf8", "array", "string", "null"],
+    ids=["form", "text", "truncated-json", "bad-utf8", "too-deep", "array", "string", "null"],
 )
 def test_bad_body_is_refused(
     client: FlaskClient, kwargs: dict[str, Any], status: int, code: str

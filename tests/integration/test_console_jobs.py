@@ -542,6 +542,24 @@ def test_bulk_cancel_of_every_matching_job_changes_exactly_those(
     assert {after[k] for k in failed} == {"failed"}
 
 
+@pytest.mark.parametrize("expected", ["²", "1" * 5000], ids=["superscript", "5000-digits"])
+def test_a_count_that_is_no_number_is_taken_as_none(operator: FlaskClient, expected: str) -> None:
+    """The form brings the confirmation's count back; one int() cannot read
+    (a digit only to isdigit(), more digits than int() reads) counts none."""
+    done = operator.post(
+        "/dashboard/jobs/act",
+        data={
+            "csrf_token": token(operator),
+            "action": "cancel",
+            "scope": "matching",
+            "name": f"tests.console.{tag()}.none",
+            "expected": expected,
+        },
+    )
+    page = flashed(operator, done)
+    assert "cancelled 0 jobs" in page and "no longer" not in page
+
+
 def test_a_bulk_action_takes_at_most_a_batch_the_newest_first(
     celery_app: Celery, operator: FlaskClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:

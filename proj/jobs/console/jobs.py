@@ -32,6 +32,7 @@ from proj.jobs.console.filters import (
 from proj.jobs.console.site import Refused, blueprint
 from proj.jobs.console.timeline import timeline
 from proj.jobs.extension import EXTENSION_KEY, Jobs
+from proj.jobs.http import whole_number
 from proj.jobs.models import Job, State
 
 PAGE_SIZE = 50
@@ -177,9 +178,7 @@ def act_on_jobs() -> BaseResponse:
     tally = selection.apply(session, _installed(), job_ids)
     session.commit()
     revoke.announce(_installed().celery_app, tally.cancelled)
-    summary = selection.summary(
-        tally, len(job_ids), capped, int(expected) if expected.isdigit() else 0
-    )
+    summary = selection.summary(tally, len(job_ids), capped, whole_number(expected) or 0)
     flash(summary, "message" if tally.done or tally.stopping else "error")
     return redirect(back)
 
