@@ -75,10 +75,7 @@ def run(task: SqlAlchemyTask, body: Callable[[], Any]) -> Any:
             # included), whatever a forged or mangled header says.
             with context.restored(claim.context) if claim is not None else nullcontext():
                 retval = body()
-                if claim is not None:
-                    ledger.succeed(session(), str(request.id), claim.attempts, retval)
-                if session.registry.has():
-                    _commit(task)
+                _complete(task, claim, retval)
             return retval
         except BaseException as exc:
             if session.registry.has():
@@ -154,9 +151,17 @@ def _claim(task: SqlAlchemyTask) -> ledger.Claim:
     return claim
 
 
-def _commit(task: SqlAlchemyTask) -> None:
+def _complete(task: SqlAlchemyTask, claim: ledger.Claim | None, retval: Any) -> None:
+    """The run's success: its ledger row (if claimed) and its effects, in one
+    commit. A transient error on the way (the database gone silent at the
+    ledger's UPDATE as much as at the COMMIT) retries as the task's
+    ``retry_on`` says."""
+    session = jobs_of(task.app).session
     try:
-        jobs_of(task.app).session.commit()
+        if claim is not None:
+            ledger.succeed(session(), str(task.request.id), claim.attempts, retval)
+        if session.registry.has():
+            session.commit()
     except Exception as exc:
         policy = retry_policy_of(task)
         if policy is not None and policy.matches(exc):
