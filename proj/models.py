@@ -100,6 +100,8 @@ class Invoice(TenantScoped, Base):
     charge_id: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     charged_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    receipt_sent_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    """When its receipt was mailed (once, after its charge)."""
 
     @property
     def idempotency_key(self) -> str:
@@ -115,4 +117,5 @@ class Invoice(TenantScoped, Base):
             "charge_id": self.charge_id,
             "created_at": iso(self.created_at),
             "charged_at": iso(self.charged_at),
+            "receipt_sent_at": iso(self.receipt_sent_at),
         }

@@ -78,6 +78,28 @@ def charge_invoice(invoice_id: int) -> str | None:
     return receipt.charge_id
 
 
+@shared_task(name="proj.tasks.send_receipt")
+@retry_on(TRANSIENT_ERRORS, max_retries=8)
+def send_receipt(charge_id: str | None, invoice_id: int) -> str | None:
+    """Mail the receipt of the invoice's charge, the step chained after
+    ``charge_invoice`` (whose result, the charge id, comes first); once."""
+    invoice = get_for_tenant(Session, Invoice, invoice_id, with_for_update=True)
+    if invoice is None or charge_id is None or invoice.status != "charged":
+        logger.warning("send_receipt: invoice %r has no charge; no receipt", invoice_id)
+        return None
+    if invoice.receipt_sent_at is not None:
+        logger.info("send_receipt: the receipt of invoice %s was sent already", invoice_id)
+        return charge_id
+    user = Session.get(User, invoice.user_id)
+    send_mail(
+        to=user.email if user else current_settings().digest_to,
+        subject=f"Receipt for invoice {invoice.id}",
+        body=f"We charged {invoice.amount_cents / 100:.2f} (charge {charge_id}).\n",
+    )
+    invoice.receipt_sent_at = utcnow()
+    return charge_id
+
+
 @shared_task(name="proj.tasks.generate_report", bind=True)
 @retry_on(TRANSIENT_ERRORS)
 def generate_report(self: SqlAlchemyTask, user_id: int) -> dict[str, int] | None:
@@ -97,6 +119,22 @@ def generate_report(self: SqlAlchemyTask, user_id: int) -> dict[str, int] | None
         if report["invoices"] % REPORT_CHUNK == 0:
             self.set_progress(100.0 * report["invoices"] / total)
     return report
+
+
+@shared_task(name="proj.tasks.mail_monthly_report")
+@retry_on(TRANSIENT_ERRORS, max_retries=8)
+def mail_monthly_report(reports: list[dict[str, int] | None], month: str) -> dict[str, int]:
+    """The callback of the monthly report's chord: every user's report (in
+    the chord's order; None for a user gone since) summed up and mailed to
+    the operators."""
+    summed = {"users": 0, "invoices": 0, "charged": 0, "total_cents": 0, "charged_cents": 0}
+    for report in filter(None, reports):
+        summed["users"] += 1
+        for key in ("invoices", "charged", "total_cents", "charged_cents"):
+            summed[key] += report[key]
+    lines = "".join(f"{name}: {value}\n" for name, value in summed.items())
+    send_mail(to=current_settings().digest_to, subject=f"proj report for {month}", body=lines)
+    return summed
 
 
 @shared_task(name="proj.tasks.cleanup_expired", bind=True)

@@ -25,11 +25,14 @@ from celery._state import get_current_app
 from flask import Flask
 from flask.testing import FlaskClient
 from hypothesis import settings
+from sqlalchemy import update
 
 import proj.jobs.testing
 from proj.celery import make_celery
 from proj.config import Settings, load_settings, use_settings
 from proj.jobs import Jobs, NotInstalledError, auth
+from proj.jobs.models import Job, State
+from proj.jobs.publisher import owed
 from proj.migrations import upgrade
 
 # Loaded by its entry point already; named for runs without plugin autoloading.
@@ -155,8 +158,11 @@ def client(app: Flask) -> FlaskClient:
 
 @pytest.fixture
 def purged(celery_app: Celery) -> Celery:
-    """The Celery app with its queues emptied first."""
+    """The Celery app with its queues emptied first, and no job an earlier
+    test left owed (due later, the relay would publish it in this test)."""
     celery_app.control.purge()
+    with Jobs.of(celery_app).engine.begin() as connection:
+        connection.execute(update(Job).where(*owed()).values(state=State.CANCELLED))
     return celery_app
 
 

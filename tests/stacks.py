@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 import redis
@@ -136,3 +137,14 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         pass
     return True
+
+
+def queue_depth(celery_app: Any, queue: str = "celery") -> int:
+    """Messages ready in ``queue`` on ``celery_app``'s broker (0 if the
+    broker has no such queue, as Redis has none once its list is empty)."""
+    with celery_app.connection_for_write() as connection:
+        channel = connection.default_channel
+        try:
+            return int(channel.queue_declare(queue=queue, passive=True).message_count)
+        except connection.channel_errors:
+            return 0

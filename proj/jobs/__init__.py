@@ -14,6 +14,7 @@ onto one Celery app, ``jobs.init_app(flask_app, db)`` onto one Flask app::
 
 from __future__ import annotations
 
+from proj.jobs.canvas import enqueue_on_commit
 from proj.jobs.clock import UtcDateTime, utcnow
 from proj.jobs.engine import engine_options
 from proj.jobs.errors import (
@@ -46,6 +47,7 @@ __all__ = [
     "TaskArgumentError",
     "UtcDateTime",
     "engine_options",
+    "enqueue_on_commit",
     "retry_on",
     "shared_task",
     "utcnow",

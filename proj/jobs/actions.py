@@ -21,13 +21,13 @@ from sqlalchemy.orm import Session, load_only
 from proj.jobs import ledger, outbox
 from proj.jobs.deadletter import UNRUNNABLE
 from proj.jobs.errors import ProjError
-from proj.jobs.models import CLAIMABLE, Job, State
-from proj.jobs.publisher import MESSAGE_FIELDS
+from proj.jobs.ledger import MESSAGE_FIELDS
+from proj.jobs.models import NOT_STARTED, Job, State
 
 if TYPE_CHECKING:
     from proj.jobs.extension import Jobs
 
-CANCELLABLE = (*CLAIMABLE, State.RUNNING)
+CANCELLABLE = (*NOT_STARTED, State.RUNNING)
 """The states a job may be cancelled in."""
 CHUNK = 500
 """Jobs looked up in one query by :func:`retry_each`."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
-from sqlalchemy import select, tuple_
+from sqlalchemy import false, select, tuple_
 from sqlalchemy.orm import Session
 
 from proj.jobs import actions, ledger, revoke
@@ -79,8 +79,9 @@ def get_job(job_id: str) -> Response:
 
 @blueprint.get("")
 def list_jobs() -> Response:
-    """Newest first; ``state`` filters, ``limit`` pages, ``before`` continues
-    after the last job of the previous page (the ``next`` link has it)."""
+    """Newest first; ``state`` and ``canvas`` filter, ``limit`` pages,
+    ``before`` continues after the last job of the previous page (the
+    ``next`` link has it)."""
     state = request.args.get("state")
     if state is not None and state not in set(State):
         allowed = ", ".join(State)
@@ -89,6 +90,10 @@ def list_jobs() -> Response:
     query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
     if state is not None:
         query = query.where(Job.state == state)
+    canvas = request.args.get("canvas")
+    if canvas is not None:
+        # No canvas id proj issues holds a NUL (which PostgreSQL refuses in text).
+        query = query.where(Job.canvas_id == canvas if "\x00" not in canvas else false())
     query = query.where(
         Job.tenant.is_(None) if (tenant := token_tenant()) is None else Job.tenant == tenant
     )
@@ -103,6 +108,8 @@ def list_jobs() -> Response:
         args: dict[str, Any] = {"limit": limit, "before": page[-1].id}
         if state is not None:
             args["state"] = state
+        if canvas is not None:
+            args["canvas"] = canvas
         following = url_for(".list_jobs", **args)
     return jsonify(jobs=[job.to_json() for job in page], next=following)
 

@@ -3,6 +3,7 @@ beat, connected by ``Jobs``) and at enqueue."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from celery import Celery
@@ -11,7 +12,6 @@ from proj.jobs.clock import due_at, utcnow
 from proj.jobs.engine import resolve_result_backend
 from proj.jobs.errors import ConfigurationError
 from proj.jobs.registry import jobs_of
-from proj.jobs.retry import retry_policy_of
 
 REDIS_DEFAULT_VISIBILITY_TIMEOUT = 3600.0
 
@@ -54,9 +54,11 @@ def check_configuration(celery_app: Celery) -> None:
     - only JSON crosses the queue (pickle would run whatever a message says);
     - a database result backend's URL names a driver that is installed;
     - on Redis, the visibility timeout, and on RabbitMQ the consumer timeout,
-      must outlast every task's hard time limit and retry countdown: a worker
-      holds a message unacknowledged while it runs and while it waits for its
-      ETA, and past that limit the broker delivers it again.
+      must outlast every task's hard time limit: a worker holds a message
+      unacknowledged while it runs, and past that limit the broker delivers
+      it again. (Delays are checked where they are made: a ledger job's wait
+      in its row, whatever its length; see :func:`check_countdown` for the
+      others.)
     """
     conf = celery_app.conf
     for name in ("accept_content", "result_accept_content"):
@@ -75,12 +77,6 @@ def check_configuration(celery_app: Celery) -> None:
     limit, remedy = found
     celery_app.loader.import_default_modules()
     for task in celery_app.tasks.values():
-        policy = retry_policy_of(task)
-        if policy is not None and policy.max_backoff >= limit:
-            raise ConfigurationError(
-                f"{task.name} may wait {policy.max_backoff:g} s before a retry, but "
-                f"{remedy} above the longest countdown ({limit:g} s now)."
-            )
         hard = task.time_limit or conf.task_time_limit
         if hard and hard >= limit:
             raise ConfigurationError(
@@ -89,8 +85,11 @@ def check_configuration(celery_app: Celery) -> None:
             )
 
 
-def check_countdown(celery_app: Celery, options: dict[str, Any]) -> None:
-    """Refuse a countdown or ETA the broker would cut short by redelivering."""
+def check_countdown(celery_app: Celery, options: Mapping[str, Any]) -> None:
+    """Refuse a countdown or ETA (of a plain ``apply_async``, or a plain
+    task's retry) that the broker would cut short by redelivering: a worker
+    holds such a message unacknowledged until it is due. A ledger job's wait
+    is its row's, and never comes here."""
     delay = _delay(options)
     found = unacked_limit(celery_app)
     if delay is None or found is None:
@@ -100,11 +99,12 @@ def check_countdown(celery_app: Celery, options: dict[str, Any]) -> None:
         raise ConfigurationError(
             f"a delay of {delay:g} s is not shorter than the broker allows a message "
             f"to wait unacknowledged ({limit:g} s): it would be delivered twice. "
-            f"{remedy[0].upper()}{remedy[1:]}, or shorten the delay."
+            "Enqueue it with apply_async_on_commit (the ledger holds a delay of any "
+            f"length) or shorten the delay; else: {remedy}."
         )
 
 
-def _delay(options: dict[str, Any]) -> float | None:
+def _delay(options: Mapping[str, Any]) -> float | None:
     now = utcnow()
     eta = due_at(options, now)
     return None if eta is None else (eta - now).total_seconds()

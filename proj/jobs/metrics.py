@@ -211,10 +211,10 @@ def init_app(jobs: Jobs, flask_app: Flask) -> None:
     """Nothing: the web side is the ``/metrics`` blueprint (:mod:`proj.jobs.metrics_api`)."""
 
 
-def enqueued(task_name: str) -> None:
-    """Count a new ledger job of ``task_name``, committed (the outbox calls
-    this once the transaction that wrote its row has committed)."""
-    meters().enqueued.labels(task_name).inc()
+def enqueued(task_name: str, count: int = 1) -> None:
+    """Count ``count`` new ledger jobs of ``task_name``, committed (the outbox
+    calls this once the transaction that wrote their rows has committed)."""
+    meters().enqueued.labels(task_name).inc(count)
 
 
 def relayed(count: int) -> None:

@@ -18,10 +18,12 @@ from proj.jobs.clock import UtcDateTime, utcnow
 
 
 class State(StrEnum):
-    """Where a job stands: ``queued`` (waiting for its first run), ``running``,
+    """Where a job stands: ``waiting`` (a canvas step, for the jobs before it
+    to succeed), ``queued`` (waiting for its first run), ``running``,
     ``retrying`` (waiting for its next attempt), then ``succeeded``, ``failed``
     or ``cancelled``, which are final."""
 
+    WAITING = "waiting"
     QUEUED = "queued"
     RUNNING = "running"
     RETRYING = "retrying"
@@ -31,6 +33,8 @@ class State(StrEnum):
 
 
 CLAIMABLE = (State.QUEUED, State.RETRYING)
+NOT_STARTED = (State.WAITING, *CLAIMABLE)
+"""Waiting for its run (or its next attempt): cancelled at once when asked."""
 FINISHED = (State.SUCCEEDED, State.FAILED, State.CANCELLED)
 TEXT_LIMIT = 20_000
 """Characters of an error, traceback or undecodable body kept in a row."""
@@ -46,10 +50,12 @@ def jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=repr))
 
 
+OWED = "published_at IS NULL AND state IN ('queued', 'retrying')"
+"""A job whose message the relay owes the broker (when it falls due)."""
 UNIQUE_WHILE = "unique_key IS NOT NULL AND state IN ('queued', 'retrying', 'running')"
+"""While a job holds its unique key: from enqueue until it finishes."""
 TENANT_OR_NONE = text("coalesce(tenant, '')")
 """A job's tenant in the unique index (no tenant is one tenant of its own)."""
-"""While a job holds its unique key: from enqueue until it finishes."""
 
 NAMING_CONVENTION = {
     # Constraint and index names Alembic can find again on every database.
@@ -80,12 +86,12 @@ class Job(LedgerBase):
     __tablename__ = "jobs"
     __table_args__ = (
         Index("ix_jobs_state_created_at", "state", "created_at"),
-        # Only rows the relay still has to publish; stays small.
+        # Only the waiting rows the relay still has to publish, by due time.
         Index(
-            "ix_jobs_unpublished",
-            "created_at",
-            postgresql_where=text("published_at IS NULL"),
-            sqlite_where=text("published_at IS NULL"),
+            "ix_jobs_owed",
+            "available_at",
+            postgresql_where=text(OWED),
+            sqlite_where=text(OWED),
         ),
         # One waiting or running job a task, tenant and unique key (see
         # ``unique=``); no tenant is one tenant of its own.
@@ -112,7 +118,8 @@ class Job(LedgerBase):
     max_attempts: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     available_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
-    """When the job may start (its ETA)."""
+    """When the job may start (its countdown or ETA, or its next attempt's
+    backoff): the relay publishes it then."""
     published_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     """When the broker confirmed the message; None while the relay owes it."""
     started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
@@ -131,6 +138,12 @@ class Job(LedgerBase):
     """What it carries from where it was enqueued (:mod:`proj.jobs.context`)."""
     tenant: Mapped[str | None] = mapped_column(String(64))
     """Whose job it is (the context's tenant), for filtering."""
+    canvas_id: Mapped[str | None] = mapped_column(String(255), index=True)
+    """The canvas (chain, group, chord) the job is a step of."""
+    parents_left: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """The jobs before it that have not succeeded yet, while it is ``waiting``."""
+    graph: Mapped[Any | None] = mapped_column(JSON)
+    """Its place in its canvas (:class:`proj.jobs.canvas.Step`'s fields)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -143,10 +156,15 @@ class Job(LedgerBase):
             "result": self.result,
             "error": self.error,
             "created_at": iso(self.created_at),
+            "due_at": iso(self.available_at),
             "started_at": iso(self.started_at),
             "finished_at": iso(self.finished_at),
             "cancel_requested_at": iso(self.cancel_requested_at),
             "tenant": self.tenant,
+            "canvas_id": self.canvas_id,
+            "parents": (self.graph or {}).get("parents", []),
+            "children": (self.graph or {}).get("children", []),
+            "error_callbacks": (self.graph or {}).get("errbacks", []),
         }
 
 

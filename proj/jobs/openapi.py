@@ -89,6 +89,12 @@ JOB_FIELDS: dict[str, Any] = {
     "result": {"description": "The task's return value, once it succeeded (any JSON)."},
     "error": {"type": ["string", "null"], "description": "How its last attempt failed."},
     "created_at": {"type": "string", "format": "date-time"},
+    "due_at": {
+        "type": "string",
+        "format": "date-time",
+        "description": "When it may start: its countdown or ETA, or its next attempt's "
+        "backoff (the job waits in the ledger until then, and no broker holds it).",
+    },
     "started_at": {**NULLABLE_TIME, "description": "When its last attempt started."},
     "finished_at": NULLABLE_TIME,
     "cancel_requested_at": {
@@ -98,6 +104,25 @@ JOB_FIELDS: dict[str, Any] = {
     "tenant": {
         "type": ["string", "null"],
         "description": "Whose job it is (`null`: no tenant's); always the token's tenant.",
+    },
+    "canvas_id": {
+        "type": ["string", "null"],
+        "description": "The canvas (chain, group, chord) it is a step of (`null`: none).",
+    },
+    "parents": {
+        "type": "array",
+        "items": {"type": "string"},
+        "description": "The jobs it waits for (their results come first in its arguments).",
+    },
+    "children": {
+        "type": "array",
+        "items": {"type": "string"},
+        "description": "The steps its success releases.",
+    },
+    "error_callbacks": {
+        "type": "array",
+        "items": {"type": "string"},
+        "description": "The `link_error` callbacks that run if it fails for good.",
     },
 }
 
@@ -111,10 +136,15 @@ JOB_EXAMPLE = {
     "result": None,
     "error": None,
     "created_at": "2025-01-31T09:30:00.120000+00:00",
+    "due_at": "2025-01-31T09:30:00.120000+00:00",
     "started_at": "2025-01-31T09:30:00.480000+00:00",
     "finished_at": None,
     "cancel_requested_at": None,
     "tenant": None,
+    "canvas_id": None,
+    "parents": [],
+    "children": [],
+    "error_callbacks": [],
 }
 
 
@@ -253,6 +283,12 @@ def job_api_paths(prefix: str) -> dict[str, Any]:
                         "in": "query",
                         "description": "Only jobs in this state.",
                         "schema": {"type": "string", "enum": [str(state) for state in State]},
+                    },
+                    {
+                        "name": "canvas",
+                        "in": "query",
+                        "description": "Only the steps of this canvas (`canvas_id`).",
+                        "schema": {"type": "string"},
                     },
                     {
                         "name": "limit",

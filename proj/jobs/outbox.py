@@ -6,6 +6,11 @@ transaction commits, the message is published at once from the same process
 misses (the broker was down, the process died right after the commit) the
 relay publishes (:mod:`proj.jobs.relay`, through
 :func:`proj.jobs.publisher.publish_owed`).
+
+A job with a countdown or ETA, of any length, waits as its row: the relay
+publishes it when it falls due, as a message with no ETA, so no broker holds
+it meanwhile (a purge or a broker's loss cannot take it, and cancelling it
+before then means no message is ever sent).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager as ContextManager
 from contextlib import nullcontext
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from kombu.utils.json import dumps
@@ -24,11 +30,13 @@ from proj.jobs import context, ledger, metrics, publisher, tracing
 from proj.jobs.clock import due_at, utcnow
 from proj.jobs.errors import TaskArgumentError
 from proj.jobs.ledger import mark_published
-from proj.jobs.models import Job, jsonable
+from proj.jobs.models import Job, State, jsonable
 from proj.jobs.publisher import job_message
+from proj.jobs.retry import max_attempts_of
 from proj.jobs.session import in_task_run, rolled_back_with
 
 if TYPE_CHECKING:
+    from proj.jobs import canvas
     from proj.jobs.extension import Jobs
 
 logger = logging.getLogger(__name__)
@@ -40,7 +48,8 @@ each with the savepoint it was enqueued in."""
 KEPT_OPTIONS = ("queue", "routing_key", "priority", "expires")
 """Publishing options a job's row keeps, to send its message with again."""
 CANVAS_OPTIONS = frozenset({"link", "link_error", "chain", "chord", "group_id"})
-"""Options that would make other tasks run after a job: refused, never dropped."""
+"""Options that would make other tasks run after a job: a canvas's
+(:func:`proj.jobs.enqueue_on_commit`), refused on a single job, never dropped."""
 
 
 def callers_session(jobs: Jobs) -> orm.Session | None:
@@ -75,46 +84,180 @@ def enqueue(
     cannot keep (callbacks, chains) and for arguments larger than
     ``max_message_size``.
     """
+    _check_options(task_name, options)
+    _check_size(jobs, task_name, args, kwargs)
+    job_id = str(options.get("task_id") or uuid.uuid4())
+    now = utcnow()
+    due = max(due_at(options, now) or now, now)
+    kept = {k: v for k, v in options.items() if k in KEPT_OPTIONS}
+    with tracing.creating(jobs, task_name, [job_id], kept) as span:
+        # Inside the create span: the row keeps its trace context, so the
+        # job's publish and run spans descend from it.
+        carried = context.capture()
+        row = _row(task_name, job_id, args, kwargs, jsonable(kept), max_attempts, due, carried)
+        standing = ledger.enqueue(session, row, unique_key=unique)
+        if standing != job_id:
+            span.set_attribute(tracing.STANDING_JOB, standing)
+    if standing == job_id:
+        # A job due later waits as its row: the relay publishes it when it
+        # falls due, so no broker holds it meanwhile.
+        message = job_message({**row, "attempts": 0})
+        if due > now:  # what the in-memory mode records; never published so
+            message["options"]["eta"] = due.isoformat()
+        publish_on_commit(session, jobs, [message], new=True, now=due <= now)
+    return standing
+
+
+def enqueue_many(
+    session: orm.Session,
+    jobs: Jobs,
+    task_name: str,
+    calls: Sequence[Sequence[Any]],
+    *,
+    max_attempts: int,
+    options: Mapping[str, Any],
+) -> list[str]:
+    """Add a job's row for each of ``calls`` (positional arguments) to
+    ``session``'s transaction, in one executemany; their ids, in order.
+
+    Once the transaction commits, the jobs are counted and the relay
+    publishes them, in batches the broker confirms, when they fall due; the
+    fast path does not (publishing them one by one in the commit would hold
+    the caller several seconds for 10,000). On PostgreSQL with the fast path
+    off, the relay wakes on the rows' NOTIFY; with it on, the relay takes
+    them after ``relay_grace`` seconds, as it takes any job the fast path
+    missed. The in-memory mode records them at the commit, as it records any
+    job. Raises :class:`TaskArgumentError` for ``task_id``, ``unique``,
+    callbacks and chains, and for arguments larger than ``max_message_size``;
+    nothing is written then.
+    """
+    refused = sorted({"task_id", "unique"} & set(options))
+    if refused:
+        raise TaskArgumentError(
+            f"{task_name}: {', '.join(refused)} cannot go with enqueue_many (each job "
+            "gets an id of its own, and none is skipped); enqueue such a job with "
+            "apply_async_on_commit."
+        )
+    _check_options(task_name, options)
+    for args in calls:
+        _check_size(jobs, task_name, args, {})
+    if not calls:
+        return []
+    job_ids = [str(uuid.uuid4()) for _ in calls]
+    now = utcnow()
+    due = max(due_at(options, now) or now, now)
+    kept = {k: v for k, v in options.items() if k in KEPT_OPTIONS}
+    with tracing.creating(jobs, task_name, job_ids, kept):
+        carried = context.capture()
+        stored = jsonable(kept)
+        rows = [
+            _row(task_name, job_id, args, {}, stored, max_attempts, due, carried)
+            for job_id, args in zip(job_ids, calls, strict=True)
+        ]
+        ledger.enqueue_many(session, rows)
+    messages = [job_message({**row, "attempts": 0}) for row in rows]
+    if due > now:  # what the in-memory mode records
+        for message in messages:
+            message["options"]["eta"] = due.isoformat()
+    publish_on_commit(session, jobs, messages, new=True, now=False)
+    return job_ids
+
+
+def enqueue_canvas(
+    session: orm.Session,
+    jobs: Jobs,
+    steps: Sequence[canvas.Step],
+    canvas_id: str,
+    unique: str | None = None,
+) -> str:
+    """Add a row for each of a canvas's ``steps`` to ``session``'s
+    transaction (see :mod:`proj.jobs.canvas`): the steps that wait for
+    nothing ``queued`` (published after the commit, or by the relay when
+    due), the others ``waiting``. Returns the id of its first step.
+
+    With ``unique`` (a canvas that starts with one step), while a job of
+    that step's task with that key waits or runs, nothing is added and that
+    job's id is returned. Raises :class:`TaskArgumentError` for arguments
+    larger than ``max_message_size`` (nothing is written then)."""
+    for step in steps:
+        _check_size(jobs, step.name, step.args, step.kwargs)
+    now = utcnow()
+    rows = []
+    with tracing.creating(jobs, steps[0].name, [step.id for step in steps], {}):
+        carried = context.capture()
+        for step in steps:
+            task: Any = jobs.celery_app.tasks.get(step.name)
+            attempts = jobs.settings.max_attempts
+            if task is not None:
+                attempts = max_attempts_of(task, attempts)
+            due = max(due_at(step.options, now) or now, now)
+            kept = jsonable({k: v for k, v in step.options.items() if k in KEPT_OPTIONS})
+            row = _row(step.name, step.id, step.args, step.kwargs, kept, attempts, due, carried)
+            waits = bool(step.parents)
+            row.update(
+                canvas_id=canvas_id,
+                graph=step.graph(),
+                state=State.WAITING if waits else State.QUEUED,
+                parents_left=len(step.parents),
+            )
+            rows.append(row)
+        if unique is not None:
+            first = rows.pop(0)
+            standing = ledger.enqueue(session, first, unique_key=unique)
+            if standing != first["id"]:
+                return standing
+            rows.insert(0, first)
+            ledger.enqueue_canvas(session, rows[1:])
+        else:
+            ledger.enqueue_canvas(session, rows)
+    for row in rows:
+        message = job_message({**row, "attempts": 0})
+        starts, due_now = row["state"] == State.QUEUED, row["available_at"] <= now
+        publish_on_commit(session, jobs, [message], new=True, now=due_now, publish=starts)
+    return str(rows[0]["id"])
+
+
+def _check_options(task_name: str, options: Mapping[str, Any]) -> None:
     canvas = sorted(CANVAS_OPTIONS & set(options))
     if canvas:
         raise TaskArgumentError(
-            f"{task_name}: {', '.join(canvas)} cannot go with delay_on_commit (a ledger "
-            "job's message is sent again as it was enqueued, without them); enqueue the "
-            "next step from the task itself with delay_on_commit."
+            f"{task_name}: {', '.join(canvas)} cannot go on a single ledger job (its "
+            "message is sent again as it was enqueued, without them); enqueue the whole "
+            "canvas with proj.jobs.enqueue_on_commit."
         )
+
+
+def _check_size(jobs: Jobs, task_name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
     size = len(dumps([list(args), dict(kwargs)]))
     if jobs.settings.max_message_size and size > jobs.settings.max_message_size:
         raise TaskArgumentError(
             f"{task_name}: the arguments take {size} bytes, more than PROJ_MAX_MESSAGE_SIZE "
             f"({jobs.settings.max_message_size}); pass ids and load the data in the task."
         )
-    job_id = str(options.get("task_id") or uuid.uuid4())
-    now = utcnow()
-    eta = due_at(options, now)
-    kept = {k: v for k, v in options.items() if k in KEPT_OPTIONS}
-    if eta is not None and eta > now:
-        kept["eta"] = eta.isoformat()
-    with tracing.creating(jobs, task_name, job_id, kept) as span:
-        # Inside the create span: the row keeps its trace context, so the
-        # job's publish and run spans descend from it.
-        carried = context.capture()
-        row = {
-            "id": job_id,
-            "name": task_name,
-            "args": jsonable(list(args)),
-            "kwargs": jsonable(dict(kwargs)),
-            "options": jsonable(kept),
-            "max_attempts": max_attempts,
-            "available_at": max(eta or now, now),
-            "context": carried,
-            "tenant": carried.get("tenant"),
-        }
-        standing = ledger.enqueue(session, row, unique_key=unique)
-        if standing != job_id:
-            span.set_attribute(tracing.STANDING_JOB, standing)
-    if standing == job_id:
-        _publish_on_commit(session, jobs, job_message({**row, "attempts": 0}), new=True)
-    return standing
+
+
+def _row(
+    task_name: str,
+    job_id: str,
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    options: Any,
+    max_attempts: int,
+    due: datetime,
+    carried: Mapping[str, str],
+) -> dict[str, Any]:
+    """A new job's ledger row (``options`` as the row keeps them)."""
+    return {
+        "id": job_id,
+        "name": task_name,
+        "args": jsonable(list(args)),
+        "kwargs": jsonable(dict(kwargs)),
+        "options": options,
+        "max_attempts": max_attempts,
+        "available_at": due,
+        "context": carried,
+        "tenant": carried.get("tenant"),
+    }
 
 
 def requeue(session: orm.Session, jobs: Jobs, job: Job) -> bool:
@@ -122,24 +265,32 @@ def requeue(session: orm.Session, jobs: Jobs, job: Job) -> bool:
     the commit), with a fresh budget of attempts. False if it is not failed."""
     if not ledger.requeue(session, job.id):
         return False
-    _publish_on_commit(
-        session, jobs, job_message({f: getattr(job, f) for f in publisher.MESSAGE_FIELDS})
+    publish_on_commit(
+        session, jobs, [job_message({f: getattr(job, f) for f in ledger.MESSAGE_FIELDS})]
     )
     return True
 
 
-def _publish_on_commit(
-    session: orm.Session, jobs: Jobs, message: Mapping[str, Any], new: bool = False
+def publish_on_commit(
+    session: orm.Session,
+    jobs: Jobs,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    new: bool = False,
+    now: bool = True,
+    publish: bool = True,
 ) -> None:
-    """When ``session``'s transaction commits: count the job if it is ``new``
-    (:func:`proj.jobs.metrics.enqueued`), and have the fast path publish its
-    message (if it is on).
+    """When ``session``'s transaction commits: count the jobs if they are
+    ``new`` (:func:`proj.jobs.metrics.enqueued`), and have the fast path
+    publish their ``messages`` if it is on and they are its ``now`` (the
+    in-memory mode records every job they ``publish``; a canvas step that
+    waits for others is only counted). ``messages`` are of one task.
 
-    The job belongs to the innermost savepoint in progress, if any: rolling
-    that savepoint back drops it, releasing it does not publish it.
+    The jobs belong to the innermost savepoint in progress, if any: rolling
+    that savepoint back drops them, releasing it does not publish them.
     """
     owner = session.get_nested_transaction()
-    session.info.setdefault(PENDING, []).append((jobs, message, owner, new))
+    session.info.setdefault(PENDING, []).append((jobs, messages, owner, new, now, publish))
 
 
 _listening: list[bool] = []
@@ -163,11 +314,13 @@ def _publish_after_commit(session: orm.Session) -> None:
     if not pending:
         return
     by_installation: dict[Jobs, list[Mapping[str, Any]]] = {}
-    for jobs, pending_message, _, new in pending:
+    for jobs, pending_messages, _, new, now, publish in pending:
         if new:
-            metrics.enqueued(str(pending_message["name"]))
-        if jobs.settings.outbox_fast_path or jobs.capture is not None:
-            by_installation.setdefault(jobs, []).append(pending_message)
+            metrics.enqueued(str(pending_messages[0]["name"]), len(pending_messages))
+        if not publish:
+            continue
+        if jobs.capture is not None or (now and jobs.settings.outbox_fast_path):
+            by_installation.setdefault(jobs, []).extend(pending_messages)
     published: list[str] = []
     for jobs, messages in by_installation.items():
         published.extend(publisher.publish_at_once(jobs, messages))

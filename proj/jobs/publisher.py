@@ -13,17 +13,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from amqp import spec
 from celery import Celery
 from kombu import Producer
 from kombu.common import maybe_declare
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, func, select
+from sqlalchemy.sql.elements import ColumnElement
 
 from proj.jobs import context, ledger, tracing
-from proj.jobs.clock import parse_eta, utcnow
-from proj.jobs.ledger import mark_published
+from proj.jobs.clock import utcnow
+from proj.jobs.ledger import MESSAGE_FIELDS, mark_published
 from proj.jobs.models import CLAIMABLE, Job
 from proj.jobs.registry import jobs_of
 
@@ -38,18 +40,18 @@ CONFIRM_TIMEOUT = 30.0
 """Seconds the relay waits for RabbitMQ to confirm a batch."""
 REPR_LIMIT = 1024
 """Characters of a message's arguments shown in the worker's log (Celery's own limit)."""
-MESSAGE_FIELDS = ("id", "name", "args", "kwargs", "options", "attempts", "context")
-"""The columns a job's message is made from."""
 
 
 def job_message(job: Mapping[str, Any]) -> dict[str, Any]:
-    """What :func:`send` publishes, from a job's :data:`MESSAGE_FIELDS`."""
+    """What :func:`send` publishes, from a job's :data:`MESSAGE_FIELDS`: never
+    an ETA (a job is published when it is due; one an earlier version kept in
+    a row's options is past)."""
     return {
         "id": job["id"],
         "name": job["name"],
         "args": job["args"],
         "kwargs": job["kwargs"],
-        "options": job["options"],
+        "options": {k: v for k, v in (job["options"] or {}).items() if k != "eta"},
         "retries": max(job["attempts"], 0),
         "context": job.get("context") or {},
     }
@@ -70,8 +72,8 @@ def send(
     task: Any = celery_app.tasks.get(message["name"])  # None: a task not known here
     defaults = task_options(task)
     with context.restored(message.get("context")), tracing.publishing(message):
-        if {"eta", "expires"} & (options.keys() | defaults.keys()):
-            # Celery's own way, for its quorum-queue delays and expiry TTLs.
+        if "expires" in (options.keys() | defaults.keys()):
+            # Celery's own way, for its expiry TTLs.
             send_with_celery(celery_app, message, producer, options)
         else:
             send_direct(celery_app, message, producer, {**defaults, **options}, task)
@@ -104,8 +106,6 @@ def publish_options(message: Mapping[str, Any], declared: bool = False) -> dict[
         "argsrepr": repr(message["args"])[:REPR_LIMIT],
         "kwargsrepr": repr(message["kwargs"])[:REPR_LIMIT],
     }
-    if "eta" in options:
-        options["eta"] = parse_eta(options["eta"])
     if declared:
         options["declare"] = []
     return options
@@ -138,8 +138,8 @@ def send_direct(
     options: dict[str, Any],
     task: Any,
 ) -> None:
-    """What :func:`send_with_celery` publishes, for a message with no ``eta``
-    or ``expires`` (``options`` hold ``task``'s own, :func:`task_options`),
+    """What :func:`send_with_celery` publishes, for a message with no
+    ``expires`` (``options`` hold ``task``'s own, :func:`task_options`),
     without what a job never needs (an ``AsyncResult``, a result backend,
     canvas): the relay publishes about a third more a second.
     ``tests/integration/test_publisher.py`` compares the two, message by
@@ -218,17 +218,20 @@ def publish_at_once(jobs: Jobs, messages: Sequence[Mapping[str, Any]]) -> list[s
 def publish_owed(
     connection: Connection, celery_app: Celery, *conditions: Any, limit: int | None = None
 ) -> int:
-    """In ``connection``'s transaction: lock unpublished rows matching
+    """In ``connection``'s transaction: lock the due unpublished rows matching
     ``conditions`` (skipping rows another relay holds), publish their
     messages, mark them published. A message the broker refuses, or that
     cannot be sent at all, fails its job (with the reason) and holds up none
     of the others. Returns how many were published; commit is the caller's."""
     if connection.dialect.name == "sqlite":
         connection.exec_driver_sql("BEGIN IMMEDIATE")  # one publisher at a time
+    capture = jobs_of(celery_app).capture
+    # The in-memory mode records a job as soon as it is owed, due or not.
+    due = () if capture is not None else (Job.available_at <= utcnow(),)
     query = (
-        select(*(getattr(Job, f) for f in MESSAGE_FIELDS), Job.available_at)
-        .where(Job.published_at.is_(None), Job.state.in_(CLAIMABLE), *conditions)
-        .order_by(Job.created_at)
+        select(*(getattr(Job, f) for f in MESSAGE_FIELDS))
+        .where(*owed(), *due, *conditions)
+        .order_by(Job.available_at)
         .limit(limit)
     )
     if connection.dialect.name == "postgresql":
@@ -236,8 +239,7 @@ def publish_owed(
     rows = connection.execute(query).all()
     if not rows:
         return 0
-    messages = [_row_message(row) for row in rows]
-    capture = jobs_of(celery_app).capture
+    messages = [job_message(dict(row._mapping)) for row in rows]
     with tracing.sending(messages):
         if capture is not None:
             capture(messages)
@@ -377,8 +379,15 @@ def send_owed(jobs: Jobs, job_ids: Sequence[str]) -> None:
         logger.warning("jobs %s not published now (%s); the relay will", list(job_ids), exc)
 
 
-def _row_message(row: Any) -> dict[str, Any]:
-    options = {k: v for k, v in (row.options or {}).items() if k != "eta"}
-    if row.available_at > utcnow():
-        options["eta"] = row.available_at.isoformat()
-    return {**job_message(row._mapping), "options": options}
+def owed() -> tuple[ColumnElement[bool], ...]:
+    """Waiting rows whose message the broker has not taken (the predicate of
+    the ``ix_jobs_owed`` index, written as it is so the planner uses it)."""
+    return (Job.published_at.is_(None), Job.state.in_(CLAIMABLE))
+
+
+def next_due(connection: Connection, *conditions: Any) -> datetime | None:
+    """When the earliest owed job matching ``conditions`` falls due (None:
+    none is owed)."""
+    query = select(func.min(Job.available_at)).where(*owed(), *conditions)
+    found: datetime | None = connection.scalar(query)
+    return found

@@ -1,4 +1,5 @@
-"""The outbox relay: publishes the committed jobs the fast path missed.
+"""The outbox relay: publishes the committed jobs the fast path missed, and
+each job with a countdown or ETA when it falls due.
 
 It runs in a thread of each worker (``PROJ_RELAY_IN_WORKER``, the default, for
 small deployments), or on its own (``Relay(...).relay(stop)``; the reference
@@ -19,13 +20,14 @@ from datetime import timedelta
 from typing import Any
 
 from celery import Celery, bootsteps
-from sqlalchemy import Engine
+from sqlalchemy import Engine, or_
+from sqlalchemy.sql.elements import ColumnElement
 
 from proj.jobs import metrics, metrics_server
 from proj.jobs.clock import utcnow
 from proj.jobs.engine import make_engine
 from proj.jobs.models import Job
-from proj.jobs.publisher import publish_owed
+from proj.jobs.publisher import next_due, publish_owed
 from proj.jobs.registry import jobs_of
 from proj.jobs.settings import JobsSettings
 
@@ -35,6 +37,8 @@ NOTIFY_CHANNEL = "proj_jobs"
 """What the ledger's trigger notifies when a row is owed to the broker (PostgreSQL)."""
 STOP_CHECK = 0.25
 """Seconds a waiting relay may take to notice it is asked to stop."""
+SOON = 0.01
+"""Seconds before a relay looks again at a job that is due and not yet published."""
 RELAY_POOL_SIZE = 1
 """Connections in a relay's pool (publishing); the listening one is its own."""
 
@@ -67,19 +71,36 @@ class Relay:
         self.published = 0
 
     def relay_once(self) -> int:
-        """Publish one batch of owed jobs; return how many."""
-        cutoff = utcnow() - timedelta(seconds=self.grace)
+        """Publish one batch of owed jobs that are due; return how many."""
         with self.engine.connect() as connection, connection.begin():
-            count = publish_owed(
-                connection, self.celery_app, Job.created_at <= cutoff, limit=self.batch_size
-            )
+            count = publish_owed(connection, self.celery_app, self._ours(), limit=self.batch_size)
         self.published += count
         metrics.relayed(count)
         return count
 
+    def _ours(self) -> ColumnElement[bool]:
+        """The owed rows this relay takes: a job due at once is the fast
+        path's for ``grace`` seconds; one due later is the relay's alone."""
+        cutoff = utcnow() - timedelta(seconds=self.grace)
+        return or_(Job.created_at <= cutoff, Job.available_at > Job.created_at)
+
+    def pause(self) -> float:
+        """Seconds to wait before the next pass: ``poll_interval``, or less if
+        one of its owed jobs falls due sooner (it is published on time,
+        however long ago its row was written). One that fell due during the
+        last pass (or that another relay holds) is looked at again after
+        :data:`SOON`."""
+        with self.engine.connect() as connection:
+            due = next_due(connection, self._ours())
+        if due is None:
+            return self.poll_interval
+        left = (due - utcnow()).total_seconds()
+        return max(SOON, left) if left < self.poll_interval else self.poll_interval
+
     def relay(self, stop: threading.Event) -> None:
         """Publish owed jobs until ``stop`` is set: at once when notified (on
-        PostgreSQL), and every ``poll_interval`` seconds in any case.
+        PostgreSQL), when the next one falls due, and every ``poll_interval``
+        seconds in any case.
 
         A relay of its own (not in a worker) serves its ``/metrics`` on
         ``PROJ_METRICS_PORT`` meanwhile (:func:`proj.jobs.metrics_server.serving`);
@@ -90,11 +111,12 @@ class Relay:
                 try:
                     while self.relay_once() and not stop.is_set():
                         pass
+                    pause = self.pause()
                 except Exception:
                     logger.exception("relay: publishing failed; trying again shortly")
                     stop.wait(self.poll_interval)
                     continue
-                wait(self.poll_interval)
+                wait(pause)
 
     @contextmanager
     def _notifications(self, stop: threading.Event) -> Iterator[Callable[[float], object]]:

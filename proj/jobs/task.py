@@ -8,7 +8,8 @@ any exception, removed however the run ends), and ``delay_on_commit`` /
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NoReturn, cast
 
 import celery
@@ -16,7 +17,7 @@ from billiard.einfo import ExceptionInfo
 from kombu.exceptions import EncodeError
 from sqlalchemy import orm
 
-from proj.jobs import ledger, outbox, worker
+from proj.jobs import canvas, ledger, outbox, worker
 from proj.jobs.arguments import argument_message, check_arguments, check_json
 from proj.jobs.checks import check_countdown
 from proj.jobs.errors import JobCancelled, TaskArgumentError
@@ -101,6 +102,8 @@ class SqlAlchemyTask(celery.Task[Any, Any]):
             session.rollback()
         claim = worker.claim_of(self)
         if claim is None:
+            # A plain task's next attempt waits in the broker, unacknowledged.
+            check_countdown(self.app, {"eta": eta, "countdown": countdown})
             raise super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
         worker.retry_job(self, claim, exc, {"eta": eta, "countdown": countdown})
 
@@ -164,18 +167,25 @@ class SqlAlchemyTask(celery.Task[Any, Any]):
 
         ``unique``: a key; while a job of this task with that key is waiting
         or running, nothing is enqueued and that job's id is returned (it never
-        raises into the caller's transaction). ``link``, ``link_error`` and
-        chains are refused with :class:`~proj.jobs.TaskArgumentError`: enqueue
-        the next step from the task with ``delay_on_commit``.
+        raises into the caller's transaction). ``link`` and ``link_error``
+        make the job the start of a canvas (:func:`~proj.jobs.enqueue_on_commit`):
+        each callback is a ledger row too, released by the job's end.
 
         The job's ledger row is written in that transaction: if it rolls back,
         nothing is ever published; once it commits, the message is published
-        at once, or by the relay if that fails. ``countdown`` and ``eta`` are
-        honoured. Returns the job id (the Celery task id).
+        at once, or by the relay if that fails. ``countdown`` and ``eta`` of
+        any length are honoured: the job waits as its row, and the relay
+        publishes it when it falls due (``expires`` counts from then).
+        Returns the job id (the Celery task id).
         """
+        if options.get("link") or options.get("link_error"):
+            signature = self.signature(tuple(args or ()), dict(kwargs or {}), **options)
+            canvas_id = str(uuid.uuid4())
+            return canvas.enqueue(
+                signature, canvas_id, session=session, celery_app=self.app, unique=unique
+            )
         check_arguments(self.name, args, kwargs)
         check_json(self.name, args, kwargs)
-        check_countdown(self.app, options)
         jobs = jobs_of(self.app)
         max_attempts = max_attempts_of(self, jobs.settings.max_attempts)
         session = session or outbox.callers_session(jobs)
@@ -191,10 +201,52 @@ class SqlAlchemyTask(celery.Task[Any, Any]):
                 unique=unique,
             )
 
+    def enqueue_many(
+        self,
+        calls: Iterable[Sequence[Any]],
+        *,
+        session: orm.Session | None = None,
+        **options: Any,
+    ) -> list[str]:
+        """Enqueue a job for each of ``calls`` (its positional arguments, as
+        in Celery's ``starmap``) in ``session``'s transaction, found as
+        ``apply_async_on_commit`` finds it, in one statement; returns the
+        jobs' ids, in order.
+
+        ``options`` (``queue``, ``priority``, ``countdown``, ``eta``,
+        ``expires``…) apply to every job. The jobs run if and only if the
+        transaction commits, each once; the relay publishes them, in batches
+        the broker confirms (:func:`proj.jobs.outbox.enqueue_many` says
+        when). ``unique``, ``task_id``, ``link``, ``link_error`` and chains
+        are refused with :class:`~proj.jobs.TaskArgumentError`, as are
+        arguments ``apply_async_on_commit`` refuses; nothing is enqueued then.
+        """
+        batch = [_positional(self.name, call) for call in calls]
+        for args in batch:
+            check_arguments(self.name, args, None)
+            check_json(self.name, args, None)
+        jobs = jobs_of(self.app)
+        max_attempts = max_attempts_of(self, jobs.settings.max_attempts)
+        session = session or outbox.callers_session(jobs)
+        with outbox.owning(session, jobs) as target:
+            return outbox.enqueue_many(
+                target, jobs, self.name, batch, max_attempts=max_attempts, options=options
+            )
+
     def delay_on_commit(self, *args: Any, **kwargs: Any) -> str:
         """``apply_async_on_commit(args, kwargs)``: the job runs if and only if
         the caller's transaction commits."""
         return self.apply_async_on_commit(args, kwargs)
+
+
+def _positional(task_name: str, call: Any) -> tuple[Any, ...]:
+    """``call``, one job's positional arguments, as a tuple."""
+    if isinstance(call, (str, bytes)) or not isinstance(call, Sequence):
+        raise TaskArgumentError(
+            f"{task_name}: enqueue_many takes one sequence of positional arguments a "
+            f"job, as in [(1,), (2,)]; got {call!r:.60}."
+        )
+    return tuple(call)
 
 
 def shared_task(**options: Any) -> Callable[[Callable[..., Any]], SqlAlchemyTask]:

@@ -211,9 +211,13 @@ def flush() -> None:
 
 
 @contextmanager
-def creating(jobs: Jobs, task_name: str, job_id: str, options: Mapping[str, Any]) -> Iterator[Span]:
-    """Around the writing of a job's row: its ``create <task>`` span, current,
-    so the context the row keeps is this span's (a no-op span with tracing off)."""
+def creating(
+    jobs: Jobs, task_name: str, job_ids: list[str], options: Mapping[str, Any]
+) -> Iterator[Span]:
+    """Around the writing of jobs' rows (of one task, with the same options):
+    one ``create <task>`` span, current, so the context the rows keep is this
+    span's (a no-op span with tracing off). It names one job's id, or a
+    batch's size (``enqueue_many``)."""
     active = _current()
     if active is None:
         yield INVALID_SPAN
@@ -222,8 +226,11 @@ def creating(jobs: Jobs, task_name: str, job_id: str, options: Mapping[str, Any]
         "messaging.system": MESSAGING_SYSTEM,
         "messaging.operation.type": "create",
         "messaging.operation.name": "create",
-        "messaging.message.id": job_id,
     }
+    if len(job_ids) == 1:
+        attributes["messaging.message.id"] = job_ids[0]
+    else:
+        attributes["messaging.batch.message_count"] = len(job_ids)
     queue = _queue_of(jobs, task_name, options)
     if queue:
         attributes["messaging.destination.name"] = queue

@@ -32,10 +32,11 @@ from celery.exceptions import Ignore, Reject, Retry
 from celery.worker import state as worker_state
 from celery.worker.request import Request
 
-from proj.jobs import context, ledger, publisher, revoke
+from proj.jobs import context, ledger, outbox, publisher, revoke
 from proj.jobs.clock import due_at, utcnow
 from proj.jobs.errors import ClaimTakenBack, JobCancelled
 from proj.jobs.models import State
+from proj.jobs.publisher import job_message
 from proj.jobs.registry import jobs_of
 from proj.jobs.retry import TRANSIENT_ERRORS, backoff, max_attempts_of, retry_policy_of
 from proj.jobs.session import in_task_run, roll_back, task_scope
@@ -152,14 +153,19 @@ def _claim(task: SqlAlchemyTask) -> ledger.Claim:
 
 
 def _complete(task: SqlAlchemyTask, claim: ledger.Claim | None, retval: Any) -> None:
-    """The run's success: its ledger row (if claimed) and its effects, in one
-    commit. A transient error on the way (the database gone silent at the
-    ledger's UPDATE as much as at the COMMIT) retries as the task's
-    ``retry_on`` says."""
-    session = jobs_of(task.app).session
+    """The run's success: its ledger row (if claimed), the canvas steps it
+    releases and its effects, in one commit. A transient error on the way
+    (the database gone silent at the ledger's UPDATE as much as at the
+    COMMIT) retries as the task's ``retry_on`` says."""
+    jobs = jobs_of(task.app)
+    session = jobs.session
     try:
         if claim is not None:
-            ledger.succeed(session(), str(task.request.id), claim.attempts, retval)
+            job_id = str(task.request.id)
+            ledger.succeed(session(), job_id, claim.attempts, retval)
+            if claim.graph:  # a canvas step: release what comes after it
+                for released in ledger.release(session(), job_id, retval, claim.graph):
+                    outbox.publish_on_commit(session(), jobs, [job_message(released)])
         if session.registry.has():
             session.commit()
     except Exception as exc:

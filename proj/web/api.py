@@ -11,14 +11,24 @@ import logging
 import re
 from typing import Any
 
+from celery import chord
 from flask import Blueprint, Response, jsonify, request, url_for
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from werkzeug.exceptions import BadRequest
 
 from proj.db import db
+from proj.jobs import enqueue_on_commit
 from proj.jobs.auth import require_token
+from proj.jobs.context import current_tenant
 from proj.models import MAX_ID, Invoice, User, get_for_tenant
-from proj.tasks import charge_invoice, generate_report, send_welcome
+from proj.tasks import (
+    charge_invoice,
+    generate_report,
+    mail_monthly_report,
+    send_receipt,
+    send_welcome,
+)
 from proj.web.errors import ApiError
 
 logger = logging.getLogger(__name__)
@@ -27,6 +37,7 @@ api = Blueprint("api", __name__, url_prefix="/api")
 require_token(api)  # a viewer's token reads; writing needs an operator's
 
 EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+MONTH = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
 MAX_AMOUNT_CENTS = 10**9
 
 
@@ -125,7 +136,11 @@ def get_invoice(invoice_id: int) -> Response:
 def charge(invoice_id: int) -> tuple[Response, int, dict[str, str]]:
     invoice = get_or_404(Invoice, invoice_id)
     # Asked again while a charge of this invoice waits or runs: the same job.
-    job_id = charge_invoice.apply_async_on_commit((invoice.id,), unique=invoice.idempotency_key)
+    # Its receipt follows it, as a step of a canvas: mailed once the charge
+    # has committed, with the charge id it returned.
+    job_id = charge_invoice.apply_async_on_commit(
+        (invoice.id,), unique=invoice.idempotency_key, link=send_receipt.s(invoice.id)
+    )
     db.session.commit()
     return accepted(job_id)
 
@@ -139,6 +154,23 @@ def create_report() -> tuple[Response, int, dict[str, str]]:
     job_id = generate_report.delay_on_commit(user_id)
     db.session.commit()
     return accepted(job_id)
+
+
+@api.post("/reports/monthly")
+def create_monthly_report() -> tuple[Response, int, dict[str, str]]:
+    """Every user's report, then one mail summing them up: a chord, each
+    report a job, the mail released once by the last of them."""
+    month = json_object().get("month")
+    if not isinstance(month, str) or not MONTH.fullmatch(month):
+        raise invalid({"month": "must be a month as YYYY-MM"})
+    tenant = current_tenant()
+    owned = User.tenant.is_(None) if tenant is None else User.tenant == tenant
+    user_ids = db.session.scalars(select(User.id).where(owned).order_by(User.id)).all()
+    reports = [generate_report.s(user_id) for user_id in user_ids]
+    canvas_id = enqueue_on_commit(chord(reports, mail_monthly_report.s(month)))
+    db.session.commit()
+    where = url_for("jobs.list_jobs", canvas=canvas_id)
+    return jsonify(canvas_id=canvas_id), 202, {"Location": where}
 
 
 def accepted(job_id: str) -> tuple[Response, int, dict[str, str]]:

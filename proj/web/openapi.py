@@ -84,6 +84,7 @@ SCHEMAS: dict[str, Any] = {
             "charge_id": {"type": ["string", "null"], "description": "The gateway's charge."},
             "created_at": TIME,
             "charged_at": NULLABLE_TIME,
+            "receipt_sent_at": {**NULLABLE_TIME, "description": "When its receipt was mailed."},
         },
     ),
     "Accepted": _answer(
@@ -111,6 +112,15 @@ SCHEMAS: dict[str, Any] = {
         "A report to make.",
         {"user_id": {**ID, "description": "A user the token may see."}},
         required=["user_id"],
+    ),
+    "NewMonthlyReport": _object(
+        "A monthly report to make, over every user the token may see.",
+        {"month": {"type": "string", "pattern": "^[0-9]{4}-(0[1-9]|1[0-2])$"}},
+        required=["month"],
+    ),
+    "AcceptedCanvas": _answer(
+        "Accepted as a canvas of jobs.",
+        {"canvas_id": {"type": "string", "description": "Its steps: `GET /api/jobs?canvas=`."}},
     ),
 }
 
@@ -236,6 +246,29 @@ def own_paths() -> dict[str, Any]:
                 "requestBody": _body("NewReport"),
                 "responses": {
                     "202": ACCEPTED,
+                    "400": BAD_BODY,
+                    **REFUSED,
+                    "415": NOT_JSON,
+                },
+            }
+        },
+        "/api/reports/monthly": {
+            "post": {
+                "operationId": "create_monthly_report",
+                "tags": ["reports"],
+                "summary": "Make every user's report, then mail their sum",
+                "description": (
+                    "A chord on the job ledger: a report job a user, then one job that "
+                    "mails their sum to the operators, released once by the last report."
+                ),
+                "security": WRITE,
+                "requestBody": _body("NewMonthlyReport"),
+                "responses": {
+                    "202": json_body(
+                        "Accepted.",
+                        schema("AcceptedCanvas"),
+                        Location="The canvas's steps, in the job API.",
+                    ),
                     "400": BAD_BODY,
                     **REFUSED,
                     "415": NOT_JSON,

@@ -18,7 +18,8 @@ Three variables arrange what the e2e tests need, and only in the worker:
 ``record_effect`` writes a row of ``e2e_effects`` (no unique key: a job that
 took effect twice shows as two rows); :func:`enqueue_effects` enqueues such
 jobs with ``delay_on_commit`` from a process of the test's own making
-(``python -c``, see ``subprocesses.enqueue_effects``). :func:`jobs`,
+(``python -c``, see ``subprocesses.enqueue_effects``); ``canvas_step`` writes
+there too, as a step of a chain or chord that can kill its own child. :func:`jobs`,
 :func:`states` and :func:`effect_counts` are what the tests read back.
 """
 
@@ -33,7 +34,19 @@ from typing import Any
 
 from celery import shared_task, signals
 from celery.exceptions import Ignore, Reject
-from sqlalchemy import Column, Engine, Float, Integer, MetaData, String, Table, select, text
+from sqlalchemy import (
+    Column,
+    Engine,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    event,
+    orm,
+    select,
+    text,
+)
 
 from proj.db import Session, session_scope, worker_engine
 from proj.jobs import TRANSIENT_ERRORS, SqlAlchemyTask, retry_on
@@ -134,6 +147,38 @@ def slow_first_run(self: SqlAlchemyTask, tag: str, n: int, seconds: float) -> in
         )
     )
     return n
+
+
+@shared_task(name="e2e.canvas_step", bind=True)
+def canvas_step(
+    self: SqlAlchemyTask, given: list[Any], tag: str, n: int, die: str = ""
+) -> list[Any]:
+    """A canvas step: record the effect ``(tag, n)`` and return ``given`` (what
+    the steps before it returned) with ``n`` after it. On the job's first
+    attempt, ``die`` kills the child running it with SIGKILL: ``"running"``
+    once the effect is written (it rolls back with the run), ``"committed"``
+    the moment the run's transaction commits (before the fast path publishes
+    the steps it released, and before the broker hears the job ran)."""
+    Session.execute(
+        effects.insert().values(
+            tag=tag, n=n, job_id=str(self.request.id), pid=os.getpid(), at=time.time()
+        )
+    )
+    claim = claim_of(self)
+    if die and claim is not None and claim.attempts == 1:
+        if die == "running":
+            os.kill(os.getpid(), signal.SIGKILL)
+        _die_after_commit(Session())
+    return [*given, n]
+
+
+def _die_after_commit(session: orm.Session) -> None:
+    def die(committed: orm.Session) -> None:
+        if committed is session:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    # First of every session's after_commit listeners: proj's fast path is one.
+    event.listen(orm.Session, "after_commit", die, insert=True)
 
 
 @shared_task(name="e2e.overtime", base=SqlAlchemyTask, time_limit=1, max_attempts=2)

@@ -16,7 +16,7 @@ from werkzeug.test import TestResponse
 
 import proj.jobs.testing
 from proj.db import session_scope
-from proj.jobs.models import FINISHED, State
+from proj.jobs.models import FINISHED, Job, State
 from proj.models import MAX_ID, Invoice, User
 from proj.payments import LedgerCharge
 from proj.tasks import charge_invoice
@@ -290,6 +290,64 @@ def test_charging_an_invoice_often_charges_it_once(purged: Celery, client: Flask
     assert shown["status"] == "charged"
     assert shown["charged_at"] is not None
     assert shown["charge_id"] == charges[0][0]
+
+
+def test_a_charge_mails_its_receipt_once_after_it(
+    stack: Stack, purged: Celery, client: FlaskClient
+) -> None:
+    """The charge job's canvas: its receipt step, released by the charge's
+    commit, mails the receipt naming the charge id the charge returned; a
+    second charge request while the first waits adds no second receipt."""
+    address = new_email()
+    with session_scope() as session:
+        user = User(email=address)
+        session.add(user)
+        session.flush()
+        user_id = user.id
+    created = client.post("/api/invoices", json={"user_id": user_id, "amount_cents": 990})
+    invoice_id = created.get_json()["id"]
+    job_ids = {client.post(f"/api/invoices/{invoice_id}/charge").get_json()["job_id"]}
+    job_ids.add(client.post(f"/api/invoices/{invoice_id}/charge").get_json()["job_id"])
+    [job_id] = job_ids
+    charge_job = client.get(f"/api/jobs/{job_id}").get_json()
+    [receipt_id] = charge_job["children"]
+    assert client.get(f"/api/jobs/{receipt_id}").get_json()["state"] == State.WAITING
+    with proj.jobs.testing.worker(purged, pool="threads", concurrency=2):
+        proj.jobs.testing.wait_for_state(receipt_id, State.SUCCEEDED, timeout=60)
+    shown = client.get(f"/api/invoices/{invoice_id}").get_json()
+    [receipt] = [mail for mail in mails_to(stack, address) if "Receipt" in str(mail["Subject"])]
+    assert shown["charge_id"] in receipt.get_content()
+    assert shown["receipt_sent_at"] is not None
+
+
+def test_a_monthly_report_is_a_chord_over_the_users(
+    stack: Stack, purged: Celery, client: FlaskClient
+) -> None:
+    """POST /api/reports/monthly: a report job a user, then one mail summing
+    them, which gets every report in the users' order; a bad month is 400."""
+    error_of(client.post("/api/reports/monthly", json={"month": "2026-13"}), 400)
+    response = client.post("/api/reports/monthly", json={"month": "2026-11"})
+    assert response.status_code == 202, response.get_data(as_text=True)
+    canvas_id = response.get_json()["canvas_id"]
+    listed = client.get(response.headers["Location"]).get_json()["jobs"]
+    assert listed and {job["canvas_id"] for job in listed} == {canvas_id}
+    with session_scope() as session:
+        steps = list(session.scalars(select(Job).where(Job.canvas_id == canvas_id)))
+        session.expunge_all()
+    reports = [job for job in steps if job.name == "proj.tasks.generate_report"]
+    [mail_job] = [job.to_json() for job in steps if job.name == "proj.tasks.mail_monthly_report"]
+    assert sorted(mail_job["parents"]) == sorted(job.id for job in reports) and reports
+    with proj.jobs.testing.worker(purged, pool="threads", concurrency=2):
+        proj.jobs.testing.wait_for_state(mail_job["id"], State.SUCCEEDED, timeout=120)
+    done = client.get(f"/api/jobs/{mail_job['id']}").get_json()
+    assert done["canvas_id"] == canvas_id
+    assert done["result"]["users"] == len(reports)
+    [given] = proj.jobs.testing.job(mail_job["id"]).args[:1]
+    users = [report["user_id"] for report in given]
+    assert users == sorted(users) == sorted(job.args[0] for job in reports)
+    assert [mail["Subject"] for mail in mails_to(stack, stack.settings.digest_to)].count(
+        "proj report for 2026-11"
+    ) == 1
 
 
 @pytest.mark.parametrize("invoice_id", ["0", str(MAX_ID), "99999999999999999999", "abc"])

@@ -258,7 +258,7 @@ def test_keyset_pages_visit_every_job_once_newest_first(
 @pytest.mark.parametrize(
     ("query", "problem"),
     [
-        ({"state": "nope"}, "state must be one of queued"),
+        ({"state": "nope"}, "state must be one of waiting, queued"),
         ({"state": "FAILED"}, "state must be one of"),
         ({"since": "yesterday"}, "since must be a date and time like"),
         ({"until": "2020-13-01T00:00"}, "until must be a date and time like"),

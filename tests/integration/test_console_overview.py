@@ -384,7 +384,8 @@ def test_the_overview_follows_the_ledger(app: Flask, celery_app: Celery, ledger:
         state: after["by_state"][state] - before["by_state"][state] for state in after["by_state"]
     }
     assert moved == {
-        "queued": 1, "running": 0, "retrying": 0, "succeeded": 1, "failed": 1, "cancelled": 0,
+        "waiting": 0, "queued": 1, "running": 0, "retrying": 0, "succeeded": 1, "failed": 1,
+        "cancelled": 0,
     }  # fmt: skip
     assert after["owed"] == before["owed"] + 1
     minute = (minute_of(now), "failed")

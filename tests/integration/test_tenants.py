@@ -32,7 +32,7 @@ from proj.config import Settings, load_settings, use_settings
 from proj.db import Session, db, session_scope
 from proj.jobs import Jobs, auth, context, publisher, shared_task
 from proj.jobs.engine import resolve_url
-from proj.jobs.publisher import MESSAGE_FIELDS
+from proj.jobs.ledger import MESSAGE_FIELDS
 from proj.jobs.relay import make_relay
 from proj.migrations import upgrade
 from proj.models import TENANT_TABLES, Invoice, User

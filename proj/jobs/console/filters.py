@@ -49,6 +49,8 @@ class JobFilter:
     q: str | None = None
     """A job's exact id (that job alone), else text found in the arguments of
     jobs (case-insensitive)."""
+    canvas: str | None = None
+    """The canvas the jobs are steps of (its id, exactly)."""
 
     @classmethod
     def read(cls, values: Mapping[str, str]) -> JobFilter:
@@ -66,7 +68,7 @@ class JobFilter:
                 state = State(given["state"])
             except ValueError:
                 problems["state"] = f"state must be one of {', '.join(State)}"
-        for field in ("name", "queue", "tenant", "q"):
+        for field in ("name", "queue", "tenant", "q", "canvas"):
             if len(given[field]) > TEXT_LIMIT:
                 problems[field] = f"{field} takes at most {TEXT_LIMIT} characters"
             elif "\x00" in given[field]:
@@ -94,6 +96,7 @@ class JobFilter:
             since=since,
             until=until,
             q=given["q"] or None,
+            canvas=given["canvas"] or None,
         )
 
     def args(self) -> dict[str, str]:
@@ -106,6 +109,7 @@ class JobFilter:
             "since": _local_text(self.since),
             "until": _local_text(self.until),
             "q": self.q,
+            "canvas": self.canvas,
         }
         return {key: str(value) for key, value in found.items() if value}
 
@@ -120,6 +124,8 @@ class JobFilter:
             found.append(queues.condition(self.queue))
         if self.tenant is not None:
             found.append(Job.tenant == self.tenant)
+        if self.canvas is not None:
+            found.append(Job.canvas_id == self.canvas)
         if self.since is not None:
             found.append(Job.created_at >= self.since)
         if self.until is not None:

@@ -19,7 +19,7 @@ from werkzeug.wrappers.response import Response as BaseResponse
 
 from proj.jobs import actions, ledger, revoke
 from proj.jobs.auth import request_session
-from proj.jobs.console import bulk
+from proj.jobs.console import bulk, canvas_graph
 from proj.jobs.console.bulk import Selection
 from proj.jobs.console.filters import (
     FILTER_FIELDS,
@@ -85,11 +85,12 @@ def _newest(
     """The query of a page: up to ``PAGE_SIZE + 1`` jobs meeting ``where``,
     newest first, after the job ``after`` (its creation and id).
 
-    Without a state or a search to filter on, it is one query a state,
-    merged: each walks the (state, created_at) index from the newest and
-    stops at a page, so a page costs about its own rows on a ledger of any
-    size. (A search reads every job's arguments in any case; PostgreSQL then
-    rightly prefers one scan to six.)
+    Without a state, a search or a canvas to filter on, it is one query a
+    state, merged: each walks the (state, created_at) index from the newest
+    and stops at a page, so a page costs about its own rows on a ledger of
+    any size. (A search reads every job's arguments in any case; PostgreSQL
+    then rightly prefers one scan to six. A canvas's steps are found by
+    their own index.)
     """
     if after is not None:
         # The first condition lets the index start at the cursor; the second is exact.
@@ -103,7 +104,7 @@ def _newest(
             .limit(PAGE_SIZE + 1)
         )
 
-    if chosen.state is not None or chosen.q is not None:
+    if chosen.state is not None or chosen.q is not None or chosen.canvas is not None:
         return newest()
     merged = union_all(*(select(newest(Job.state == state).subquery()) for state in State))
     pages = merged.subquery()
@@ -185,9 +186,11 @@ def act_on_jobs() -> BaseResponse:
 
 @blueprint.get("/jobs/<job_id>")
 def job(job_id: str) -> str:
-    """One job: what it runs, where it stands, each attempt's error, its timeline."""
+    """One job: what it runs, where it stands, each attempt's error, its
+    timeline; a canvas step's parents, children and canvas, drawn."""
     found = _job_or_404(job_id)
-    attempts = ledger.attempts_of(request_session(), job_id)
+    session = request_session()
+    attempts = ledger.attempts_of(session, job_id)
     queues = Queues(_installed().celery_app)
     return render_template(
         "proj_console/job.html",
@@ -198,6 +201,8 @@ def job(job_id: str) -> str:
         worker=found.worker or next((a.worker for a in reversed(attempts) if a.worker), None),
         may_retry=actions.may_retry(found),
         may_cancel=actions.may_cancel(found),
+        canvas=canvas_graph.draw(session, found),
+        relatives=canvas_graph.relatives(session, found) if found.canvas_id else None,
     )
 
 
