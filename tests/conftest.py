@@ -33,6 +33,7 @@ from proj.config import Settings, load_settings, use_settings
 from proj.jobs import Jobs, NotInstalledError, auth
 from proj.jobs.models import Job, State
 from proj.jobs.publisher import owed
+from proj.jobs.testing import InMemoryQueue
 from proj.migrations import upgrade
 
 # Loaded by its entry point already; named for runs without plugin autoloading.
@@ -164,6 +165,13 @@ def purged(celery_app: Celery) -> Celery:
     with Jobs.of(celery_app).engine.begin() as connection:
         connection.execute(update(Job).where(*owed()).values(state=State.CANCELLED))
     return celery_app
+
+
+@pytest.fixture
+def memory(celery_app: Celery) -> Iterator[InMemoryQueue]:
+    """Job messages recorded in memory instead of published."""
+    with proj.jobs.testing.in_memory(celery_app) as queue:
+        yield queue
 
 
 @pytest.fixture(autouse=True)

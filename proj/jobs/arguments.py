@@ -66,3 +66,16 @@ def check_json(
         dumps([args or (), kwargs or {}])
     except (TypeError, ValueError) as exc:
         raise TaskArgumentError(argument_message(task_name, str(exc))) from exc
+
+
+def encoded_size(
+    task_name: str, args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None
+) -> int:
+    """The bytes the arguments take as JSON. If they cannot be encoded, raise
+    :class:`TaskArgumentError` saying why: an ORM object, a container inside
+    itself (:func:`check_arguments`), or what the encoder refused."""
+    try:
+        return len(dumps([args or (), kwargs or {}]))
+    except (TypeError, ValueError) as exc:
+        check_arguments(task_name, args, kwargs)
+        raise TaskArgumentError(argument_message(task_name, str(exc))) from exc

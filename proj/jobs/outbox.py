@@ -23,10 +23,10 @@ from contextlib import nullcontext
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from kombu.utils.json import dumps
 from sqlalchemy import event, orm
 
 from proj.jobs import context, ledger, metrics, publisher, tracing
+from proj.jobs.arguments import encoded_size
 from proj.jobs.clock import due_at, utcnow
 from proj.jobs.errors import TaskArgumentError
 from proj.jobs.ledger import mark_published
@@ -228,7 +228,9 @@ def _check_options(task_name: str, options: Mapping[str, Any]) -> None:
 
 
 def _check_size(jobs: Jobs, task_name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
-    size = len(dumps([list(args), dict(kwargs)]))
+    """Refuse arguments that cannot cross the queue: not JSON, or larger than
+    ``max_message_size``."""
+    size = encoded_size(task_name, args, kwargs)
     if jobs.settings.max_message_size and size > jobs.settings.max_message_size:
         raise TaskArgumentError(
             f"{task_name}: the arguments take {size} bytes, more than PROJ_MAX_MESSAGE_SIZE "
@@ -251,7 +253,7 @@ def _row(
         "id": job_id,
         "name": task_name,
         "args": jsonable(list(args)),
-        "kwargs": jsonable(dict(kwargs)),
+        "kwargs": jsonable(dict(kwargs)) if kwargs else {},
         "options": options,
         "max_attempts": max_attempts,
         "available_at": due,

@@ -222,9 +222,6 @@ class SqlAlchemyTask(celery.Task[Any, Any]):
         arguments ``apply_async_on_commit`` refuses; nothing is enqueued then.
         """
         batch = [_positional(self.name, call) for call in calls]
-        for args in batch:
-            check_arguments(self.name, args, None)
-            check_json(self.name, args, None)
         jobs = jobs_of(self.app)
         max_attempts = max_attempts_of(self, jobs.settings.max_attempts)
         session = session or outbox.callers_session(jobs)

@@ -14,25 +14,23 @@ from __future__ import annotations
 import html
 import re
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from html.parser import HTMLParser
 
 import pytest
 from celery import Celery, chain, chord, group
+from consoles import signed_in
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import select
 
 import proj.jobs.testing
-from proj.db import db as web_db
 from proj.db import session_scope, worker_engine
-from proj.jobs import Jobs, State, auth, enqueue_on_commit, ledger, outbox, shared_task
+from proj.jobs import Jobs, State, enqueue_on_commit, ledger, outbox, shared_task
 from proj.jobs.models import Job
 from proj.jobs.testing import InMemoryQueue
 
-PASSWORD = "console-canvas-password"
 WORKER = "celery@console-canvas:4242"
-TOKEN = re.compile(r'name="csrf_token" value="([^"]+)"')
 LISTED = re.compile(r'<tr data-job-id="([^"]*)"')
 OLDER = re.compile(r'<a href="([^"]+)" rel="next">')
 SIZE = re.compile(r'<svg id="canvas-graph" class="canvas-graph" width="[\d.]+" height="([\d.]+)"')
@@ -55,31 +53,6 @@ def step(given: object, label: str) -> str:
 @shared_task(name="tests.console_canvas.noted", ignore_result=True)
 def noted(failed_id: str, label: str) -> str:
     return failed_id
-
-
-@pytest.fixture
-def memory(celery_app: Celery) -> Iterator[InMemoryQueue]:
-    """Job messages recorded in memory instead of published."""
-    with proj.jobs.testing.in_memory(celery_app) as queue:
-        yield queue
-
-
-def signed_in(app: Flask, role: str) -> FlaskClient:
-    """A browser signed in to the console, through its form, as a new ``role`` account."""
-    email = f"{role}-{uuid.uuid4().hex[:12]}@example.com"
-    with app.app_context():
-        auth.add_account(web_db.session, email, PASSWORD, role)
-        web_db.session.commit()
-    browser = app.test_client()
-    form = browser.get("/dashboard/login").text
-    found = TOKEN.search(form)
-    assert found is not None
-    answer = browser.post(
-        "/dashboard/login",
-        data={"email": email, "password": PASSWORD, "csrf_token": html.unescape(found.group(1))},
-    )
-    assert answer.status_code == 302, answer.text
-    return browser
 
 
 @pytest.fixture

@@ -14,20 +14,20 @@ from __future__ import annotations
 import html
 import re
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from celery import Celery
+from consoles import csrf_of, signed_in
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import select, update
 
 import proj.jobs.testing
-from proj.db import db as web_db
 from proj.db import session_scope, worker_engine
-from proj.jobs import Job, Jobs, auth, ledger, outbox
+from proj.jobs import Job, Jobs, ledger, outbox
 from proj.jobs.clock import utcnow
 from proj.jobs.console import bulk
 from proj.jobs.deadletter import UNRUNNABLE
@@ -35,34 +35,9 @@ from proj.jobs.models import JobAttempt
 from proj.jobs.testing import InMemoryQueue
 from proj.models import User
 
-PASSWORD = "console-test-password"
 WORKER = "celery@console-test:4242"
-TOKEN = re.compile(r'name="csrf_token" value="([^"]+)"')
 LISTED = re.compile(r'<tr data-job-id="([^"]*)"')
 OLDER = re.compile(r'<a href="([^"]+)" rel="next">')
-
-
-@pytest.fixture
-def memory(celery_app: Celery) -> Iterator[InMemoryQueue]:
-    """Job messages recorded in memory instead of published."""
-    with proj.jobs.testing.in_memory(celery_app) as queue:
-        yield queue
-
-
-def signed_in(app: Flask, role: str) -> FlaskClient:
-    """A browser signed in to the console, through its form, as a new ``role`` account."""
-    email = f"{role}-{uuid.uuid4().hex[:12]}@example.com"
-    with app.app_context():
-        auth.add_account(web_db.session, email, PASSWORD, role)
-        web_db.session.commit()
-    browser = app.test_client()
-    form = browser.get("/dashboard/login")
-    answer = browser.post(
-        "/dashboard/login",
-        data={"email": email, "password": PASSWORD, "csrf_token": csrf_of(form.text)},
-    )
-    assert answer.status_code == 302, answer.text
-    return browser
 
 
 @pytest.fixture
@@ -73,12 +48,6 @@ def operator(app: Flask, memory: InMemoryQueue) -> FlaskClient:
 @pytest.fixture
 def viewer(app: Flask, memory: InMemoryQueue) -> FlaskClient:
     return signed_in(app, "viewer")
-
-
-def csrf_of(page: str) -> str:
-    found = TOKEN.search(page)
-    assert found is not None, "the page has no form with a CSRF token"
-    return html.unescape(found.group(1))
 
 
 def token(browser: FlaskClient) -> str:
