@@ -681,7 +681,7 @@ def release(
     children = sorted(graph.get("children") or ())
     if not children:
         return []
-    if connection.dialect.name == "postgresql":
+    if connection.dialect.name == "postgresql" and len(children) > 1:
         # In one order for every parent: two parents of the same steps
         # (after a group) never wait for each other's locks in a cycle.
         connection.execute(

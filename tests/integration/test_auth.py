@@ -90,6 +90,7 @@ class Existing:
             "api.create_user": lambda: {"email": new_email()},
             "api.create_invoice": lambda: {"user_id": self.user_id, "amount_cents": 4200},
             "api.create_report": lambda: {"user_id": self.user_id},
+            "api.create_monthly_report": lambda: {"month": "2026-11"},
         }
         return bodies.get(endpoint, dict)()
 
