@@ -509,8 +509,9 @@ def refused(connection: Connection, reasons: Mapping[str, str]) -> None:
     """The broker refused these waiting jobs' messages (or they could not be
     encoded): they end ``failed`` with the reason, in ``connection``'s
     transaction, and never hold up the jobs behind them."""
+    failed = []
     for job_id, reason in reasons.items():
-        connection.execute(
+        done = connection.execute(
             update(JOBS)
             .where(JOBS.c.id == job_id, JOBS.c.state.in_(CLAIMABLE))
             .values(
@@ -519,7 +520,9 @@ def refused(connection: Connection, reasons: Mapping[str, str]) -> None:
                 finished_at=utcnow(),
             )
         )
-    after_ended(connection, list(reasons), failed=True)
+        if done.rowcount:
+            failed.append(job_id)
+    after_ended(connection, failed, failed=True)
 
 
 def requeue(session: Session, job_id: str) -> bool:
