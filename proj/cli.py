@@ -318,13 +318,14 @@ FIRST_TOKEN = "proj-run"  # noqa: S105  (the token's name, not a secret)
 
 def _first_access(settings: Settings) -> tuple[str, str] | None:
     """When the database has no console account yet: an operator account
-    (:data:`FIRST_OPERATOR`) and an operator API token, made now; their
-    password and token, to be shown once. None when accounts exist."""
+    (:data:`FIRST_OPERATOR`) and an operator API token, made now (and
+    recorded in the audit trail); their password and token, to be shown
+    once. None when accounts exist."""
     import secrets
 
     from sqlalchemy import create_engine, pool
 
-    from proj.jobs import auth
+    from proj.jobs import audit, auth
     from proj.jobs.session import session_scope
 
     engine = create_engine(settings.database_url, poolclass=pool.NullPool)
@@ -336,6 +337,12 @@ def _first_access(settings: Settings) -> tuple[str, str] | None:
             auth.add_account(session, FIRST_OPERATOR, password, auth.Role.OPERATOR)
             auth.revoke_token(session, FIRST_TOKEN)
             token = auth.add_token(session, FIRST_TOKEN, auth.Role.OPERATOR)
+            made = {"role": auth.Role.OPERATOR, "command": "proj run"}
+            for action, target in (
+                (audit.Action.ACCOUNT_ADD, FIRST_OPERATOR),
+                (audit.Action.TOKEN_ADD, FIRST_TOKEN),
+            ):
+                audit.record(session, action, actor=audit.CLI, target=target, detail=made)
             return password, token
     finally:
         engine.dispose()

@@ -140,7 +140,8 @@ def mail_monthly_report(reports: list[dict[str, int] | None], month: str) -> dic
 @shared_task(name="proj.tasks.cleanup_expired", bind=True)
 @retry_on(TRANSIENT_ERRORS)
 def cleanup_expired(self: SqlAlchemyTask) -> int:
-    """Delete finished jobs older than the retention period; return how many."""
+    """Delete finished jobs, and audit entries, older than the retention
+    period; return how many jobs."""
     deleted = Jobs.of(self.app).prune(self.session)
     logger.info("cleanup_expired: deleted %d finished jobs", deleted)
     return deleted

@@ -95,6 +95,8 @@ class Tally:
 
     done: int = 0
     """Jobs retried, or cancelled at once."""
+    changed: list[str] = field(default_factory=list)
+    """The ids of the jobs retried, cancelled or asked to stop."""
     cancelled: list[str] = field(default_factory=list)
     """The ids of the jobs cancelled at once (cancel only)."""
     stopping: int = 0
@@ -124,6 +126,7 @@ def retry_each(session: Session, jobs: Jobs, job_ids: Sequence[str]) -> Tally:
                 tally.unrunnable += 1
             elif outbox.requeue(session, jobs, job):
                 tally.done += 1
+                tally.changed.append(job_id)
             else:
                 tally.skipped += 1  # it stopped being failed since the look-up
         for job in found.values():
@@ -140,7 +143,9 @@ def cancel_each(session: Session, job_ids: Iterable[str]) -> Tally:
         was = ledger.cancel(session, job_id)
         if was is None:
             tally.skipped += 1
-        elif was == State.RUNNING:
+            continue
+        tally.changed.append(job_id)
+        if was == State.RUNNING:
             tally.stopping += 1
         else:
             tally.done += 1

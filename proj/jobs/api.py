@@ -9,8 +9,9 @@ Every request needs an API token (``Authorization: Bearer <token>``, see
 :mod:`proj.jobs.auth`): a viewer's reads, an operator's also retries and
 cancels. A token sees its tenant's jobs only, and a token with no tenant
 the jobs of no tenant (another tenant's job is a 404), as row-level
-security does for an application's tables. Every error it answers is JSON:
-``{"error": {"code", "message", "fields"?}}``.
+security does for an application's tables. Each retry and cancel is
+recorded in the audit trail (:mod:`proj.jobs.audit`), in the change's transaction.
+Every error it answers is JSON: ``{"error": {"code", "message", "fields"?}}``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from sqlalchemy import false, select, tuple_
 from sqlalchemy.orm import Session
 
-from proj.jobs import actions, ledger, revoke
+from proj.jobs import actions, audit, ledger, revoke
 from proj.jobs.auth import request_session, require_token, token_tenant
 from proj.jobs.extension import EXTENSION_KEY, Jobs
 from proj.jobs.http import json_error, whole_number
@@ -86,7 +87,7 @@ def list_jobs() -> Response:
     if state is not None and state not in set(State):
         allowed = ", ".join(State)
         raise JobApiError(400, "invalid_query", f"state must be one of {allowed}", {"state": state})
-    limit = _limit(request.args.get("limit"))
+    limit = page_limit(request.args.get("limit"))
     query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
     if state is not None:
         query = query.where(Job.state == state)
@@ -114,7 +115,9 @@ def list_jobs() -> Response:
     return jsonify(jobs=[job.to_json() for job in page], next=following)
 
 
-def _limit(raw: str | None) -> int:
+def page_limit(raw: str | None) -> int:
+    """The ``limit`` query argument ``raw`` (``DEFAULT_LIMIT`` when not
+    given); :class:`JobApiError` (400) unless it is 1 to ``MAX_LIMIT``."""
     if raw is None:
         return DEFAULT_LIMIT
     limit = whole_number(raw)
@@ -137,6 +140,7 @@ def retry_job(job_id: str) -> tuple[Response, int]:
         actions.retry(session, _jobs(), job)
     except actions.NotActionable as exc:
         raise JobApiError(409, "conflict", str(exc)) from None
+    audit.record_request(session, audit.Action.JOB_RETRY, target=job_id)
     session.refresh(job)
     answer = job.to_json()  # as requeued: once committed, a worker may take it at once
     session.commit()
@@ -156,6 +160,7 @@ def cancel_job(job_id: str) -> tuple[Response, int]:
     except actions.NotActionable as exc:
         session.rollback()
         raise JobApiError(409, "conflict", str(exc)) from None
+    audit.record_request(session, audit.Action.JOB_CANCEL, target=job_id, detail={"was": was})
     session.commit()
     if was != State.RUNNING:  # a running one is announced by its worker when it stops
         revoke.announce(_jobs().celery_app, [job_id])

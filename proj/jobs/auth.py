@@ -137,15 +137,18 @@ def add_account(session: Session, email: str, password: str, role: str) -> Accou
 
 def authenticate(session: Session, email: str, password: str) -> Account | None:
     """The account these credentials open, or None."""
-    email = email.strip().lower()
-    # No account's email holds a NUL, which PostgreSQL refuses in text.
-    account = (
-        session.scalar(select(Account).where(Account.email == email))
-        if "\x00" not in email
-        else None
-    )
+    account = find_account(session, email)
     matches = check_password_hash(account.password_hash if account else _nobody(), password)
     return account if account is not None and matches else None
+
+
+def find_account(session: Session, email: str) -> Account | None:
+    """The account of ``email`` (in any case, spaces around it ignored), or None."""
+    email = email.strip().lower()
+    # No account's email holds a NUL, which PostgreSQL refuses in text.
+    if "\x00" in email:
+        return None
+    return session.scalar(select(Account).where(Account.email == email))
 
 
 def set_password(session: Session, email: str, password: str) -> Account:

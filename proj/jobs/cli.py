@@ -3,11 +3,14 @@
 application's ``proj jobs``, ``proj admin`` and ``proj token``).
 
 Each works on the ledger's database: ``ctx.meta[DATABASE_URL]`` where the
-application's command put it there, else the ``DATABASE_URL`` variable.
+application's command put it there, else the ``DATABASE_URL`` variable. What
+changes an account or a token is recorded in the audit trail
+(:mod:`proj.jobs.audit`) in the change's transaction, by the actor ``cli``.
 """
 
 from __future__ import annotations
 
+import getpass
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +21,7 @@ import click
 from sqlalchemy import create_engine, orm, pool
 from sqlalchemy.engine import make_url
 
-from proj.jobs import auth, migrations
+from proj.jobs import audit, auth, migrations
 from proj.jobs.engine import resolve_url
 from proj.jobs.errors import ConfigurationError
 from proj.jobs.session import session_scope
@@ -72,6 +75,16 @@ def _ledger_session() -> Iterator[orm.Session]:
         engine.dispose()
 
 
+def _record(session: orm.Session, action: audit.Action, target: str, **detail: Any) -> None:
+    """Record a command's change, with the login name it runs under."""
+    try:
+        user: str | None = getpass.getuser()
+    except (KeyError, OSError):  # neither a login variable nor a passwd entry
+        user = None
+    detail = {**detail, "os_user": user}
+    audit.record(session, action, actor=audit.CLI, target=target, detail=detail)
+
+
 @click.group()
 def jobs() -> None:
     """The job ledger."""
@@ -100,6 +113,7 @@ def add_account(email: str, role: str) -> None:
     it is not a terminal, and prompted for (twice) when it is."""
     with _ledger_session() as session:
         added = auth.add_account(session, email, _read_password(), role).email
+        _record(session, audit.Action.ACCOUNT_ADD, added, role=role)
     click.echo(f"account {added} ({role}) added")
 
 
@@ -110,6 +124,7 @@ def set_password(email: str) -> None:
     console sessions end."""
     with _ledger_session() as session:
         changed = auth.set_password(session, email, _read_password()).email
+        _record(session, audit.Action.ACCOUNT_PASSWORD, changed)
     click.echo(f"account {changed}: password changed; its sessions have ended")
 
 
@@ -117,9 +132,11 @@ def set_password(email: str) -> None:
 @click.argument("email")
 def remove_account(email: str) -> None:
     """Remove an account; its console sessions end with it."""
+    removed = email.strip().lower()
     with _ledger_session() as session:
-        auth.remove_account(session, email)
-    click.echo(f"account {email.strip().lower()} removed")
+        auth.remove_account(session, removed)
+        _record(session, audit.Action.ACCOUNT_REMOVE, removed)
+    click.echo(f"account {removed} removed")
 
 
 def _read_password() -> str:
@@ -149,6 +166,15 @@ def add_token(name: str, role: str, tenant: str | None, expires: timedelta | Non
     """Make a token; it is printed once, on the last line, and only its hash is kept."""
     with _ledger_session() as session:
         made = auth.add_token(session, name, role, tenant, expires)
+        seconds = int(expires.total_seconds()) if expires is not None else None
+        _record(
+            session,
+            audit.Action.TOKEN_ADD,
+            name.strip(),
+            role=role,
+            tenant=tenant,
+            expires_in_seconds=seconds,
+        )
     scope = f", tenant {tenant}" if tenant else ""
     click.echo(f"token {name} ({role}{scope}) added; keep it now, it is not shown again:")
     click.echo(made)
@@ -183,4 +209,5 @@ def revoke_token(name: str) -> None:
     with _ledger_session() as session:
         if not auth.revoke_token(session, name):
             raise click.ClickException(f"no token named {name!r}")
+        _record(session, audit.Action.TOKEN_REVOKE, name.strip())
     click.echo(f"token {name} revoked")

@@ -26,6 +26,7 @@ from kombu.message import Message
 from sqlalchemy import Engine, orm
 
 from proj.jobs import (
+    audit,
     context,
     ledger,
     logs,
@@ -147,8 +148,10 @@ class Jobs:
 
     def prune(self, session: orm.Session) -> int:
         """Delete, in ``session``'s transaction, the jobs that finished more
-        than ``retention_days`` ago; how many."""
+        than ``retention_days`` ago, and the audit trail's entries older than
+        that (:mod:`proj.jobs.audit`); how many jobs."""
         cutoff = utcnow() - timedelta(days=self.settings.retention_days)
+        audit.prune(session, cutoff)
         return ledger.prune(session, cutoff)
 
     def init_app(self, flask_app: Flask, db: SQLAlchemy) -> None:

@@ -1,5 +1,5 @@
-"""The job API and metrics endpoint described in OpenAPI 3.1, for an
-application to serve with its own routes.
+"""The job API, the audit trail and the metrics endpoint described in
+OpenAPI 3.1, for an application to serve with its own routes.
 
 The paths depend on where the blueprints are mounted, so they are made for
 a prefix; the schemas, error responses and the bearer token scheme they
@@ -10,7 +10,12 @@ refer to come with :func:`describe`, which makes the whole document::
     document = openapi.describe(
         title="Shop API",
         version="1.4.0",
-        paths={**openapi.job_api_paths("/api/jobs"), **openapi.metrics_paths("/metrics"), **own},
+        paths={
+            **openapi.job_api_paths("/api/jobs"),
+            **openapi.audit_paths("/api/audit"),
+            **openapi.metrics_paths("/metrics"),
+            **own,
+        },
     )
 
 Every description is CommonMark, as OpenAPI asks. Nothing here checks the
@@ -23,6 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 from proj.jobs.api import DEFAULT_LIMIT, MAX_LIMIT
+from proj.jobs.audit import MAX_ID, Action
 from proj.jobs.auth import Role
 from proj.jobs.models import State
 
@@ -32,6 +38,7 @@ SECURITY_SCHEME = "apiToken"
 
 TAGS = [
     {"name": "jobs", "description": "Background jobs: their state, retrying and cancelling."},
+    {"name": "audit", "description": "Who acted on jobs, signed in, or changed access."},
     {"name": "metrics", "description": "Counters and gauges for Prometheus to scrape."},
 ]
 
@@ -148,6 +155,47 @@ JOB_EXAMPLE = {
 }
 
 
+AUDIT_FIELDS: dict[str, Any] = {
+    "id": {"type": "integer", "minimum": 1, "description": "Newest first is highest first."},
+    "at": {"type": "string", "format": "date-time"},
+    "actor": {
+        "type": "string",
+        "description": "Who: `token:<name>`, `account:<email>`, `cli` (a command) or "
+        "`anonymous` (a failed sign-in).",
+    },
+    "action": {"type": "string", "enum": [str(action) for action in Action]},
+    "target": {
+        "type": ["string", "null"],
+        "description": "What it was done to: a job's id, how many jobs, a token's name, an "
+        "account's email.",
+    },
+    "tenant": {
+        "type": ["string", "null"],
+        "description": "The acting token's tenant; always the reading token's.",
+    },
+    "address": {
+        "type": ["string", "null"],
+        "description": "The client's address (`null`: a command).",
+    },
+    "detail": {
+        "type": ["object", "null"],
+        "description": "What else there is to say: a cancelled job's state before (`was`), "
+        "a bulk action's counts and filter, a new token's role and tenant.",
+    },
+}
+
+AUDIT_EXAMPLE = {
+    "id": 1042,
+    "at": "2025-01-31T09:31:12.480000+00:00",
+    "actor": "token:deploy-bot",
+    "action": "job.cancel",
+    "target": "5f0c2d8e-4b1a-4f7e-9a57-2f3b8c1d9e60",
+    "tenant": None,
+    "address": "203.0.113.7",
+    "detail": {"was": "queued"},
+}
+
+
 def _object(description: str, fields: dict[str, Any], **more: Any) -> dict[str, Any]:
     """An object schema in which every field is always present (null when unknown)."""
     return {
@@ -207,6 +255,20 @@ def schemas() -> dict[str, Any]:
             "A page of jobs, newest first.",
             {
                 "jobs": {"type": "array", "items": schema("Job")},
+                "next": {
+                    "type": ["string", "null"],
+                    "format": "uri-reference",
+                    "description": "The next page's URL (`null`: this is the last page).",
+                },
+            },
+        ),
+        "AuditEntry": _object(
+            "An action of the audit trail.", AUDIT_FIELDS, examples=[AUDIT_EXAMPLE]
+        ),
+        "AuditPage": _object(
+            "A page of the audit trail, newest first.",
+            {
+                "entries": {"type": "array", "items": schema("AuditEntry")},
                 "next": {
                     "type": ["string", "null"],
                     "format": "uri-reference",
@@ -370,6 +432,51 @@ def job_api_paths(prefix: str) -> dict[str, Any]:
                 },
             }
         },
+    }
+
+
+def audit_paths(prefix: str) -> dict[str, Any]:
+    """The path of ``proj.jobs.audit_api.blueprint`` mounted at ``prefix``."""
+    return {
+        prefix: {
+            "get": {
+                "operationId": "list_audit",
+                "tags": ["audit"],
+                "summary": "The audit trail, newest first",
+                "description": (
+                    "Each retry, cancel, bulk action, console sign-in (failed ones too), "
+                    "sign-out and token or account change: who, what, to what, when, from "
+                    "where. A tenant's token reads what its tenant's tokens did; a token "
+                    "with no tenant, the rest. Kept as long as finished jobs are. Follow "
+                    "`next` for the following page."
+                ),
+                "security": requires(Role.VIEWER),
+                "parameters": [
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "description": "Entries on a page.",
+                        "schema": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": MAX_LIMIT,
+                            "default": DEFAULT_LIMIT,
+                        },
+                    },
+                    {
+                        "name": "before",
+                        "in": "query",
+                        "description": "The id of the previous page's last entry.",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_ID},
+                    },
+                ],
+                "responses": {
+                    "200": json_body("A page of entries.", schema("AuditPage")),
+                    "400": error("`limit` or `before` is not valid (`invalid_query`)."),
+                    "401": response("Unauthorized"),
+                },
+            }
+        }
     }
 
 

@@ -70,7 +70,8 @@ class JobsSettings:
     """Attempts a job gets when its task sets none (a worker that dies running
     it counts as one)."""
     retention_days: int = 30
-    """Days finished jobs are kept (:func:`proj.jobs.ledger.prune`)."""
+    """Days finished jobs, and the audit trail's entries, are kept
+    (:meth:`proj.jobs.Jobs.prune`)."""
     worker_statement_timeout: float = 0
     """Seconds a statement of a task may run before PostgreSQL cancels it (0: no limit)."""
     worker_answer_within: float = 0

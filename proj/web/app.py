@@ -19,7 +19,15 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from proj.config import Settings, current_settings
 from proj.db import db
-from proj.jobs import ConfigurationError, Jobs, auth, console, deadlines, engine_options
+from proj.jobs import (
+    ConfigurationError,
+    Jobs,
+    audit_api,
+    auth,
+    console,
+    deadlines,
+    engine_options,
+)
 from proj.jobs import api as jobs_api
 from proj.jobs import metrics_api as jobs_metrics
 from proj.web.api import api
@@ -78,6 +86,7 @@ def create_app(settings: Settings | None = None, celery_app: Celery | None = Non
     app.register_blueprint(api)
     auth.require_token_under(app, "/api/")
     app.register_blueprint(jobs_api.blueprint, url_prefix="/api/jobs")
+    app.register_blueprint(audit_api.blueprint, url_prefix="/api/audit")
     app.register_blueprint(jobs_metrics.blueprint, url_prefix="/metrics")
     app.register_blueprint(console.blueprint, url_prefix="/dashboard")
     register_error_handlers(app)

@@ -1,8 +1,8 @@
 """The OpenAPI document of proj's HTTP API, served at ``/api/openapi.json``.
 
 It is proj's own routes (users, invoices, charges, reports, the health
-check) with proj.jobs's job API and metrics endpoint where the application
-mounts them. It is written out, not derived: ``tests/integration/test_openapi.py``
+check) with proj.jobs's job API, audit trail and metrics endpoint where
+the application mounts them. It is written out, not derived: ``tests/integration/test_openapi.py``
 checks it against the routes and real answers.
 
 The document needs no token: it says no more than the documentation does,
@@ -24,6 +24,7 @@ from proj.models import MAX_ID
 from proj.web.api import MAX_AMOUNT_CENTS
 
 JOBS_PREFIX = "/api/jobs"
+AUDIT_PREFIX = "/api/audit"
 METRICS_PREFIX = "/metrics"
 DOCUMENT_PATH = "/api/openapi.json"
 
@@ -308,13 +309,15 @@ def own_paths() -> dict[str, Any]:
 
 
 def document() -> dict[str, Any]:
-    """The whole document: proj's routes, the job API at ``JOBS_PREFIX``
-    and the metrics at ``METRICS_PREFIX``. Every operation may also
-    answer any other error in the same JSON shape (a 503 when the database
-    does not answer, a 405, a 413…): that is its ``default`` response."""
+    """The whole document: proj's routes, the job API at ``JOBS_PREFIX``,
+    the audit trail at ``AUDIT_PREFIX`` and the metrics at ``METRICS_PREFIX``.
+    Every operation may also answer any other error in the same JSON shape
+    (a 503 when the database does not answer, a 405, a 413…): that is its
+    ``default`` response."""
     paths = {
         **own_paths(),
         **openapi.job_api_paths(JOBS_PREFIX),
+        **openapi.audit_paths(AUDIT_PREFIX),
         **openapi.metrics_paths(METRICS_PREFIX),
     }
     other = error("Any other error, in the same shape (`database_unavailable`, …).")

@@ -3,10 +3,10 @@
 
     flask_app.register_blueprint(proj.jobs.console.blueprint, url_prefix="/dashboard")
 
-Pages: the overview, the jobs (filters, bulk actions), a job, periodic tasks
-and workers. Console accounts are made with ``proj admin add`` (see
-:mod:`proj.jobs.auth`); the frame (sign-in, roles, CSRF, headers) is
-:mod:`proj.jobs.console.site`.
+Pages: the overview, the jobs (filters, bulk actions), a job, periodic tasks,
+workers, API tokens and the audit trail (:mod:`proj.jobs.audit`). Console
+accounts are made with ``proj admin add`` (see :mod:`proj.jobs.auth`); the
+frame (sign-in, roles, CSRF, headers) is :mod:`proj.jobs.console.site`.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@ the filter matches), how many of them an action would touch, and what it did,
 in words.
 
 An action takes at most :data:`BATCH_LIMIT` jobs at once, the newest first;
-each job's change is a compare-and-set (see :mod:`proj.jobs.actions`).
+each job's change is a compare-and-set (see :mod:`proj.jobs.actions`), and
+the action is one entry of the audit trail (:meth:`Selection.record`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 from werkzeug.datastructures import MultiDict
 
-from proj.jobs import actions
+from proj.jobs import actions, audit
 from proj.jobs.console.filters import InvalidFilter, JobFilter, Queues, is_job_id
 from proj.jobs.console.site import Refused
 from proj.jobs.extension import Jobs
@@ -29,6 +30,10 @@ ELIGIBLE: dict[str, Callable[[], tuple[ColumnElement[bool], ...]]] = {
 }
 """Each action, and the SQL of the jobs it applies to."""
 SCOPES = ("selected", "matching")
+AUDITED = {"retry": audit.Action.JOBS_BULK_RETRY, "cancel": audit.Action.JOBS_BULK_CANCEL}
+"""Each action, as the audit trail names it."""
+IDS_RECORDED = 100
+"""Ids of changed jobs an audit entry keeps, at most (its counts are whole)."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,24 @@ class Selection:
         if self.action == "retry":
             return actions.retry_each(session, jobs, job_ids)
         return actions.cancel_each(session, job_ids)
+
+    def record(self, session: Session, tally: actions.Tally, picked: int, capped: bool) -> None:
+        """Record the action in the audit trail, in ``session``'s transaction:
+        how many jobs it changed, its counts, the filter (for every job
+        matching it) and the first :data:`IDS_RECORDED` ids it changed."""
+        detail = {
+            "scope": self.scope,
+            "filter": self.filter.args() if self.scope == "matching" else None,
+            "picked": picked,
+            "capped": capped,
+            "done": tally.done,
+            "stopping": tally.stopping,
+            "skipped": tally.skipped,
+            "unrunnable": tally.unrunnable,
+            "job_ids": tally.changed[:IDS_RECORDED],
+        }
+        target = _jobs(len(tally.changed))
+        audit.record_request(session, AUDITED[self.action], target=target, detail=detail)
 
     def summary(self, tally: actions.Tally, picked: int, capped: bool, expected: int) -> str:
         """What was done, in words. ``expected`` is the count the confirmation

@@ -3,8 +3,9 @@
 cancel).
 
 Every action goes through :mod:`proj.jobs.actions`: a compare-and-set in the
-ledger, committed before the page answers; a retried job is published after
-the commit. A viewer sees no buttons, and the frame refuses a viewer's POST.
+ledger, committed before the page answers with its entry in the audit trail
+(:mod:`proj.jobs.audit`); a retried job is published after the commit. A
+viewer sees no buttons, and the frame refuses a viewer's POST.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from flask import current_app, flash, redirect, render_template, request, url_fo
 from sqlalchemy import ColumnElement, Select, select, tuple_, union_all
 from werkzeug.wrappers.response import Response as BaseResponse
 
-from proj.jobs import actions, ledger, revoke
+from proj.jobs import actions, audit, ledger, revoke
 from proj.jobs.auth import request_session
 from proj.jobs.console import bulk, canvas_graph
 from proj.jobs.console.bulk import Selection
@@ -177,6 +178,7 @@ def act_on_jobs() -> BaseResponse:
     session = request_session()
     job_ids, capped = selection.pick(session, Queues(_installed().celery_app))
     tally = selection.apply(session, _installed(), job_ids)
+    selection.record(session, tally, len(job_ids), capped)
     session.commit()
     revoke.announce(_installed().celery_app, tally.cancelled)
     summary = selection.summary(tally, len(job_ids), capped, whole_number(expected) or 0)
@@ -217,6 +219,7 @@ def retry_job(job_id: str) -> BaseResponse:
         session.rollback()
         flash(str(exc), "error")
     else:
+        audit.record_request(session, audit.Action.JOB_RETRY, target=job_id)
         session.commit()
         flash(f"job {job_id} is queued again, with a fresh budget of attempts")
     return redirect(url_for(".job", job_id=job_id))
@@ -233,6 +236,7 @@ def cancel_job(job_id: str) -> BaseResponse:
         session.rollback()
         flash(str(exc), "error")
     else:
+        audit.record_request(session, audit.Action.JOB_CANCEL, target=job_id, detail={"was": was})
         session.commit()
         if was == State.RUNNING:
             flash(

@@ -1,13 +1,15 @@
-"""The console's overview, periodic tasks, workers and tokens pages: read-only, every
-figure from the ledger (:mod:`~proj.jobs.console.figures`,
-:mod:`~proj.jobs.console.schedules`, :mod:`~proj.jobs.console.fleet`)."""
+"""The console's overview, periodic tasks, workers, tokens and audit pages:
+read-only, every figure from the ledger (:mod:`~proj.jobs.console.figures`,
+:mod:`~proj.jobs.console.schedules`, :mod:`~proj.jobs.console.fleet`,
+:mod:`~proj.jobs.audit`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from flask import current_app, render_template
+from flask import current_app, render_template, request, url_for
 
+from proj.jobs import audit
 from proj.jobs.auth import request_session
 from proj.jobs.auth import tokens as api_tokens
 from proj.jobs.clock import utcnow
@@ -16,12 +18,15 @@ from proj.jobs.console.figures import ACTIVE, OUTCOMES
 from proj.jobs.console.figures import overview as overview_figures
 from proj.jobs.console.fleet import fleet
 from proj.jobs.console.schedules import SLOTS_BACK, periodic_rows
-from proj.jobs.console.site import blueprint
+from proj.jobs.console.site import Refused, blueprint
 from proj.jobs.extension import EXTENSION_KEY, Jobs
+from proj.jobs.http import whole_number
 from proj.jobs.models import State
 
 REFRESH = 10
 """Seconds between reloads of the overview and workers pages."""
+AUDIT_PAGE_SIZE = 50
+"""Entries on one page of the audit trail."""
 
 
 def _jobs() -> Jobs:
@@ -71,3 +76,16 @@ def tokens() -> str:
     """The API tokens: name, role, tenant, last use and expiry (never the
     token, which is shown once, when ``proj token add`` makes it)."""
     return _page("tokens.html", tokens=api_tokens(request_session()), now=utcnow())
+
+
+@blueprint.get("/audit")
+def audit_trail() -> str:
+    """The audit trail, every tenant's, newest first, 50 a page; ``before``
+    (an entry's id) continues after that entry."""
+    raw = request.args.get("before")
+    before = whole_number(raw) if raw else None
+    if raw and (before is None or before > audit.MAX_ID):
+        raise Refused(400, "invalid_query", "before must be an entry's id (a whole number)")
+    found = audit.page(request_session(), AUDIT_PAGE_SIZE, before)
+    older = url_for(".audit_trail", before=found.older) if found.older is not None else None
+    return _page("audit.html", entries=found.entries, older=older, paged=before is not None)

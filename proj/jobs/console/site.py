@@ -13,6 +13,8 @@ form must carry.
   says (``database``, ``redis://...`` or ``memory://``; unset, the database,
   or each process's memory on SQLite). A store that does not answer refuses
   the attempt (503).
+- Sign-ins, failed sign-ins (those the limit let through) and sign-outs
+  are recorded in the audit trail (:mod:`proj.jobs.audit`).
 - Responses carry a content security policy (no inline script or style, no
   framing) and are not cached.
 """
@@ -35,10 +37,11 @@ from flask import (
 from flask_wtf.csrf import CSRFError, generate_csrf, validate_csrf
 from limits import parse
 from limits.errors import StorageError
+from sqlalchemy.orm import Session
 from werkzeug.wrappers.response import Response as BaseResponse
 from wtforms import ValidationError
 
-from proj.jobs import auth, login_limit
+from proj.jobs import audit, auth, login_limit
 from proj.jobs.console import sessions
 from proj.jobs.http import json_error
 
@@ -150,18 +153,35 @@ def login() -> Any:
     refused = _attempt_refusal(email)
     if refused is not None:
         return render_template("proj_console/login.html", next=target, error=refused), 429
-    account = auth.authenticate(auth.request_session(), email, request.form.get("password", ""))
+    session = auth.request_session()
+    account = auth.authenticate(session, email, request.form.get("password", ""))
     if account is None:
+        _record_failure(session, email)
         error = "that email and password do not match an account"
         return render_template("proj_console/login.html", next=target, error=error), 401
     sessions.begin(account)
+    audit.record_request(session, audit.Action.SIGN_IN, actor=audit.account_actor(account.email))
+    session.commit()
     return redirect(target or url_for("proj_console.overview"))
+
+
+def _record_failure(session: Session, email: str) -> None:
+    """Record a failed sign-in: the account's email if one has it, never the
+    text typed (a password typed in the wrong field would be kept)."""
+    tried = auth.find_account(session, email)
+    reason = "wrong password" if tried is not None else "no such account"
+    target = tried.email if tried is not None else None
+    audit.record_request(
+        session, audit.Action.SIGN_IN_FAILED, target=target, detail={"reason": reason}
+    )
+    session.commit()
 
 
 @blueprint.post("/logout")
 def logout() -> BaseResponse:
     """Sign out: every session of the account ends, on the server."""
-    sessions.end(g.get("console_account"))
+    audit.record_request(auth.request_session(), audit.Action.SIGN_OUT)
+    sessions.end(g.get("console_account"))  # commits the entry with the new nonce
     return redirect(url_for("proj_console.login"))
 
 

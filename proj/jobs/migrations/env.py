@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
+import proj.jobs.audit  # its table is the ledger's too
 import proj.jobs.auth  # noqa: F401  (its tables are the ledger's too)
 from proj.jobs.migrations import VERSION_TABLE
 from proj.jobs.models import LedgerBase
