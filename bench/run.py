@@ -255,7 +255,10 @@ def run_stack(
             **os.environ,
             **made,
             "PYTHONPATH": str(ROOT),
+            # Resolved to the driver proj ships, as every process must read
+            # them (the baseline's Celery reads CELERY_RESULT_BACKEND itself).
             "DATABASE_URL": settings.database_url,
+            "CELERY_RESULT_BACKEND": settings.result_backend,
             "PROJ_RECONCILE_INTERVAL": "5",
         }
         upgrade(settings.database_url)
