@@ -70,7 +70,7 @@ from bench.canvas_apps import (
     canvas_of,
     proj_app,
 )
-from bench.run import QUICK_NOTE, progress, proj_version
+from bench.run import QUICK_NOTE, progress, proj_version, write_report
 from bench.workers import ROOT, WORKER_OPTIONS, process, waker
 from proj.config import load_settings
 from proj.jobs import Job, Jobs, State, enqueue_on_commit
@@ -601,10 +601,7 @@ def main() -> None:
             continue
         run_stack(run, stack, options, started)
     minutes = (time.monotonic() - started) / 60
-    out = ROOT / "bench" / "results" / f"canvas-{datetime.now(UTC):%Y%m%d-%H%M}.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(report(options, run, minutes, version))
-    print(out.read_text())
+    write_report("canvas-", report(options, run, minutes, version))
 
 
 if __name__ == "__main__":

@@ -43,8 +43,7 @@ from celery import Celery
 from sqlalchemy import Engine, event, text
 
 import proj.jobs.migrations
-from bench.run import progress, proj_version
-from bench.workers import ROOT
+from bench.run import progress, proj_version, write_report
 from proj.jobs import Jobs, JobsSettings, SqlAlchemyTask
 from tests import stacks
 
@@ -249,10 +248,7 @@ def main() -> None:
     version = proj_version()
     run = measure(options, started)
     minutes = (time.monotonic() - started) / 60
-    out = ROOT / "bench" / "results" / f"many-{datetime.now(UTC):%Y%m%d-%H%M}.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(report(options, run, minutes, version, load))
-    print(out.read_text())
+    write_report("many-", report(options, run, minutes, version, load))
 
 
 if __name__ == "__main__":

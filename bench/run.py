@@ -358,6 +358,15 @@ def report(
     )
 
 
+def write_report(prefix: str, text: str) -> None:
+    """Keep a run's report in ``bench/results/`` (named ``prefix`` and the
+    time), and print it."""
+    out = ROOT / "bench" / "results" / f"{prefix}{datetime.now(UTC):%Y%m%d-%H%M}.md"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(text)
+    print(text)
+
+
 def parse_options() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -408,10 +417,7 @@ def main() -> None:
         results += figures
         found.append(stack_limits)
     minutes = (time.monotonic() - started) / 60
-    out = ROOT / "bench" / "results" / f"{datetime.now(UTC):%Y%m%d-%H%M}.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(report(options, results, found, minutes, version))
-    print(out.read_text())
+    write_report("", report(options, results, found, minutes, version))
 
 
 if __name__ == "__main__":

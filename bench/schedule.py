@@ -45,7 +45,7 @@ from typing import Any
 from sqlalchemy import Engine, bindparam, create_engine, delete, func, select, update
 
 from bench import workload
-from bench.run import QUICK_NOTE, progress, proj_version
+from bench.run import QUICK_NOTE, progress, proj_version, write_report
 from bench.workers import ROOT, variant_env, worker
 from proj.config import load_settings
 from proj.jobs import Job, ProjError
@@ -372,10 +372,7 @@ def main() -> None:
             continue
         run_stack(run, stack, options, started)
     minutes = (time.monotonic() - started) / 60
-    out = ROOT / "bench" / "results" / f"schedule-{datetime.now(UTC):%Y%m%d-%H%M}.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(report(options, run, minutes, version))
-    print(out.read_text())
+    write_report("schedule-", report(options, run, minutes, version))
 
 
 if __name__ == "__main__":
