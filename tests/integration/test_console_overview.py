@@ -21,6 +21,7 @@ import pytest
 from celery import Celery
 from celery.beat import ScheduleEntry
 from celery.schedules import crontab
+from consoles import signed_in
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import delete, select
@@ -34,7 +35,6 @@ from proj.jobs.models import Job, State, WorkerBeat
 from proj.jobs.reconciler import queue_of
 from proj.jobs.scheduler import SlotScheduler, slot_job_id
 
-PASSWORD = "a long enough password"
 PAGES = ("/dashboard/", "/dashboard/periodic", "/dashboard/workers", "/dashboard/tokens")
 WAITING_OR_RUNNING = {State.QUEUED, State.RUNNING, State.RETRYING}
 OUTCOMES = {State.SUCCEEDED, State.FAILED, State.CANCELLED}
@@ -119,23 +119,6 @@ def page_of(client: FlaskClient, path: str) -> Element:
     response = client.get(path)
     assert response.status_code == 200, response.get_data(as_text=True)[:500]
     return Page(response.get_data(as_text=True)).document
-
-
-def signed_in(app: Flask, role: str) -> FlaskClient:
-    """A client signed in, through the login form, as a new account with ``role``."""
-    email = f"console-{role}-{uuid.uuid4().hex[:10]}@example.com"
-    with app.app_context():
-        auth.add_account(web_db.session, email, PASSWORD, role)
-        web_db.session.commit()
-    client = app.test_client()
-    form = page_of(client, "/dashboard/login")
-    token = form.one("input", name="csrf_token").attrs["value"]
-    answer = client.post(
-        "/dashboard/login", data={"csrf_token": token, "email": email, "password": PASSWORD}
-    )
-    assert answer.status_code == 302, answer.get_data(as_text=True)[:500]
-    assert answer.headers["Location"] == "/dashboard/"
-    return client
 
 
 class Ledger:
