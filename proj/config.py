@@ -45,6 +45,7 @@ DEFAULTS: Mapping[str, str] = {
     "PROJ_DIGEST_INTERVAL": "86400",
     "PROJ_BROKER_POLL_INTERVAL": "0.005",
     "PROJ_VISIBILITY_TIMEOUT": "7200",
+    "PROJ_TASK_TIME_LIMIT": "900",
 }
 """The default of every setting, by environment variable. ``{data_dir}`` and
 ``{database_url}`` expand to the values in effect."""
@@ -115,6 +116,11 @@ class Settings:
     """Seconds between polls of the embedded SQLite broker."""
     visibility_timeout: float
     """Seconds Redis waits before redelivering an unacknowledged message."""
+    task_time_limit: float
+    """The hard time limit of every task that sets none of its own, in
+    seconds (Celery's ``task_time_limit``; 0: none). The prefork pool kills
+    a child past it; the threads pool of the embedded setup (``proj run``)
+    does not enforce it (celery#9203)."""
     jobs: JobsSettings
     """proj.jobs's settings (the database, pools, relay, reconciler, attempts)."""
 
@@ -129,10 +135,14 @@ class Settings:
         return self.database_url.startswith("sqlite")
 
     def celery_connection(self) -> dict[str, Any]:
-        """The Celery settings that depend on where the broker and results live."""
+        """The Celery settings that depend on the environment: where the broker
+        and results live, and the tasks' hard time limit."""
         conf: dict[str, Any] = {
             "broker_url": self.broker_url,
             "result_backend": self.result_backend,
+            # No task runs for ever: past its hard time limit (its own, else
+            # this) the prefork pool kills its child and the attempt ends.
+            "task_time_limit": self.task_time_limit or None,
         }
         # On RabbitMQ none: celeryconfig's own, if any, stay (confirm_publish, say).
         if self.broker_url.startswith(SQLITE_BROKER_PREFIXES):
@@ -229,6 +239,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         digest_interval=read("PROJ_DIGEST_INTERVAL", float),
         broker_poll_interval=read("PROJ_BROKER_POLL_INTERVAL", float),
         visibility_timeout=read("PROJ_VISIBILITY_TIMEOUT", float),
+        task_time_limit=read("PROJ_TASK_TIME_LIMIT", float),
         jobs=jobs,
     )
 

@@ -249,8 +249,8 @@ def test_worker_and_beat_refuse_a_short_visibility_timeout(
     stack: Stack, commands: Commands, tmp_path: Path
 ) -> None:
     """On Redis, ``celery -A proj worker`` and ``beat`` refuse to start when
-    the visibility timeout is shorter than a retry countdown (600 s for the
-    reference tasks): they exit non-zero, naming the setting."""
+    the visibility timeout is shorter than the tasks' hard time limit
+    (``PROJ_TASK_TIME_LIMIT``, 900 s): they exit non-zero, naming the setting."""
     if not stack.env.get("CELERY_BROKER_URL", "").startswith("redis"):
         pytest.skip("the visibility timeout is a Redis setting")
     env = stack.process_env(PROJ_VISIBILITY_TIMEOUT="5")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from proj.celery import make_celery
 from proj.config import load_settings
 from proj.jobs import ConfigurationError
 
@@ -39,6 +40,17 @@ def test_servers_come_from_the_environment(tmp_path: Path) -> None:
     assert conf["broker_url"] == "redis://cache:6379/0"
     assert "broker_transport" not in conf
     assert conf["broker_transport_options"] == {"visibility_timeout": 900.0}
+
+
+def test_every_task_has_a_hard_time_limit_unless_turned_off(tmp_path: Path) -> None:
+    """``PROJ_TASK_TIME_LIMIT`` (900 s by default; 0: none) is the app's
+    ``task_time_limit``, which a task's own ``time_limit`` overrides."""
+    folder = {"PROJ_DATA_DIR": str(tmp_path)}
+    assert load_settings(folder).celery_connection()["task_time_limit"] == 900
+    off = load_settings({**folder, "PROJ_TASK_TIME_LIMIT": "0"})
+    assert off.celery_connection()["task_time_limit"] is None
+    celery_app = make_celery(load_settings({**folder, "PROJ_TASK_TIME_LIMIT": "120"}))
+    assert celery_app.conf.task_time_limit == 120
 
 
 def test_plain_delay_does_not_wait_for_rabbitmqs_confirm(tmp_path: Path) -> None:

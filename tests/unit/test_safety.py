@@ -17,13 +17,18 @@ from proj.jobs.checks import check_configuration, check_countdown
 
 
 def app_for(
-    tmp_path: Path, broker: str, timeout: str = "7200", consumer_timeout: str = "1800"
+    tmp_path: Path,
+    broker: str,
+    timeout: str = "7200",
+    consumer_timeout: str = "1800",
+    time_limit: str = "0",
 ) -> Celery:
     env = {
         "PROJ_DATA_DIR": str(tmp_path),
         "CELERY_BROKER_URL": broker,
         "PROJ_VISIBILITY_TIMEOUT": timeout,
         "PROJ_RABBITMQ_CONSUMER_TIMEOUT": consumer_timeout,
+        "PROJ_TASK_TIME_LIMIT": time_limit,
     }
     return make_celery(load_settings(env))
 
