@@ -22,10 +22,16 @@ Each attempt that ends in an error (retried, failed, its worker lost) leaves
 a ``job_attempts`` row with its error, traceback, worker and times.
 
 This module is the only one that changes a job's ``state``, each change a
-named function: :func:`enqueue`, :func:`enqueue_many`, :func:`claim`,
-:func:`succeed`, :func:`retrying`, :func:`worker_lost`, :func:`record_failure`,
-:func:`refused`, :func:`cancel`, :func:`revoke`, :func:`cancelled_while_running`,
+named function: :func:`enqueue`, :func:`enqueue_many`, :func:`enqueue_canvas`,
+:func:`claim`, :func:`succeed`, :func:`release`, :func:`retrying`,
+:func:`worker_lost`, :func:`record_failure`, :func:`refused`, :func:`cancel`,
+:func:`revoke`, :func:`cancelled_while_running`, :func:`after_ended`,
 :func:`requeue`, :func:`resend`, :func:`abandon` and :func:`prune`.
+
+A canvas step (:mod:`proj.jobs.canvas`) waits as ``waiting`` until its
+parents have succeeded: :func:`release` makes it ``queued`` in the
+transaction of its last parent's success, and :func:`after_ended` cancels
+it when a job before it fails or is cancelled.
 """
 
 from __future__ import annotations
