@@ -196,6 +196,30 @@ AUDIT_EXAMPLE = {
 }
 
 
+def page_parameters(item: str, items: str, cursor: dict[str, Any]) -> list[dict[str, Any]]:
+    """A paged list's ``limit`` (how many ``items``) and ``before`` (the
+    previous page's last ``item``, its id as ``cursor`` describes it)."""
+    return [
+        {
+            "name": "limit",
+            "in": "query",
+            "description": f"{items.capitalize()} on a page.",
+            "schema": {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": MAX_LIMIT,
+                "default": DEFAULT_LIMIT,
+            },
+        },
+        {
+            "name": "before",
+            "in": "query",
+            "description": f"The id of the previous page's last {item}.",
+            "schema": cursor,
+        },
+    ]
+
+
 def _object(description: str, fields: dict[str, Any], **more: Any) -> dict[str, Any]:
     """An object schema in which every field is always present (null when unknown)."""
     return {
@@ -352,23 +376,7 @@ def job_api_paths(prefix: str) -> dict[str, Any]:
                         "description": "Only the steps of this canvas (`canvas_id`).",
                         "schema": {"type": "string"},
                     },
-                    {
-                        "name": "limit",
-                        "in": "query",
-                        "description": "Jobs on a page.",
-                        "schema": {
-                            "type": "integer",
-                            "minimum": 1,
-                            "maximum": MAX_LIMIT,
-                            "default": DEFAULT_LIMIT,
-                        },
-                    },
-                    {
-                        "name": "before",
-                        "in": "query",
-                        "description": "The id of the previous page's last job.",
-                        "schema": {"type": "string"},
-                    },
+                    *page_parameters("job", "jobs", {"type": "string"}),
                 ],
                 "responses": {
                     "200": json_body("A page of jobs.", schema("JobPage")),
@@ -452,23 +460,9 @@ def audit_paths(prefix: str) -> dict[str, Any]:
                 ),
                 "security": requires(Role.VIEWER),
                 "parameters": [
-                    {
-                        "name": "limit",
-                        "in": "query",
-                        "description": "Entries on a page.",
-                        "schema": {
-                            "type": "integer",
-                            "minimum": 1,
-                            "maximum": MAX_LIMIT,
-                            "default": DEFAULT_LIMIT,
-                        },
-                    },
-                    {
-                        "name": "before",
-                        "in": "query",
-                        "description": "The id of the previous page's last entry.",
-                        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_ID},
-                    },
+                    *page_parameters(
+                        "entry", "entries", {"type": "integer", "minimum": 1, "maximum": MAX_ID}
+                    ),
                 ],
                 "responses": {
                     "200": json_body("A page of entries.", schema("AuditPage")),
