@@ -33,7 +33,6 @@ from celery.canvas import Signature, _chain, chord, group, maybe_signature
 from sqlalchemy import orm
 
 from proj.jobs import outbox
-from proj.jobs.arguments import check_arguments, check_json
 from proj.jobs.errors import TaskArgumentError
 from proj.jobs.registry import jobs_of
 
@@ -219,9 +218,6 @@ def enqueue(
     (with ``unique``, see :func:`proj.jobs.outbox.enqueue_canvas`)."""
     app = celery_app or _signature(canvas).app
     steps = list(plan(canvas, app).steps.values())
-    for step in steps:
-        check_arguments(step.name, step.args, step.kwargs)
-        check_json(step.name, step.args, step.kwargs)
     jobs = jobs_of(app)
     with outbox.owning(session or outbox.callers_session(jobs), jobs) as target:
         return outbox.enqueue_canvas(target, jobs, steps, canvas_id, unique)

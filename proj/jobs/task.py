@@ -184,8 +184,8 @@ class SqlAlchemyTask(celery.Task[Any, Any]):
             return canvas.enqueue(
                 signature, canvas_id, session=session, celery_app=self.app, unique=unique
             )
-        check_arguments(self.name, args, kwargs)
-        check_json(self.name, args, kwargs)
+        # The arguments are checked as the job's row is made (one encoding:
+        # an ORM object, a cycle or anything else JSON cannot hold is named).
         jobs = jobs_of(self.app)
         max_attempts = max_attempts_of(self, jobs.settings.max_attempts)
         session = session or outbox.callers_session(jobs)
