@@ -1,7 +1,7 @@
-"""The audit trail: who retried or cancelled jobs, signed in to the console
-(or tried to), signed out, or changed a token or an account; when, from
-where, and what it touched. One row an action, in the ledger's
-``proj_audit`` table (:class:`AuditEntry`).
+"""The audit trail: who retried or cancelled jobs, paused or resumed a
+queue, signed in to the console (or tried to), signed out, or changed a
+token or an account; when, from where, and what it touched. One row an
+action, in the ledger's ``proj_audit`` table (:class:`AuditEntry`).
 
 :func:`record` writes an entry in the transaction of the action it records,
 so the entry is kept if and only if the action is: an action rolled back,
@@ -80,8 +80,10 @@ class Action(StrEnum):
     """A console account's new password (its email)."""
     ACCOUNT_REMOVE = "account.remove"
     """A console account removed (its email)."""
-    # Pausing a queue (issue 23) is to be recorded as queue.pause and
-    # queue.resume, where the pause is made, as retry and cancel are.
+    QUEUE_PAUSE = "queue.pause"
+    """A queue paused (its name): its jobs wait until it is resumed."""
+    QUEUE_RESUME = "queue.resume"
+    """A paused queue resumed (its name)."""
 
 
 class AuditEntry(LedgerBase):

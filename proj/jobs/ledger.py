@@ -113,6 +113,9 @@ class Claim:
     restores, whatever its message's header says."""
     graph: Mapping[str, Any] | None = None
     """Its place in a canvas (the steps its success releases), if any."""
+    held: str | None = None
+    """The paused queue of a job not claimed for that reason: its row is
+    owed again, for the relay to publish once the queue is resumed."""
 
 
 class Standalone:
@@ -143,14 +146,22 @@ class Standalone:
             return list(result) if result.returns_rows else []
 
 
+_PAUSED = "SELECT 1 FROM job_queue_pauses WHERE job_queue_pauses.queue = jobs.queue"
+"""SQL: the job's queue is paused (see :mod:`proj.jobs.queues`)."""
 # The f-strings hold State's constants only, never input.
 _CLAIM = Standalone(
     f"UPDATE jobs SET state = '{State.RUNNING}', attempts = attempts + 1, started_at = :now,"  # noqa: S608
     " worker = :worker, error = NULL"
     f" WHERE id = :id AND state IN ('{State.QUEUED}', '{State.RETRYING}')"
+    f" AND NOT EXISTS ({_PAUSED})"
     " RETURNING attempts, max_attempts, context, graph",
     bindparam("now", type_=UtcDateTime),
     returning={"attempts": Integer, "max_attempts": Integer, "context": JSON, "graph": JSON},
+)
+_HAND_BACK = Standalone(
+    "UPDATE jobs SET published_at = NULL"  # noqa: S608
+    f" WHERE id = :id AND state IN ('{State.QUEUED}', '{State.RETRYING}') AND EXISTS ({_PAUSED})"
+    " RETURNING queue",
 )
 _MARK_PUBLISHED = Standalone(
     "UPDATE jobs SET published_at = :now WHERE id IN :ids AND published_at IS NULL",
@@ -163,16 +174,23 @@ def claim(engine: Engine, job_id: str, worker: str) -> Claim:
     """Move the job to ``running`` if it is ``queued`` or ``retrying``, committed
     at once (see :class:`Standalone`), outside the task's transaction.
 
-    A job that is running elsewhere, finished or cancelled is left alone.
+    A job that is running elsewhere, finished or cancelled is left alone. A
+    waiting job whose queue is paused is handed back: owed to the broker
+    again, its attempts as they were (see :attr:`Claim.held`).
     """
-    rows = _CLAIM.run(engine, {"id": job_id, "worker": worker, "now": utcnow()})
-    if rows:
-        found = rows[0]
-        return Claim(
-            True, State.RUNNING, found.attempts, found.max_attempts, found.context, found.graph
-        )
-    with engine.connect() as connection:
-        return Claim(False, connection.scalar(select(JOBS.c.state).where(JOBS.c.id == job_id)))
+    for _ in range(2):  # twice: once more if its queue was resumed meanwhile
+        rows = _CLAIM.run(engine, {"id": job_id, "worker": worker, "now": utcnow()})
+        if rows:
+            found = rows[0]
+            return Claim(
+                True, State.RUNNING, found.attempts, found.max_attempts, found.context, found.graph
+            )
+        held = _HAND_BACK.run(engine, {"id": job_id})
+        with engine.connect() as connection:
+            state = connection.scalar(select(JOBS.c.state).where(JOBS.c.id == job_id))
+        if held or state not in CLAIMABLE:
+            return Claim(False, state, held=held[0].queue if held else None)
+    return Claim(False, state)
 
 
 def mark_published(bind: Engine | Connection, job_ids: Sequence[str]) -> None:

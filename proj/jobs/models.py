@@ -144,6 +144,10 @@ class Job(LedgerBase):
     """The jobs before it that have not succeeded yet, while it is ``waiting``."""
     graph: Mapped[Any | None] = mapped_column(JSON)
     """Its place in its canvas (:class:`proj.jobs.canvas.Step`'s fields)."""
+    queue: Mapped[str | None] = mapped_column(String(255))
+    """The queue its message goes to, as Celery's routes chose it when it was
+    enqueued (None for a row written before proj kept it): a paused queue's
+    jobs are held (:mod:`proj.jobs.queues`)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -161,6 +165,7 @@ class Job(LedgerBase):
             "finished_at": iso(self.finished_at),
             "cancel_requested_at": iso(self.cancel_requested_at),
             "tenant": self.tenant,
+            "queue": self.queue,
             "canvas_id": self.canvas_id,
             "parents": (self.graph or {}).get("parents", []),
             "children": (self.graph or {}).get("children", []),
@@ -218,3 +223,21 @@ class WorkerBeat(LedgerBase):
 
 
 WORKERS = cast(Table, WorkerBeat.__table__)
+
+
+class QueuePause(LedgerBase):
+    """A paused queue: its jobs are neither published nor run until it is
+    resumed (see :mod:`proj.jobs.queues`)."""
+
+    __tablename__ = "job_queue_pauses"
+
+    queue: Mapped[str] = mapped_column(String(255), primary_key=True)
+    paused_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    paused_by: Mapped[str] = mapped_column(String(400))
+    """Who paused it, as the audit trail names actors (``token:<name>``, ``cli``…)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"queue": self.queue, "paused_at": iso(self.paused_at), "paused_by": self.paused_by}
+
+
+PAUSES = cast(Table, QueuePause.__table__)

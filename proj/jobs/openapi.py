@@ -38,6 +38,7 @@ SECURITY_SCHEME = "apiToken"
 
 TAGS = [
     {"name": "jobs", "description": "Background jobs: their state, retrying and cancelling."},
+    {"name": "queues", "description": "Pausing and resuming queues."},
     {"name": "audit", "description": "Who acted on jobs, signed in, or changed access."},
     {"name": "metrics", "description": "Counters and gauges for Prometheus to scrape."},
 ]
@@ -112,6 +113,11 @@ JOB_FIELDS: dict[str, Any] = {
         "type": ["string", "null"],
         "description": "Whose job it is (`null`: no tenant's); always the token's tenant.",
     },
+    "queue": {
+        "type": ["string", "null"],
+        "description": "The queue its message goes to, as Celery's routes chose it when it "
+        "was enqueued (`null`: a job kept from before proj recorded it).",
+    },
     "canvas_id": {
         "type": ["string", "null"],
         "description": "The canvas (chain, group, chord) it is a step of (`null`: none).",
@@ -148,12 +154,23 @@ JOB_EXAMPLE = {
     "finished_at": None,
     "cancel_requested_at": None,
     "tenant": None,
+    "queue": "celery",
     "canvas_id": None,
     "parents": [],
     "children": [],
     "error_callbacks": [],
 }
 
+
+QUEUE_FIELDS: dict[str, Any] = {
+    "name": {"type": "string"},
+    "paused": {"type": "boolean"},
+    "paused_at": {**NULLABLE_TIME, "description": "When it was paused (`null`: it is not)."},
+    "paused_by": {
+        "type": ["string", "null"],
+        "description": "Who paused it, as the audit trail names actors (`null`: it is not).",
+    },
+}
 
 AUDIT_FIELDS: dict[str, Any] = {
     "id": {"type": "integer", "minimum": 1, "description": "Newest first is highest first."},
@@ -284,6 +301,27 @@ def schemas() -> dict[str, Any]:
                     "format": "uri-reference",
                     "description": "The next page's URL (`null`: this is the last page).",
                 },
+            },
+        ),
+        "Queue": _object("A queue: whether it is paused, by whom and since when.", QUEUE_FIELDS),
+        "QueueList": _object(
+            "The queues that are paused or have jobs waiting, by name.",
+            {
+                "queues": {
+                    "type": "array",
+                    "items": _object(
+                        "A queue, and how many jobs wait in it.",
+                        {
+                            **QUEUE_FIELDS,
+                            "waiting": {
+                                "type": "integer",
+                                "minimum": 0,
+                                "description": "The token's tenant's jobs queued or retrying "
+                                "in it (a paused queue's wait until it is resumed).",
+                            },
+                        },
+                    ),
+                }
             },
         ),
         "AuditEntry": _object(
@@ -440,6 +478,65 @@ def job_api_paths(prefix: str) -> dict[str, Any]:
                 },
             }
         },
+    }
+
+
+def queue_paths(prefix: str) -> dict[str, Any]:
+    """The paths of ``proj.jobs.queues_api.blueprint`` mounted at ``prefix``."""
+    name = {
+        "name": "queue",
+        "in": "path",
+        "required": True,
+        "description": "The queue's name, as Celery's routes name it.",
+        "schema": {"type": "string", "maxLength": 255},
+    }
+    refused = {
+        "400": error("The name cannot be a queue's (`invalid_queue`)."),
+        "401": response("Unauthorized"),
+        "403": error(
+            "The token is a viewer's, or a tenant's: a paused queue holds every tenant's jobs."
+        ),
+    }
+
+    def change(verb: str, summary: str, description: str) -> dict[str, Any]:
+        return {
+            "post": {
+                "operationId": f"{verb}_queue",
+                "tags": ["queues"],
+                "summary": summary,
+                "description": description,
+                "security": requires(Role.OPERATOR),
+                "parameters": [name],
+                "responses": {"200": json_body("The queue now.", schema("Queue")), **refused},
+            }
+        }
+
+    return {
+        prefix: {
+            "get": {
+                "operationId": "list_queues",
+                "tags": ["queues"],
+                "summary": "The queues paused or with jobs waiting",
+                "security": requires(Role.VIEWER),
+                "responses": {
+                    "200": json_body("The queues, by name.", schema("QueueList")),
+                    "401": response("Unauthorized"),
+                },
+            }
+        },
+        f"{prefix}/{{queue}}/pause": change(
+            "pause",
+            "Pause a queue",
+            "Its jobs wait in the ledger until it is resumed: none is published, and a "
+            "worker hands back any it receives, unrun. Kept in the database (restarts "
+            "change nothing) and recorded in the audit trail. A paused queue stays as it "
+            "was (who paused it, and when).",
+        ),
+        f"{prefix}/{{queue}}/resume": change(
+            "resume",
+            "Resume a paused queue",
+            "What waits is published, due time first. Recorded in the audit trail.",
+        ),
     }
 
 

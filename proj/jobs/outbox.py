@@ -95,6 +95,7 @@ def enqueue(
         # job's publish and run spans descend from it.
         carried = context.capture()
         row = _row(task_name, job_id, args, kwargs, jsonable(kept), max_attempts, due, carried)
+        row["queue"] = publisher.queue_of(jobs.celery_app, task_name, args, kwargs, kept)
         standing = ledger.enqueue(session, row, unique_key=unique)
         if standing != job_id:
             span.set_attribute(tracing.STANDING_JOB, standing)
@@ -154,6 +155,14 @@ def enqueue_many(
             _row(task_name, job_id, args, {}, stored, max_attempts, due, carried)
             for job_id, args in zip(job_ids, calls, strict=True)
         ]
+        app = jobs.celery_app
+        if publisher.routed_by_name(app):  # one queue for them all
+            queue = publisher.queue_of(app, task_name, calls[0], {}, kept)
+            for row in rows:
+                row["queue"] = queue
+        else:
+            for row, args in zip(rows, calls, strict=True):
+                row["queue"] = publisher.queue_of(app, task_name, args, {}, kept)
         ledger.enqueue_many(session, rows)
     messages = [job_message({**row, "attempts": 0}) for row in rows]
     if due > now:  # what the in-memory mode records
@@ -193,6 +202,8 @@ def enqueue_canvas(
             due = max(due_at(step.options, now) or now, now)
             kept = jsonable({k: v for k, v in step.options.items() if k in KEPT_OPTIONS})
             row = _row(step.name, step.id, step.args, step.kwargs, kept, attempts, due, carried)
+            app = jobs.celery_app
+            row["queue"] = publisher.queue_of(app, step.name, step.args, step.kwargs, kept)
             waits = bool(step.parents)
             row.update(
                 canvas_id=canvas_id,

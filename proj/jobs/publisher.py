@@ -18,15 +18,16 @@ from typing import TYPE_CHECKING, Any
 
 from amqp import spec
 from celery import Celery
+from celery.app.routes import MapRoute
 from kombu import Producer
 from kombu.common import maybe_declare
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, exists, func, select
 from sqlalchemy.sql.elements import ColumnElement
 
 from proj.jobs import context, ledger, tracing
 from proj.jobs.clock import utcnow
 from proj.jobs.ledger import MESSAGE_FIELDS, mark_published
-from proj.jobs.models import CLAIMABLE, Job
+from proj.jobs.models import CLAIMABLE, PAUSES, Job
 from proj.jobs.registry import jobs_of
 
 if TYPE_CHECKING:
@@ -177,6 +178,34 @@ def send_direct(
         amqp.send_task_message(producer, name, task_message, **options)
 
 
+def queue_of(
+    celery_app: Celery,
+    task_name: str,
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    options: Mapping[str, Any],
+) -> str | None:
+    """The queue a job's message goes to, as :func:`send` routes it: its own
+    ``queue`` option, else its task's, else Celery's routes (None if a router
+    fails: the publish will say why)."""
+    task: Any = celery_app.tasks.get(task_name)
+    given = {**task_options(task), **options}
+    try:
+        route = celery_app.amqp.router.route(given, task_name, tuple(args), dict(kwargs), task)
+    except Exception:
+        return None
+    queue = route.get("queue")
+    return str(getattr(queue, "name", queue)) if queue is not None else None
+
+
+def routed_by_name(celery_app: Celery) -> bool:
+    """Whether every route of ``celery_app`` looks at a task's name alone (a
+    ``task_routes`` mapping), so that jobs of one task with the same options
+    all go to one queue."""
+    router: Any = celery_app.amqp.router
+    return all(isinstance(route, MapRoute) for route in router.routes)
+
+
 def declare_queues(celery_app: Celery, channel: Any, messages: Sequence[Mapping[str, Any]]) -> None:
     """Declare the queues ``messages`` go to on ``channel``, once each (as
     ``send_task`` routes them: by their ``queue`` option, else the app's routes)."""
@@ -222,7 +251,8 @@ def publish_owed(
     ``conditions`` (skipping rows another relay holds), publish their
     messages, mark them published. A message the broker refuses, or that
     cannot be sent at all, fails its job (with the reason) and holds up none
-    of the others. Returns how many were published; commit is the caller's."""
+    of the others. A paused queue's jobs are left owed. Returns how many were
+    published; commit is the caller's."""
     if connection.dialect.name == "sqlite":
         connection.exec_driver_sql("BEGIN IMMEDIATE")  # one publisher at a time
     capture = jobs_of(celery_app).capture
@@ -230,7 +260,7 @@ def publish_owed(
     due = () if capture is not None else (Job.available_at <= utcnow(),)
     query = (
         select(*(getattr(Job, f) for f in MESSAGE_FIELDS))
-        .where(*owed(), *due, *conditions)
+        .where(*owed(), not_paused(), *due, *conditions)
         .order_by(Job.available_at)
         .limit(limit)
     )
@@ -385,9 +415,15 @@ def owed() -> tuple[ColumnElement[bool], ...]:
     return (Job.published_at.is_(None), Job.state.in_(CLAIMABLE))
 
 
+def not_paused() -> ColumnElement[bool]:
+    """SQL: the job's queue is not paused (:mod:`proj.jobs.queues`; a job
+    whose queue is not known never is)."""
+    return ~exists().where(PAUSES.c.queue == Job.queue)
+
+
 def next_due(connection: Connection, *conditions: Any) -> datetime | None:
-    """When the earliest owed job matching ``conditions`` falls due (None:
-    none is owed)."""
-    query = select(func.min(Job.available_at)).where(*owed(), *conditions)
+    """When the earliest owed job matching ``conditions``, in a queue that is
+    not paused, falls due (None: none is owed)."""
+    query = select(func.min(Job.available_at)).where(*owed(), not_paused(), *conditions)
     found: datetime | None = connection.scalar(query)
     return found

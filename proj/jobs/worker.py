@@ -8,7 +8,8 @@ it is removed, so the connection is back in the pool before the next message.
 
 A job enqueued with ``delay_on_commit`` has a ledger row: its run first claims
 the row (a delivery of a job that already ran, was cancelled or is running
-elsewhere is acknowledged and skipped), its body runs in the context its row
+elsewhere is acknowledged and skipped; one whose queue is paused is handed
+back to the ledger, unrun), its body runs in the context its row
 keeps (not its message's header), and the move to ``succeeded`` commits
 with the task's own effects. A run whose job was taken back meanwhile (the
 reconciler found its worker gone, and another run claimed the job) cannot
@@ -140,6 +141,14 @@ def _claim(task: SqlAlchemyTask) -> ledger.Claim:
             countdown=backoff(request.retries, base=1.0, cap=CLAIM_BACKOFF_CAP, jitter=False),
             max_retries=None,
         ) from exc
+    if claim.held is not None:
+        logger.info(
+            "%s[%s]: queue %s is paused; the job is handed back to the ledger, unrun",
+            task.name,
+            request.id,
+            claim.held,
+        )
+        raise Ignore()
     if not claim.claimed:
         logger.info(
             "%s[%s]: job is %s; skipping this delivery",

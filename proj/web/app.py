@@ -27,6 +27,7 @@ from proj.jobs import (
     console,
     deadlines,
     engine_options,
+    queues_api,
 )
 from proj.jobs import api as jobs_api
 from proj.jobs import metrics_api as jobs_metrics
@@ -86,6 +87,7 @@ def create_app(settings: Settings | None = None, celery_app: Celery | None = Non
     app.register_blueprint(api)
     auth.require_token_under(app, "/api/")
     app.register_blueprint(jobs_api.blueprint, url_prefix="/api/jobs")
+    app.register_blueprint(queues_api.blueprint, url_prefix="/api/queues")
     app.register_blueprint(audit_api.blueprint, url_prefix="/api/audit")
     app.register_blueprint(jobs_metrics.blueprint, url_prefix="/metrics")
     app.register_blueprint(console.blueprint, url_prefix="/dashboard")

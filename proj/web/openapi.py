@@ -24,6 +24,7 @@ from proj.models import MAX_ID
 from proj.web.api import MAX_AMOUNT_CENTS
 
 JOBS_PREFIX = "/api/jobs"
+QUEUES_PREFIX = "/api/queues"
 AUDIT_PREFIX = "/api/audit"
 METRICS_PREFIX = "/metrics"
 DOCUMENT_PATH = "/api/openapi.json"
@@ -310,13 +311,15 @@ def own_paths() -> dict[str, Any]:
 
 def document() -> dict[str, Any]:
     """The whole document: proj's routes, the job API at ``JOBS_PREFIX``,
-    the audit trail at ``AUDIT_PREFIX`` and the metrics at ``METRICS_PREFIX``.
+    the queues at ``QUEUES_PREFIX``, the audit trail at ``AUDIT_PREFIX`` and
+    the metrics at ``METRICS_PREFIX``.
     Every operation may also answer any other error in the same JSON shape
     (a 503 when the database does not answer, a 405, a 413…): that is its
     ``default`` response."""
     paths = {
         **own_paths(),
         **openapi.job_api_paths(JOBS_PREFIX),
+        **openapi.queue_paths(QUEUES_PREFIX),
         **openapi.audit_paths(AUDIT_PREFIX),
         **openapi.metrics_paths(METRICS_PREFIX),
     }

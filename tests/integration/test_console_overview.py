@@ -505,7 +505,8 @@ def test_the_tokens_page_lists_each_token_and_never_the_token(app: Flask) -> Non
 @pytest.mark.parametrize("role", ["viewer", "operator"])
 def test_every_page_opens_for_either_role_and_offers_no_action(app: Flask, role: str) -> None:
     """Viewers and operators read every page; none has a form but the
-    logout one, a script, or an inline style (the CSP forbids them)."""
+    logout one (and for an operator, the overview's pause or resume of each
+    queue), a script, or an inline style (the CSP forbids them)."""
     client = signed_in(app, role)
     for path in PAGES:
         response = client.get(path)
@@ -513,7 +514,12 @@ def test_every_page_opens_for_either_role_and_offers_no_action(app: Flask, role:
         assert "style-src 'self'" in response.headers["Content-Security-Policy"]
         page = Page(response.get_data(as_text=True)).document
         forms = [form.attrs["action"] for form in page.find("form")]
-        assert forms == ["/dashboard/logout"], path
+        queues = [form for form in forms if form.startswith("/dashboard/queues/")]
+        assert [form for form in forms if form not in queues] == ["/dashboard/logout"], path
+        if role == "viewer" or path != "/dashboard/":
+            assert not queues, path
+        else:
+            assert "/dashboard/queues/celery/pause" in queues
         assert not page.find("script"), path
         assert not [element.tag for element in page.walk() if "style" in element.attrs], path
 

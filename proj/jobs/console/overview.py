@@ -1,21 +1,23 @@
-"""The console's overview, periodic tasks, workers, tokens and audit pages:
-read-only, every figure from the ledger (:mod:`~proj.jobs.console.figures`,
-:mod:`~proj.jobs.console.schedules`, :mod:`~proj.jobs.console.fleet`,
-:mod:`~proj.jobs.audit`)."""
+"""The console's overview (and its queues' pause and resume), periodic
+tasks, workers, tokens and audit pages, every figure from the ledger
+(:mod:`~proj.jobs.console.figures`, :mod:`~proj.jobs.console.schedules`,
+:mod:`~proj.jobs.console.fleet`, :mod:`~proj.jobs.audit`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from flask import current_app, render_template, request, url_for
+from flask import current_app, flash, redirect, render_template, request, url_for
+from werkzeug.wrappers import Response as BaseResponse
 
-from proj.jobs import audit
+from proj.jobs import audit, queues
 from proj.jobs.auth import request_session
 from proj.jobs.auth import tokens as api_tokens
 from proj.jobs.clock import utcnow
 from proj.jobs.console import charts, wording
 from proj.jobs.console.figures import ACTIVE, OUTCOMES
 from proj.jobs.console.figures import overview as overview_figures
+from proj.jobs.console.filters import Queues
 from proj.jobs.console.fleet import fleet
 from proj.jobs.console.schedules import SLOTS_BACK, periodic_rows
 from proj.jobs.console.site import Refused, blueprint
@@ -41,8 +43,14 @@ def _page(template: str, **context: Any) -> str:
 @blueprint.get("/")
 def overview() -> str:
     """Jobs by state and by queue, the last hour's finished jobs per minute,
-    waiting jobs per queue, the relay's debt and the failure rate."""
-    figures = overview_figures(request_session(), _jobs().celery_app)
+    waiting jobs per queue, the relay's debt and the failure rate; each
+    queue, paused or not (by whom, since when)."""
+    session = request_session()
+    celery_app = _jobs().celery_app
+    figures = overview_figures(session, celery_app)
+    listed = {queue.name: queue for queue in queues.listing(session)}
+    for name in Queues(celery_app).names():
+        listed.setdefault(name, queues.QueueState(name))
     return _page(
         "overview.html",
         refresh=REFRESH,
@@ -51,7 +59,43 @@ def overview() -> str:
         active=ACTIVE,
         chart=charts.stacked_bars(figures.per_minute, [str(state) for state in OUTCOMES]),
         waiting=charts.horizontal_bars(figures.waiting, str(State.QUEUED)),
+        queues=[listed[name] for name in sorted(listed)],
     )
+
+
+@blueprint.post("/queues/<queue>/pause")
+def pause_queue(queue: str) -> BaseResponse:
+    """Pause a queue; back to the overview with what happened."""
+    session = request_session()
+    name = _queue_name(queue)
+    if queues.pause(session, name, by=audit.requester()):
+        audit.record_request(session, audit.Action.QUEUE_PAUSE, target=name)
+        session.commit()
+        flash(f"queue {name} is paused: its jobs wait until it is resumed")
+    else:
+        flash(f"queue {name} was paused already", "error")
+    return redirect(url_for(".overview", _anchor="queues-control"))
+
+
+@blueprint.post("/queues/<queue>/resume")
+def resume_queue(queue: str) -> BaseResponse:
+    """Resume a paused queue; back to the overview with what happened."""
+    session = request_session()
+    name = _queue_name(queue)
+    if queues.resume(session, name):
+        audit.record_request(session, audit.Action.QUEUE_RESUME, target=name)
+        session.commit()
+        flash(f"queue {name} is resumed: what waits in it is published")
+    else:
+        flash(f"queue {name} was not paused", "error")
+    return redirect(url_for(".overview", _anchor="queues-control"))
+
+
+def _queue_name(queue: str) -> str:
+    try:
+        return queues.checked(queue)
+    except queues.InvalidQueueName as exc:
+        raise Refused(400, "invalid_queue", str(exc)) from None
 
 
 @blueprint.get("/periodic")
