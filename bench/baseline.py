@@ -18,6 +18,9 @@ from sqlalchemy.orm import scoped_session, sessionmaker
 from bench import stats, workload
 
 app = Celery("baseline", broker=os.environ["CELERY_BROKER_URL"])
+# A queue of its own: proj's "celery" queue in the same vhost is a priority
+# queue, which RabbitMQ would refuse to declare again as a plain one.
+app.conf.task_default_queue = "baseline"
 
 engine = create_engine(os.environ["DATABASE_URL"], pool_size=5)
 Session = scoped_session(sessionmaker(bind=engine))

@@ -66,6 +66,8 @@ def baseline_app() -> Celery:
         broker=os.environ["CELERY_BROKER_URL"],
         backend=os.environ["CELERY_RESULT_BACKEND"],
     )
+    # A queue of its own, as bench.baseline's (proj's "celery" is a priority queue).
+    app.conf.task_default_queue = "baseline-canvas"
     engine = create_engine(os.environ["DATABASE_URL"], pool_size=5)
     sessions = scoped_session(sessionmaker(bind=engine))
     stats.count_in_worker()

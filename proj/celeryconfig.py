@@ -12,6 +12,7 @@ from datetime import timedelta
 from kombu import Exchange, Queue
 
 from proj.config import load_settings
+from proj.jobs import MAX_PRIORITY
 
 _settings = load_settings()
 
@@ -36,6 +37,13 @@ worker_prefetch_multiplier = 4
 # worker could run (docker-compose.yml's worker-long).
 # Each queue has a routing key of its own: a queue declared without one would
 # be bound with the default key and receive a copy of every default message.
+# Priorities 0-9 are honoured: RabbitMQ queues are declared as priority
+# queues (a higher number first; on Redis, proj.config sets ten priority
+# lists, read from 0 up), and the relay publishes in the same order. A queue
+# declared before without priorities must be drained and deleted first
+# (RabbitMQ refuses to declare it again with other arguments): see
+# docs/howto/upgrading.rst.
+task_queue_max_priority = MAX_PRIORITY
 task_default_queue = "celery"
 task_queues = [Queue(name, Exchange("celery"), routing_key=name) for name in ("celery", "long")]
 task_routes = {

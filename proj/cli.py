@@ -1,4 +1,5 @@
-"""The ``proj`` command: ``proj run``, ``proj db upgrade``, ``proj jobs upgrade``,
+"""The ``proj`` command: ``proj run``, ``proj db upgrade``,
+``proj jobs upgrade|list|show|retry|cancel|stats``,
 ``proj admin add|password|remove``, ``proj token add|list|revoke``,
 ``proj relay``, ``proj check``.
 
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from sqlalchemy import Connection
 
     from proj.config import Settings
+    from proj.jobs import Jobs
 
 CONFIGURATION_ERROR = 2
 """The exit status of a command refused for a setting that is not valid."""
@@ -97,9 +99,20 @@ class ProjCommands(click.Group):
 def main(ctx: click.Context) -> None:
     """proj: background work for Flask + SQLAlchemy on Celery."""
     from proj.config import current_settings
-    from proj.jobs.cli import DATABASE_URL
+    from proj.jobs.cli import DATABASE_URL, INSTALLATION
 
     ctx.meta[DATABASE_URL] = current_settings().database_url
+    ctx.meta[INSTALLATION] = _installation
+
+
+def _installation() -> Jobs:
+    """proj's Celery app's installation, for ``proj jobs``: its broker, its
+    routes and its tasks (imported only by the commands that use it)."""
+    import proj.tasks  # noqa: F401  (the queue filter routes the tasks the app knows)
+    from proj.celery import app as celery_app
+    from proj.jobs import Jobs
+
+    return Jobs.of(celery_app)
 
 
 @main.group()

@@ -17,7 +17,7 @@ from typing import Any
 
 import limits
 
-from proj.jobs import ConfigurationError, JobsSettings, login_limit
+from proj.jobs import MAX_PRIORITY, ConfigurationError, JobsSettings, login_limit
 from proj.jobs.engine import resolve_result_backend
 from proj.jobs.settings import number
 
@@ -152,7 +152,11 @@ class Settings:
             conf["broker_transport"] = "proj.jobs.sqlite_broker:SQLiteTransport"
             conf["broker_transport_options"] = {"polling_interval": self.broker_poll_interval}
         elif self.broker_url.startswith(("redis:", "rediss:")):
-            conf["broker_transport_options"] = {"visibility_timeout": self.visibility_timeout}
+            conf["broker_transport_options"] = {
+                "visibility_timeout": self.visibility_timeout,
+                # A list a priority, read from 0 up (kombu's 4 by default).
+                "priority_steps": list(range(MAX_PRIORITY + 1)),
+            }
         return conf
 
 

@@ -26,12 +26,13 @@ from proj.jobs.errors import (
     TaskArgumentError,
 )
 from proj.jobs.extension import Jobs
-from proj.jobs.models import NAMING_CONVENTION, Job, State
+from proj.jobs.models import MAX_PRIORITY, NAMING_CONVENTION, Job, State
 from proj.jobs.retry import TRANSIENT_ERRORS, retry_on
 from proj.jobs.settings import JobsSettings
 from proj.jobs.task import SqlAlchemyTask, shared_task
 
 __all__ = [
+    "MAX_PRIORITY",
     "NAMING_CONVENTION",
     "TRANSIENT_ERRORS",
     "ClaimTakenBack",

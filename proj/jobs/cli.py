@@ -4,28 +4,30 @@ application's ``proj jobs``, ``proj admin`` and ``proj token``).
 
 Each works on the ledger's database: ``ctx.meta[DATABASE_URL]`` where the
 application's command put it there, else the ``DATABASE_URL`` variable. What
-changes an account or a token is recorded in the audit trail
+changes an account, a token, a job or a queue is recorded in the audit trail
 (:mod:`proj.jobs.audit`) in the change's transaction, by the actor ``cli``.
+
+The ``jobs`` group's operator commands (``list``, ``show``, ``retry``,
+``cancel``, ``stats``, ``pause``, ``resume``, ``queues``) are
+:mod:`proj.jobs.cli_jobs`'s; they route, publish and announce through the
+application's installation (``ctx.meta[INSTALLATION]``).
 """
 
 from __future__ import annotations
 
-import getpass
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
 import click
-from sqlalchemy import create_engine, orm, pool
 from sqlalchemy.engine import make_url
 
-from proj.jobs import audit, auth, migrations
-from proj.jobs.engine import resolve_url
-from proj.jobs.errors import ConfigurationError
-from proj.jobs.session import session_scope
-from proj.jobs.settings import JobsSettings
+from proj.jobs import audit, auth, cli_jobs, migrations
+from proj.jobs.cli_base import DATABASE_URL, INSTALLATION, database_url
+from proj.jobs.cli_base import ledger_session as _ledger_session
+from proj.jobs.cli_base import record as _record
+
+__all__ = ["DATABASE_URL", "INSTALLATION", "admin", "jobs", "token"]
 
 ROLE = click.Choice([role.value for role in auth.Role])
 
@@ -49,40 +51,6 @@ class Duration(click.ParamType):  # type: ignore[type-arg]
 
 
 DURATION = Duration()
-DATABASE_URL = "proj.jobs.database_url"
-"""The key of ``click`` context's ``meta`` an application's command may set."""
-
-
-def _database_url() -> str:
-    given = click.get_current_context().meta.get(DATABASE_URL)
-    try:
-        return resolve_url(given or JobsSettings.from_environ().database_url)
-    except ConfigurationError as exc:
-        raise click.ClickException(str(exc)) from exc
-
-
-@contextmanager
-def _ledger_session() -> Iterator[orm.Session]:
-    """A session on the ledger that commits if the command succeeds; an
-    :class:`~proj.jobs.auth.AuthError` becomes the command's error message."""
-    engine = create_engine(_database_url(), poolclass=pool.NullPool)
-    try:
-        with session_scope(engine) as session:
-            yield session
-    except auth.AuthError as exc:
-        raise click.ClickException(str(exc)) from exc
-    finally:
-        engine.dispose()
-
-
-def _record(session: orm.Session, action: audit.Action, target: str, **detail: Any) -> None:
-    """Record a command's change, with the login name it runs under."""
-    try:
-        user: str | None = getpass.getuser()
-    except (KeyError, OSError):  # neither a login variable nor a passwd entry
-        user = None
-    detail = {**detail, "os_user": user}
-    audit.record(session, action, actor=audit.CLI, target=target, detail=detail)
 
 
 @click.group()
@@ -94,10 +62,14 @@ def jobs() -> None:
 def upgrade() -> None:
     """Migrate the job ledger on DATABASE_URL (its own tables and version
     table only; safe to run again)."""
-    url = _database_url()
+    url = database_url()
     migrations.upgrade(url)
     shown = make_url(url).render_as_string(hide_password=True)
     click.echo(f"job ledger on {shown} is up to date")
+
+
+for _command in cli_jobs.COMMANDS:
+    jobs.add_command(_command)
 
 
 @click.group()

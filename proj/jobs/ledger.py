@@ -95,7 +95,7 @@ PATIENCE = 60.0
 UNIQUE_TRIES = 3
 """Times :func:`enqueue` tries again when the job holding a unique key ends
 between its insert and its look-up."""
-MESSAGE_FIELDS = ("id", "name", "args", "kwargs", "options", "attempts", "context")
+MESSAGE_FIELDS = ("id", "name", "args", "kwargs", "options", "attempts", "context", "queue")
 """The columns a job's message is made from (:func:`proj.jobs.publisher.job_message`)."""
 
 

@@ -36,6 +36,9 @@ CLAIMABLE = (State.QUEUED, State.RETRYING)
 NOT_STARTED = (State.WAITING, *CLAIMABLE)
 """Waiting for its run (or its next attempt): cancelled at once when asked."""
 FINISHED = (State.SUCCEEDED, State.FAILED, State.CANCELLED)
+MAX_PRIORITY = 9
+"""The highest priority a job keeps (Celery's range on Redis, and the
+``x-max-priority`` of the reference application's RabbitMQ queues)."""
 TEXT_LIMIT = 20_000
 """Characters of an error, traceback or undecodable body kept in a row."""
 
@@ -86,9 +89,11 @@ class Job(LedgerBase):
     __tablename__ = "jobs"
     __table_args__ = (
         Index("ix_jobs_state_created_at", "state", "created_at"),
-        # Only the waiting rows the relay still has to publish, by due time.
+        # Only the waiting rows the relay still has to publish, by priority
+        # and due time.
         Index(
             "ix_jobs_owed",
+            "priority",
             "available_at",
             postgresql_where=text(OWED),
             sqlite_where=text(OWED),
@@ -144,6 +149,10 @@ class Job(LedgerBase):
     """The jobs before it that have not succeeded yet, while it is ``waiting``."""
     graph: Mapped[Any | None] = mapped_column(JSON)
     """Its place in its canvas (:class:`proj.jobs.canvas.Step`'s fields)."""
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """Its Celery priority (its own, else its task's, else
+    ``task_default_priority``; none is 0), from 0 to :data:`MAX_PRIORITY`:
+    the relay publishes the jobs the broker would deliver first first."""
     queue: Mapped[str | None] = mapped_column(String(255))
     """The queue its message goes to, as Celery's routes chose it when it was
     enqueued (None for a row written before proj kept it): a paused queue's
@@ -166,6 +175,7 @@ class Job(LedgerBase):
             "cancel_requested_at": iso(self.cancel_requested_at),
             "tenant": self.tenant,
             "queue": self.queue,
+            "priority": self.priority,
             "canvas_id": self.canvas_id,
             "parents": (self.graph or {}).get("parents", []),
             "children": (self.graph or {}).get("children", []),

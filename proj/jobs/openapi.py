@@ -118,6 +118,13 @@ JOB_FIELDS: dict[str, Any] = {
         "description": "The queue its message goes to, as Celery's routes chose it when it "
         "was enqueued (`null`: a job kept from before proj recorded it).",
     },
+    "priority": {
+        "type": "integer",
+        "minimum": 0,
+        "maximum": 9,
+        "description": "Its Celery priority (0 when it has none): on RabbitMQ a higher one "
+        "is delivered first, on Redis a lower one.",
+    },
     "canvas_id": {
         "type": ["string", "null"],
         "description": "The canvas (chain, group, chord) it is a step of (`null`: none).",
@@ -155,6 +162,7 @@ JOB_EXAMPLE = {
     "cancel_requested_at": None,
     "tenant": None,
     "queue": "celery",
+    "priority": 0,
     "canvas_id": None,
     "parents": [],
     "children": [],

@@ -15,19 +15,20 @@ from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
+from weakref import WeakKeyDictionary
 
 from amqp import spec
 from celery import Celery
 from celery.app.routes import MapRoute
 from kombu import Producer
 from kombu.common import maybe_declare
-from sqlalchemy import Connection, exists, func, select
+from sqlalchemy import Connection, func, or_, select, true, union_all
 from sqlalchemy.sql.elements import ColumnElement
 
 from proj.jobs import context, ledger, tracing
 from proj.jobs.clock import utcnow
 from proj.jobs.ledger import MESSAGE_FIELDS, mark_published
-from proj.jobs.models import CLAIMABLE, PAUSES, Job
+from proj.jobs.models import CLAIMABLE, MAX_PRIORITY, PAUSES, Job
 from proj.jobs.registry import jobs_of
 
 if TYPE_CHECKING:
@@ -44,15 +45,20 @@ REPR_LIMIT = 1024
 
 
 def job_message(job: Mapping[str, Any]) -> dict[str, Any]:
-    """What :func:`send` publishes, from a job's :data:`MESSAGE_FIELDS`: never
-    an ETA (a job is published when it is due; one an earlier version kept in
-    a row's options is past)."""
+    """What :func:`send` publishes, from a job's :data:`MESSAGE_FIELDS`: to
+    the queue its row names (where Celery's routes sent it when it was
+    enqueued, whoever publishes it now: a job's queue is what a pause
+    holds), and never with an ETA (a job is published when it is due; one an
+    earlier version kept in a row's options is past)."""
+    options = {k: v for k, v in (job["options"] or {}).items() if k != "eta"}
+    if job.get("queue") and "queue" not in options:
+        options["queue"] = job["queue"]
     return {
         "id": job["id"],
         "name": job["name"],
         "args": job["args"],
         "kwargs": job["kwargs"],
-        "options": {k: v for k, v in (job["options"] or {}).items() if k != "eta"},
+        "options": options,
         "retries": max(job["attempts"], 0),
         "context": job.get("context") or {},
     }
@@ -66,16 +72,16 @@ def send(
     enqueuing request's trace. It waits for no publisher confirm: the relay
     awaits a whole batch's together (:class:`Confirms`).
 
-    ``declared``: the caller has declared the message's queue on this channel
-    already (:func:`declare_queues`); kombu would check and bind it again for
-    each of the thousands of messages a second the relay sends."""
+    ``declared``: the caller has declared the message's queue on this
+    connection already (:func:`declare_queues`); kombu would check and bind
+    it again for each of the thousands of messages a second the relay sends."""
     options = publish_options(message, declared)
     task: Any = celery_app.tasks.get(message["name"])  # None: a task not known here
     defaults = task_options(task)
     with context.restored(message.get("context")), tracing.publishing(message):
         if "expires" in (options.keys() | defaults.keys()):
             # Celery's own way, for its expiry TTLs.
-            send_with_celery(celery_app, message, producer, options)
+            send_with_celery(celery_app, message, producer, {**defaults, **options})
         else:
             send_direct(celery_app, message, producer, {**defaults, **options}, task)
 
@@ -206,16 +212,38 @@ def routed_by_name(celery_app: Celery) -> bool:
     return all(isinstance(route, MapRoute) for route in router.routes)
 
 
-def declare_queues(celery_app: Celery, channel: Any, messages: Sequence[Mapping[str, Any]]) -> None:
-    """Declare the queues ``messages`` go to on ``channel``, once each (as
-    ``send_task`` routes them: by their ``queue`` option, else the app's routes)."""
-    queues = {}
-    for name, queue in {(m["name"], m["options"].get("queue")) for m in messages}:
-        found = celery_app.amqp.router.route({"queue": queue} if queue else {}, name).get("queue")
+def declare_queues(
+    celery_app: Celery, link: Any, messages: Sequence[Mapping[str, Any]]
+) -> dict[str, str]:
+    """Declare the queues ``messages`` go to, once each (as ``send_task``
+    routes them: by their ``queue`` option, else the app's routes), each on
+    a channel of its own until the broker refuses one: the ids of the
+    messages whose queue RabbitMQ refused to declare as configured (it has
+    other arguments: PRECONDITION_FAILED), with the reason. Elsewhere a
+    channel error raises, as :func:`publish_batch` says."""
+    queues: dict[str, Any] = {}
+    of_message: dict[str, str] = {}
+    for message in messages:
+        queue = message["options"].get("queue")
+        route = celery_app.amqp.router.route({"queue": queue} if queue else {}, message["name"])
+        found = route.get("queue")
         if found is not None:
             queues[found.name] = found
-    for found in queues.values():
-        maybe_declare(found, channel, retry=False)
+            of_message[message["id"]] = found.name
+    refused: dict[str, str] = {}
+    channel: Any = link.channel()
+    try:
+        for name, found in queues.items():
+            try:
+                maybe_declare(found, channel, retry=False)
+            except link.channel_errors as exc:
+                if link.transport.driver_type != "amqp":
+                    raise  # the broker's state (Redis out of memory), not the queue's
+                refused[name] = f"queue {name} cannot be declared as configured: {exc}"
+                channel = link.channel()  # the broker closed that one
+    finally:
+        channel.close()
+    return {job: refused[queue] for job, queue in of_message.items() if queue in refused}
 
 
 def publish_at_once(jobs: Jobs, messages: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -245,28 +273,45 @@ def publish_at_once(jobs: Jobs, messages: Sequence[Mapping[str, Any]]) -> list[s
 
 
 def publish_owed(
-    connection: Connection, celery_app: Celery, *conditions: Any, limit: int | None = None
+    connection: Connection,
+    celery_app: Celery,
+    *conditions: Any,
+    limit: int | None = None,
+    by_priority: bool = True,
 ) -> int:
     """In ``connection``'s transaction: lock the due unpublished rows matching
     ``conditions`` (skipping rows another relay holds), publish their
     messages, mark them published. A message the broker refuses, or that
     cannot be sent at all, fails its job (with the reason) and holds up none
     of the others. A paused queue's jobs are left owed. Returns how many were
-    published; commit is the caller's."""
+    published; commit is the caller's.
+
+    ``by_priority``: up to ``limit`` rows are taken in the order the broker
+    delivers priorities (:func:`priorities_first`), then by due time, one
+    index range a priority (a sort of every owed row would cost seconds a
+    batch behind a backlog of millions); without it (a few rows named by
+    id), by due time alone."""
     if connection.dialect.name == "sqlite":
         connection.exec_driver_sql("BEGIN IMMEDIATE")  # one publisher at a time
     capture = jobs_of(celery_app).capture
     # The in-memory mode records a job as soon as it is owed, due or not.
     due = () if capture is not None else (Job.available_at <= utcnow(),)
-    query = (
-        select(*(getattr(Job, f) for f in MESSAGE_FIELDS))
-        .where(*owed(), not_paused(), *due, *conditions)
-        .order_by(Job.available_at)
-        .limit(limit)
-    )
-    if connection.dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True)
-    rows = connection.execute(query).all()
+    where = (*owed(), *not_paused(connection), *due, *conditions)
+    levels: list[Any] = [Job.priority == level for level in priorities_first(celery_app)]
+    rows: list[Any] = []
+    for level in levels if by_priority else [true()]:
+        left = None if limit is None else limit - len(rows)
+        if left == 0:
+            break
+        query = (
+            select(*(getattr(Job, f) for f in MESSAGE_FIELDS))
+            .where(level, *where)
+            .order_by(Job.available_at)
+            .limit(left)
+        )
+        if connection.dialect.name == "postgresql":
+            query = query.with_for_update(skip_locked=True)
+        rows.extend(connection.execute(query).all())
     if not rows:
         return 0
     messages = [job_message(dict(row._mapping)) for row in rows]
@@ -274,8 +319,11 @@ def publish_owed(
         if capture is not None:
             capture(messages)
             refused: dict[str, str] = {}
+            held: dict[str, str] = {}
         else:
-            refused = publish_batch(celery_app, messages)
+            refused, held = publish_batch(celery_app, messages)
+    for job_id, reason in held.items():
+        logger.error("relay: job %s not published (%s); it stays owed", job_id, reason)
     if refused:
         ledger.refused(connection, refused)
         for message in messages:
@@ -286,16 +334,22 @@ def publish_owed(
                     message["id"],
                     refused[message["id"]],
                 )
-    published = [row.id for row in rows if row.id not in refused]
+    published = [row.id for row in rows if row.id not in refused and row.id not in held]
     if published:
         mark_published(connection, published)
     return len(published)
 
 
-def publish_batch(celery_app: Celery, messages: Sequence[Mapping[str, Any]]) -> dict[str, str]:
-    """Publish ``messages``; once it returns, the broker has taken all but those
-    it returns, by job id, with the reason it refused them or they could not be
-    sent. A lost connection raises (none is taken for published).
+def publish_batch(
+    celery_app: Celery, messages: Sequence[Mapping[str, Any]]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Publish ``messages``; once it returns, the broker has taken all but
+    those it returns, by job id, with the reason: those it refused or that
+    could not be sent (to fail), and those held back, whose queue the
+    broker would not declare as configured (a RabbitMQ queue declared
+    before with other arguments: they stay owed until it is deleted or the
+    configuration matches). A lost connection raises (none is taken for
+    published).
 
     On RabbitMQ the channel is in publisher-confirm mode and the confirms of
     the whole batch are awaited together at the end (one at a time would cost
@@ -305,18 +359,20 @@ def publish_batch(celery_app: Celery, messages: Sequence[Mapping[str, Any]]) -> 
     of memory, or a read-only replica): it raises, and the batch stays owed.
     """
     with celery_app.connection_for_write(transport_options={"confirm_publish": False}) as link:
+        held = declare_queues(celery_app, link, messages)
+        sending = [message for message in messages if message["id"] not in held]
         try:
-            return _publish_on_one_channel(celery_app, link, messages)
+            return _publish_on_one_channel(celery_app, link, sending), held
         except link.channel_errors:
             if link.transport.driver_type != "amqp":
                 raise
             refused: dict[str, str] = {}
-            for message in messages:
+            for message in sending:
                 try:
                     refused.update(_publish_on_one_channel(celery_app, link, [message]))
                 except link.channel_errors as exc:
                     refused[message["id"]] = f"the broker closed the channel: {exc}"
-            return refused
+            return refused, held
 
 
 def _publish_on_one_channel(
@@ -326,7 +382,6 @@ def _publish_on_one_channel(
     try:
         confirms = Confirms(channel) if link.transport.driver_type == "amqp" else None
         producer = Producer(channel)
-        declare_queues(celery_app, channel, messages)
         refused: dict[str, str] = {}
         # On Redis, the batch's messages go in pipelined writes instead of a
         # round trip each (kombu publishes at once where it cannot batch, and
@@ -404,7 +459,7 @@ def send_owed(jobs: Jobs, job_ids: Sequence[str]) -> None:
     take them, the relay will."""
     try:
         with jobs.engine.connect() as connection, connection.begin():
-            publish_owed(connection, jobs.celery_app, Job.id.in_(job_ids))
+            publish_owed(connection, jobs.celery_app, Job.id.in_(job_ids), by_priority=False)
     except Exception as exc:
         logger.warning("jobs %s not published now (%s); the relay will", list(job_ids), exc)
 
@@ -415,15 +470,54 @@ def owed() -> tuple[ColumnElement[bool], ...]:
     return (Job.published_at.is_(None), Job.state.in_(CLAIMABLE))
 
 
-def not_paused() -> ColumnElement[bool]:
+def not_paused(connection: Connection) -> tuple[ColumnElement[bool], ...]:
     """SQL: the job's queue is not paused (:mod:`proj.jobs.queues`; a job
-    whose queue is not known never is)."""
-    return ~exists().where(PAUSES.c.queue == Job.queue)
+    whose queue is not known never is). The paused queues are read first:
+    none is no condition, and the planner keeps to the ``ix_jobs_owed`` index."""
+    paused = list(connection.scalars(select(PAUSES.c.queue)))
+    return (or_(Job.queue.is_(None), Job.queue.not_in(paused)),) if paused else ()
+
+
+def priorities_first(celery_app: Celery) -> list[int]:
+    """Job priorities in the order ``celery_app``'s broker delivers them: on
+    Redis a lower number first (kombu's priority lists are read from 0 up),
+    elsewhere a higher one (RabbitMQ's priority queues; a message with none is 0)."""
+    redis = _on_redis.get(celery_app)
+    if redis is None:
+        with celery_app.connection_for_write() as link:
+            redis = _on_redis[celery_app] = link.transport.driver_type == "redis"
+    levels = list(range(MAX_PRIORITY + 1))
+    return levels if redis else levels[::-1]
+
+
+_on_redis: WeakKeyDictionary[Celery, bool] = WeakKeyDictionary()
+"""Whether each app's broker is Redis (asked once: asking costs 0.1 ms)."""
+
+
+def priority_of(celery_app: Celery, task_name: str, options: Mapping[str, Any]) -> int:
+    """A job's priority, as :func:`send` publishes it: its own ``priority``
+    option, else its task's, else ``task_default_priority``; none is 0.
+    Kept from 0 to :data:`~proj.jobs.models.MAX_PRIORITY`."""
+    task: Any = celery_app.tasks.get(task_name)
+    given = {**task_options(task), **options}.get("priority")
+    if given is None:
+        given = celery_app.conf.task_default_priority
+    try:
+        return min(max(int(given or 0), 0), MAX_PRIORITY)
+    except (TypeError, ValueError):
+        return 0
 
 
 def next_due(connection: Connection, *conditions: Any) -> datetime | None:
     """When the earliest owed job matching ``conditions``, in a queue that is
-    not paused, falls due (None: none is owed)."""
-    query = select(func.min(Job.available_at)).where(*owed(), not_paused(), *conditions)
-    found: datetime | None = connection.scalar(query)
+    not paused, falls due (None: none is owed): the earliest of each
+    priority's, each the first entry of its range of ``ix_jobs_owed``."""
+    where = (*owed(), *not_paused(connection), *conditions)
+    each = union_all(
+        *(
+            select(func.min(Job.available_at).label("due")).where(Job.priority == level, *where)
+            for level in range(MAX_PRIORITY + 1)
+        )
+    ).subquery()
+    found: datetime | None = connection.scalar(select(func.min(each.c.due)))
     return found

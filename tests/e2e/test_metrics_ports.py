@@ -201,7 +201,9 @@ def test_replaced_killed_and_restarted_workers_count_each_run_once(
     worker.until(only_living_and_ended)
 
     if stack.name != "sqlite":  # a killed child may leave the embedded broker's file locked
-        victim = worker.children()[0]
+        # A child that ended its one task may be between its exit and its
+        # replacement's start: wait for one.
+        victim = worker.until(worker.children)[0]
         victim.send_signal(signal.SIGKILL)
         worker.until(lambda: len(worker.children()) == 2 and victim not in worker.children())
         serves(port, counted(6), worker)

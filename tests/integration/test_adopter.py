@@ -33,7 +33,6 @@ from celery.beat import ScheduleEntry
 from celery.worker import WorkController
 from flask import Flask
 from flask.testing import FlaskClient
-from kombu import Exchange, Queue
 from sqlalchemy import create_engine, func, inspect, pool, select, text, update
 
 import proj.jobs.testing
@@ -101,7 +100,7 @@ class Shop:
     def queued_messages(self, queue: str = "celery") -> int:
         """Messages ready in ``queue`` (declared if missing, as Celery declares it)."""
         with self.celery_app.connection_for_write() as connection:
-            bound = Queue(queue, Exchange(queue), routing_key=queue)(connection.default_channel)
+            bound = self.celery_app.amqp.queues[queue](connection.default_channel)
             bound.declare()
             declared: Any = bound.queue_declare()
             return int(declared.message_count)

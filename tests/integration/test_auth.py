@@ -43,7 +43,9 @@ if TYPE_CHECKING:
 MakeToken = Callable[..., str]
 """conftest's ``make_token`` fixture: ``make_token(app, role="operator")``, a new token."""
 
-COUNTED = ("users", "invoices", "jobs", "job_attempts")
+COUNTED = ("users", "invoices", "jobs", "job_attempts", "job_queue_pauses", "proj_audit")
+QUEUE = "tests-auth"
+"""The queue the queue API's requests name."""
 KNOWN = {
     ("POST", "/api/users"),
     ("GET", "/api/users/<int:user_id>"),
@@ -82,7 +84,12 @@ class Existing:
         """Every URL argument an ``/api`` rule may have, for ``endpoint``:
         retrying is asked of the failed job, the rest of the queued one."""
         job = self.failed_job if endpoint == "jobs.retry_job" else self.queued_job
-        return {"user_id": self.user_id, "invoice_id": self.invoice_id, "job_id": job}
+        return {
+            "user_id": self.user_id,
+            "invoice_id": self.invoice_id,
+            "job_id": job,
+            "queue": QUEUE,  # paused, then resumed: no other test's
+        }
 
     def body(self, endpoint: str) -> dict[str, Any]:
         """A body the endpoint accepts (so a write let through would change rows)."""

@@ -22,7 +22,6 @@ import pytest
 from celery import Celery
 from celery.beat import ScheduleEntry
 from celery.schedules import crontab
-from kombu import Exchange, Queue
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
@@ -132,7 +131,7 @@ def message(job_id: str) -> dict[str, Any]:
 def queue_size(celery_app: Celery, queue: str) -> int:
     """Messages ready in ``queue`` (declared if missing, as Celery declares it)."""
     with celery_app.connection_for_write() as connection:
-        bound = Queue(queue, Exchange(queue), routing_key=queue)(connection.default_channel)
+        bound = celery_app.amqp.queues[queue](connection.default_channel)
         bound.declare()
         return int(bound.queue_declare().message_count)
 

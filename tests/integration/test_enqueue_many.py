@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from celery import Celery
-from kombu import Exchange, Queue
 from prometheus_client import REGISTRY
 from sqlalchemy import func, select
 
@@ -47,7 +46,7 @@ def new_user() -> int:
 def queue_size(celery_app: Celery, queue: str = "celery") -> int:
     """Messages ready in ``queue`` (declared if missing, as Celery declares it)."""
     with celery_app.connection_for_write() as connection:
-        bound = Queue(queue, Exchange(queue), routing_key=queue)(connection.default_channel)
+        bound = celery_app.amqp.queues[queue](connection.default_channel)
         bound.declare()
         declared: Any = bound.queue_declare()  # kombu's stubs say str | None
         return int(declared.message_count)

@@ -14,7 +14,6 @@ from logging.handlers import BufferingHandler
 import pytest
 from celery import Celery
 from flask import Flask
-from kombu import Exchange, Queue
 from sqlalchemy import func, orm, select
 
 import proj.jobs.testing
@@ -59,7 +58,7 @@ def new_email() -> str:
 def queue_size(celery_app: Celery, queue: str = "celery") -> int:
     """Messages ready in ``queue`` (declared if missing, as Celery declares it)."""
     with celery_app.connection_for_write() as connection:
-        bound = Queue(queue, Exchange(queue), routing_key=queue)(connection.default_channel)
+        bound = celery_app.amqp.queues[queue](connection.default_channel)
         bound.declare()
         return int(bound.queue_declare().message_count)
 

@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 from celery import Celery
 from celery._state import _task_stack  # type: ignore[attr-defined]  # as Celery's tracer
-from kombu import Exchange, Queue
 
 from proj.jobs import context, publisher, shared_task
 from proj.jobs.metrics import PUBLISHED_HEADER
@@ -88,7 +87,8 @@ def published(
 ) -> dict[str, Any]:
     """Publish ``job`` with ``sending`` and take its message off ``queue``."""
     with celery_app.connection_for_write() as connection:
-        declared = Queue(queue, Exchange(queue), routing_key=queue)(connection.default_channel)
+        # As the app declares it (a priority queue on RabbitMQ).
+        declared = celery_app.amqp.queues[queue](connection.default_channel)
         declared.declare()
         declared.purge()
         with celery_app.producer_or_acquire() as producer:
@@ -102,9 +102,15 @@ def published(
 
 
 def with_celery(celery_app: Celery, job: dict[str, Any], producer: Any) -> None:
-    """What ``publisher.send`` did before it built messages itself."""
+    """What ``publisher.send`` did before it built messages itself: as
+    ``apply_async`` sends, the task's own options (its time limits…) under
+    the job's."""
+    options = {
+        **publisher.task_options(celery_app.tasks.get(job["name"])),
+        **publisher.publish_options(job),
+    }
     with context.restored(job["context"]):
-        publisher.send_with_celery(celery_app, job, producer, publisher.publish_options(job))
+        publisher.send_with_celery(celery_app, job, producer, options)
 
 
 @contextmanager

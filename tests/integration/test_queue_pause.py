@@ -21,7 +21,7 @@ import proj.jobs.testing
 from proj.db import db, session_scope
 from proj.jobs import SqlAlchemyTask, auth, shared_task
 from proj.jobs.audit import Action, AuditEntry
-from proj.jobs.models import Job, State
+from proj.jobs.models import CLAIMABLE, Job, State
 from proj.jobs.relay import make_relay
 
 RAN: list[str] = []
@@ -73,7 +73,10 @@ def test_a_paused_queue_runs_nothing_until_resumed_then_each_job_once(
             lambda: count(Job.id.in_(sent), Job.published_at.is_(None)) == 50, timeout=30
         )
         listed = client.get("/api/queues").get_json()["queues"]
-        assert {"name": queue, "paused": True, "waiting": 250}.items() <= listed[0].items()
+        waiting = count(Job.queue == queue, Job.state.in_(CLAIMABLE), Job.tenant.is_(None))
+        assert waiting >= 250
+        (mine,) = (found for found in listed if found["name"] == queue)
+        assert (mine["paused"], mine["waiting"]) == (True, waiting)
     assert not set(RAN) & set(ids)
     assert count(Job.id.in_(ids), Job.state == State.QUEUED, Job.attempts == 0) == 250
     assert client.post(f"/api/queues/{queue}/resume").get_json()["paused"] is False

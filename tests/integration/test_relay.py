@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from celery import Celery
 from celery.worker import WorkController
-from kombu import Exchange, Queue
 from sqlalchemy import func, select, text, update
 
 import proj.jobs.testing
@@ -118,14 +117,15 @@ def new_queue() -> str:
     return f"tests.relay.{uuid.uuid4().hex}"
 
 
-def bound(channel: Any, queue: str) -> Any:
-    return Queue(queue, Exchange(queue), routing_key=queue)(channel)
+def bound(celery_app: Celery, channel: Any, queue: str) -> Any:
+    """``queue`` on ``channel``, as ``celery_app`` declares it (a priority queue on RabbitMQ)."""
+    return celery_app.amqp.queues[queue](channel)
 
 
 def queue_size(celery_app: Celery, queue: str) -> int:
     """Messages ready in ``queue`` (declared if missing, as Celery declares it)."""
     with celery_app.connection_for_write() as connection:
-        declared = bound(connection.default_channel, queue)
+        declared = bound(celery_app, connection.default_channel, queue)
         declared.declare()
         return int(declared.queue_declare().message_count)
 
@@ -134,7 +134,7 @@ def drain(celery_app: Celery, queue: str) -> Counter[str]:
     """Take every message out of ``queue``: how many there were of each task id."""
     ids: Counter[str] = Counter()
     with celery_app.connection_for_write() as connection:
-        declared = bound(connection.default_channel, queue)
+        declared = bound(celery_app, connection.default_channel, queue)
         declared.declare()
         while (message := declared.get(no_ack=True)) is not None:
             ids[message.headers["id"]] += 1

@@ -39,7 +39,10 @@ def test_servers_come_from_the_environment(tmp_path: Path) -> None:
     conf = settings.celery_connection()
     assert conf["broker_url"] == "redis://cache:6379/0"
     assert "broker_transport" not in conf
-    assert conf["broker_transport_options"] == {"visibility_timeout": 900.0}
+    assert conf["broker_transport_options"] == {
+        "visibility_timeout": 900.0,
+        "priority_steps": list(range(10)),
+    }
 
 
 def test_every_task_has_a_hard_time_limit_unless_turned_off(tmp_path: Path) -> None:
