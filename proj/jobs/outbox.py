@@ -95,8 +95,9 @@ def enqueue(
         # job's publish and run spans descend from it.
         carried = context.capture()
         row = _row(task_name, job_id, args, kwargs, jsonable(kept), max_attempts, due, carried)
-        row["queue"] = publisher.queue_of(jobs.celery_app, task_name, args, kwargs, kept)
-        row["priority"] = publisher.priority_of(jobs.celery_app, task_name, kept)
+        row["queue"], row["priority"] = publisher.route_of(
+            jobs.celery_app, task_name, args, kwargs, kept
+        )
         standing = ledger.enqueue(session, row, unique_key=unique)
         if standing != job_id:
             span.set_attribute(tracing.STANDING_JOB, standing)
@@ -157,15 +158,13 @@ def enqueue_many(
             for job_id, args in zip(job_ids, calls, strict=True)
         ]
         app = jobs.celery_app
-        priority = publisher.priority_of(app, task_name, kept)
-        if publisher.routed_by_name(app):  # one queue for them all
-            queue = publisher.queue_of(app, task_name, calls[0], {}, kept)
+        if publisher.routed_by_name(app):  # one route for them all
+            queue, priority = publisher.route_of(app, task_name, calls[0], {}, kept)
             for row in rows:
                 row.update(queue=queue, priority=priority)
         else:
             for row, args in zip(rows, calls, strict=True):
-                queue = publisher.queue_of(app, task_name, args, {}, kept)
-                row.update(queue=queue, priority=priority)
+                row["queue"], row["priority"] = publisher.route_of(app, task_name, args, {}, kept)
         ledger.enqueue_many(session, rows)
     messages = [job_message({**row, "attempts": 0}) for row in rows]
     if due > now:  # what the in-memory mode records
@@ -206,8 +205,9 @@ def enqueue_canvas(
             kept = jsonable({k: v for k, v in step.options.items() if k in KEPT_OPTIONS})
             row = _row(step.name, step.id, step.args, step.kwargs, kept, attempts, due, carried)
             app = jobs.celery_app
-            row["queue"] = publisher.queue_of(app, step.name, step.args, step.kwargs, kept)
-            row["priority"] = publisher.priority_of(app, step.name, kept)
+            row["queue"], row["priority"] = publisher.route_of(
+                app, step.name, step.args, step.kwargs, kept
+            )
             waits = bool(step.parents)
             row.update(
                 canvas_id=canvas_id,

@@ -184,24 +184,46 @@ def send_direct(
         amqp.send_task_message(producer, name, task_message, **options)
 
 
-def queue_of(
+def route_of(
     celery_app: Celery,
     task_name: str,
     args: Sequence[Any],
     kwargs: Mapping[str, Any],
     options: Mapping[str, Any],
-) -> str | None:
-    """The queue a job's message goes to, as :func:`send` routes it: its own
-    ``queue`` option, else its task's, else Celery's routes (None if a router
-    fails: the publish will say why)."""
+) -> tuple[str | None, int]:
+    """Where a job's message goes and at what priority, as :func:`send`
+    routes it: its own options, else its task's, else Celery's routes (the
+    queue is None if a router fails: the publish will say why); a priority
+    none of them gives is ``task_default_priority``, none is 0, and it is
+    kept from 0 to :data:`~proj.jobs.models.MAX_PRIORITY`."""
     task: Any = celery_app.tasks.get(task_name)
     given = {**task_options(task), **options}
     try:
         route = celery_app.amqp.router.route(given, task_name, tuple(args), dict(kwargs), task)
     except Exception:
-        return None
+        route = given
     queue = route.get("queue")
-    return str(getattr(queue, "name", queue)) if queue is not None else None
+    priority = route.get("priority")
+    if priority is None:
+        priority = _default_priority(celery_app)
+    try:
+        kept = min(max(int(priority or 0), 0), MAX_PRIORITY)
+    except (TypeError, ValueError):
+        kept = 0
+    return (str(getattr(queue, "name", queue)) if queue else None), kept
+
+
+def _default_priority(celery_app: Celery) -> Any:
+    found = _default_priorities.get(celery_app, _UNKNOWN)
+    if found is _UNKNOWN:
+        found = _default_priorities[celery_app] = celery_app.conf.task_default_priority
+    return found
+
+
+_UNKNOWN = object()
+_default_priorities: WeakKeyDictionary[Celery, Any] = WeakKeyDictionary()
+"""Each app's ``task_default_priority`` (read once: Celery's settings take
+6 µs a read, as long as the rest of a job's routing)."""
 
 
 def routed_by_name(celery_app: Celery) -> bool:
@@ -492,20 +514,6 @@ def priorities_first(celery_app: Celery) -> list[int]:
 
 _on_redis: WeakKeyDictionary[Celery, bool] = WeakKeyDictionary()
 """Whether each app's broker is Redis (asked once: asking costs 0.1 ms)."""
-
-
-def priority_of(celery_app: Celery, task_name: str, options: Mapping[str, Any]) -> int:
-    """A job's priority, as :func:`send` publishes it: its own ``priority``
-    option, else its task's, else ``task_default_priority``; none is 0.
-    Kept from 0 to :data:`~proj.jobs.models.MAX_PRIORITY`."""
-    task: Any = celery_app.tasks.get(task_name)
-    given = {**task_options(task), **options}.get("priority")
-    if given is None:
-        given = celery_app.conf.task_default_priority
-    try:
-        return min(max(int(given or 0), 0), MAX_PRIORITY)
-    except (TypeError, ValueError):
-        return 0
 
 
 def next_due(connection: Connection, *conditions: Any) -> datetime | None:
