@@ -95,7 +95,19 @@ PATIENCE = 60.0
 UNIQUE_TRIES = 3
 """Times :func:`enqueue` tries again when the job holding a unique key ends
 between its insert and its look-up."""
-MESSAGE_FIELDS = ("id", "name", "args", "kwargs", "options", "attempts", "context", "queue")
+CLAIM_TRIES = 3
+"""Times :func:`claim` tries a waiting job whose slot or queue changes under it."""
+MESSAGE_FIELDS = (
+    "id",
+    "name",
+    "args",
+    "kwargs",
+    "options",
+    "attempts",
+    "context",
+    "queue",
+    "concurrency_key",
+)
 """The columns a job's message is made from (:func:`proj.jobs.publisher.job_message`)."""
 
 
@@ -114,8 +126,9 @@ class Claim:
     graph: Mapping[str, Any] | None = None
     """Its place in a canvas (the steps its success releases), if any."""
     held: str | None = None
-    """The paused queue of a job not claimed for that reason: its row is
-    owed again, for the relay to publish once the queue is resumed."""
+    """Why a waiting job was not claimed (its queue is paused, or its
+    concurrency key is at its limit): its row is owed again, for the relay
+    to publish when it may run."""
 
 
 class Standalone:
@@ -148,59 +161,112 @@ class Standalone:
 
 _PAUSED = "SELECT 1 FROM job_queue_pauses WHERE job_queue_pauses.queue = jobs.queue"
 """SQL: the job's queue is paused (see :mod:`proj.jobs.queues`)."""
+_FULL = (
+    "jobs.concurrency_key IS NOT NULL AND (SELECT count(*) FROM jobs AS busy"  # noqa: S608
+    " WHERE busy.concurrency_key = jobs.concurrency_key"
+    f" AND busy.state = '{State.RUNNING}') >= jobs.concurrency_limit"
+)
+"""SQL: as many jobs of the job's concurrency key run as its limit allows
+(see :mod:`proj.jobs.concurrency`)."""
 # The f-strings hold State's constants only, never input.
-_CLAIM = Standalone(
+_CLAIM_SQL = (
     f"UPDATE jobs SET state = '{State.RUNNING}', attempts = attempts + 1, started_at = :now,"  # noqa: S608
     " worker = :worker, error = NULL"
     f" WHERE id = :id AND state IN ('{State.QUEUED}', '{State.RETRYING}')"
-    f" AND NOT EXISTS ({_PAUSED})"
-    " RETURNING attempts, max_attempts, context, graph",
+    f" AND NOT EXISTS ({_PAUSED}) AND NOT ({_FULL})"
+    " RETURNING attempts, max_attempts, context, graph"
+)
+_CLAIMED = {"attempts": Integer, "max_attempts": Integer, "context": JSON, "graph": JSON}
+_CLAIM = Standalone(_CLAIM_SQL, bindparam("now", type_=UtcDateTime), returning=_CLAIMED)
+_CLAIM_KEYED = Standalone(
+    # The claims of one key take turns (PostgreSQL): the count in the UPDATE,
+    # a statement of its own, sees every claim committed before its turn.
+    f"SELECT pg_advisory_xact_lock(hashtext(:key)); {_CLAIM_SQL}",
     bindparam("now", type_=UtcDateTime),
-    returning={"attempts": Integer, "max_attempts": Integer, "context": JSON, "graph": JSON},
+    returning=_CLAIMED,
 )
 _HAND_BACK = Standalone(
-    "UPDATE jobs SET published_at = NULL"  # noqa: S608
-    f" WHERE id = :id AND state IN ('{State.QUEUED}', '{State.RETRYING}') AND EXISTS ({_PAUSED})"
-    " RETURNING queue",
+    # Due from now: a publisher that sent it before marks it published no
+    # more (mark_published), so it is owed, whatever the order of the two.
+    "UPDATE jobs SET published_at = NULL, available_at = :now"  # noqa: S608
+    f" WHERE id = :id AND state IN ('{State.QUEUED}', '{State.RETRYING}')"
+    f" AND (EXISTS ({_PAUSED}) OR ({_FULL}))"
+    " RETURNING queue, EXISTS (SELECT 1 FROM job_queue_pauses"
+    " WHERE job_queue_pauses.queue = jobs.queue) AS paused, concurrency_key, concurrency_limit",
+    bindparam("now", type_=UtcDateTime),
+)
+_OWE_AGAIN = Standalone(
+    "UPDATE jobs SET published_at = NULL, available_at = :now"  # noqa: S608
+    f" WHERE id = :id AND state IN ('{State.QUEUED}', '{State.RETRYING}')",
+    bindparam("now", type_=UtcDateTime),
 )
 _MARK_PUBLISHED = Standalone(
     "UPDATE jobs SET published_at = :now WHERE id IN :ids AND published_at IS NULL",
     bindparam("now", type_=UtcDateTime),
     bindparam("ids", expanding=True),
 )
+_MARK_SENT = Standalone(
+    # A row handed back since (its due time moved to then) is owed again.
+    "UPDATE jobs SET published_at = :now WHERE id IN :ids AND published_at IS NULL"
+    " AND available_at <= :sent",
+    bindparam("now", type_=UtcDateTime),
+    bindparam("sent", type_=UtcDateTime),
+    bindparam("ids", expanding=True),
+)
 
 
-def claim(engine: Engine, job_id: str, worker: str) -> Claim:
+def claim(engine: Engine, job_id: str, worker: str, key: str | None = None) -> Claim:
     """Move the job to ``running`` if it is ``queued`` or ``retrying``, committed
     at once (see :class:`Standalone`), outside the task's transaction.
 
     A job that is running elsewhere, finished or cancelled is left alone. A
-    waiting job whose queue is paused is handed back: owed to the broker
-    again, its attempts as they were (see :attr:`Claim.held`).
+    waiting job whose queue is paused, or whose concurrency key has as many
+    jobs running as its limit, is handed back: owed to the broker again, its
+    attempts as they were (see :attr:`Claim.held`). ``key``: the job's
+    concurrency key, as its message says (its claim then waits its turn
+    among the key's, on PostgreSQL).
     """
-    for _ in range(2):  # twice: once more if its queue was resumed meanwhile
-        rows = _CLAIM.run(engine, {"id": job_id, "worker": worker, "now": utcnow()})
+    keyed = key is not None and engine.dialect.name == "postgresql"
+    statement = _CLAIM_KEYED if keyed else _CLAIM
+    params = {"id": job_id, "worker": worker, "key": key}
+    for _ in range(CLAIM_TRIES):  # again if its queue was resumed, or a slot freed, meanwhile
+        rows = statement.run(engine, {**params, "now": utcnow()})
         if rows:
             found = rows[0]
             return Claim(
                 True, State.RUNNING, found.attempts, found.max_attempts, found.context, found.graph
             )
-        held = _HAND_BACK.run(engine, {"id": job_id})
+        held = _HAND_BACK.run(engine, {"id": job_id, "now": utcnow()})
         with engine.connect() as connection:
             state = connection.scalar(select(JOBS.c.state).where(JOBS.c.id == job_id))
-        if held or state not in CLAIMABLE:
-            return Claim(False, state, held=held[0].queue if held else None)
-    return Claim(False, state)
+        if held:
+            back = held[0]
+            reason = (
+                f"queue {back.queue} is paused"
+                if back.paused
+                else f"{back.concurrency_limit} jobs of key {back.concurrency_key} run already"
+            )
+            return Claim(False, state, held=reason)
+        if state not in CLAIMABLE:
+            return Claim(False, state)
+    # Still waiting: each try, a slot was taken before its claim and freed
+    # before its hand back. Owed again all the same: the relay sends it anew.
+    _OWE_AGAIN.run(engine, {"id": job_id, "now": utcnow()})
+    return Claim(False, state, held="its claim lost the race for a slot each time")
 
 
-def mark_published(bind: Engine | Connection, job_ids: Sequence[str]) -> None:
+def mark_published(
+    bind: Engine | Connection, job_ids: Sequence[str], sent: datetime | None = None
+) -> None:
     """Record that the broker took these jobs' messages: in the connection's
-    transaction, or given an engine, on its own (see :class:`Standalone`)."""
+    transaction (whose lock on the rows keeps a worker from handing them back
+    meanwhile), or given an engine, on its own (see :class:`Standalone`),
+    for those not handed back by a worker since they were ``sent``."""
     params = {"ids": list(job_ids), "now": utcnow()}
     if isinstance(bind, Connection):
         bind.execute(_MARK_PUBLISHED.plain, params)
     else:
-        _MARK_PUBLISHED.run(bind, params)
+        _MARK_SENT.run(bind, {**params, "sent": sent or params["now"]})
 
 
 _SUCCEED = (

@@ -57,6 +57,8 @@ OWED = "published_at IS NULL AND state IN ('queued', 'retrying')"
 """A job whose message the relay owes the broker (when it falls due)."""
 UNIQUE_WHILE = "unique_key IS NOT NULL AND state IN ('queued', 'retrying', 'running')"
 """While a job holds its unique key: from enqueue until it finishes."""
+KEYED = "concurrency_key IS NOT NULL"
+"""A job with a concurrency limit (:mod:`proj.jobs.concurrency`)."""
 TENANT_OR_NONE = text("coalesce(tenant, '')")
 """A job's tenant in the unique index (no tenant is one tenant of its own)."""
 
@@ -97,6 +99,15 @@ class Job(LedgerBase):
             "available_at",
             postgresql_where=text(OWED),
             sqlite_where=text(OWED),
+        ),
+        # The keyed jobs, by key and state (what runs of a key, see
+        # proj.jobs.concurrency).
+        Index(
+            "ix_jobs_concurrency_key",
+            "concurrency_key",
+            "state",
+            postgresql_where=text(KEYED),
+            sqlite_where=text(KEYED),
         ),
         # One waiting or running job a task, tenant and unique key (see
         # ``unique=``); no tenant is one tenant of its own.
@@ -153,6 +164,10 @@ class Job(LedgerBase):
     """Its Celery priority (its own, else its task's, else
     ``task_default_priority``; none is 0), from 0 to :data:`MAX_PRIORITY`:
     the relay publishes the jobs the broker would deliver first first."""
+    concurrency_key: Mapped[str | None] = mapped_column(String(255))
+    """At most ``concurrency_limit`` jobs with this key run at once
+    (:mod:`proj.jobs.concurrency`; None: no limit)."""
+    concurrency_limit: Mapped[int | None] = mapped_column(Integer)
     queue: Mapped[str | None] = mapped_column(String(255))
     """The queue its message goes to, as Celery's routes chose it when it was
     enqueued (None for a row written before proj kept it): a paused queue's

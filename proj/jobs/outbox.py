@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event, orm
 
-from proj.jobs import context, ledger, metrics, publisher, tracing
+from proj.jobs import concurrency, context, ledger, metrics, publisher, tracing
 from proj.jobs.arguments import encoded_size
 from proj.jobs.clock import due_at, utcnow
 from proj.jobs.errors import TaskArgumentError
@@ -98,6 +98,8 @@ def enqueue(
         row["queue"], row["priority"] = publisher.route_of(
             jobs.celery_app, task_name, args, kwargs, kept
         )
+        task = jobs.celery_app.tasks.get(task_name)
+        row.update(concurrency.row_values(task, task_name, args, kwargs))
         standing = ledger.enqueue(session, row, unique_key=unique)
         if standing != job_id:
             span.set_attribute(tracing.STANDING_JOB, standing)
@@ -158,6 +160,9 @@ def enqueue_many(
             for job_id, args in zip(job_ids, calls, strict=True)
         ]
         app = jobs.celery_app
+        task = app.tasks.get(task_name)
+        for row, args in zip(rows, calls, strict=True):
+            row.update(concurrency.row_values(task, task_name, args, {}))
         if publisher.routed_by_name(app):  # one route for them all
             queue, priority = publisher.route_of(app, task_name, calls[0], {}, kept)
             for row in rows:
@@ -208,6 +213,7 @@ def enqueue_canvas(
             row["queue"], row["priority"] = publisher.route_of(
                 app, step.name, step.args, step.kwargs, kept
             )
+            row.update(concurrency.row_values(task, step.name, step.args, step.kwargs))
             waits = bool(step.parents)
             row.update(
                 canvas_id=canvas_id,
@@ -339,12 +345,13 @@ def _publish_after_commit(session: orm.Session) -> None:
         if jobs.capture is not None or (now and jobs.settings.outbox_fast_path):
             by_installation.setdefault(jobs, []).extend(pending_messages)
     published: list[str] = []
+    sent = utcnow()
     for jobs, messages in by_installation.items():
         published.extend(publisher.publish_at_once(jobs, messages))
     if published:
         engine: Any = session.get_bind(mapper=orm.class_mapper(Job))
         try:
-            mark_published(engine, published)
+            mark_published(engine, published, sent)
         except Exception:
             logger.warning(
                 "could not mark %d published jobs; the relay may send them again",

@@ -22,13 +22,13 @@ from celery import Celery
 from celery.app.routes import MapRoute
 from kombu import Producer
 from kombu.common import maybe_declare
-from sqlalchemy import Connection, func, or_, select, true, union_all
+from sqlalchemy import Connection, and_, func, or_, select, true, union_all
 from sqlalchemy.sql.elements import ColumnElement
 
 from proj.jobs import context, ledger, tracing
 from proj.jobs.clock import utcnow
 from proj.jobs.ledger import MESSAGE_FIELDS, mark_published
-from proj.jobs.models import CLAIMABLE, MAX_PRIORITY, PAUSES, Job
+from proj.jobs.models import CLAIMABLE, JOBS, MAX_PRIORITY, PAUSES, Job, State
 from proj.jobs.registry import jobs_of
 
 if TYPE_CHECKING:
@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 JOB_HEADER = "proj_job"
 """Message header marking a job that has a ledger row."""
+CONCURRENCY_HEADER = "proj_concurrency_key"
+"""Message header with a job's concurrency key (the lock its claim waits on)."""
 CONFIRM_TIMEOUT = 30.0
 """Seconds the relay waits for RabbitMQ to confirm a batch."""
 REPR_LIMIT = 1024
@@ -61,6 +63,7 @@ def job_message(job: Mapping[str, Any]) -> dict[str, Any]:
         "options": options,
         "retries": max(job["attempts"], 0),
         "context": job.get("context") or {},
+        "concurrency_key": job.get("concurrency_key"),
     }
 
 
@@ -105,6 +108,7 @@ def publish_options(message: Mapping[str, Any], declared: bool = False) -> dict[
         # publisher is traced, the instrumentation puts its publish span's there.
         "headers": {
             JOB_HEADER: True,
+            **({CONCURRENCY_HEADER: key} if (key := message.get("concurrency_key")) else {}),
             context.HEADER: dict(carried),
             **{k: carried[k] for k in context.TRACE_FIELDS if k in carried},
         },
@@ -319,23 +323,38 @@ def publish_owed(
     # The in-memory mode records a job as soon as it is owed, due or not.
     due = () if capture is not None else (Job.available_at <= utcnow(),)
     where = (*owed(), *not_paused(connection), *due, *conditions)
-    levels: list[Any] = [Job.priority == level for level in priorities_first(celery_app)]
+    levels: list[Any] = [
+        and_(Job.priority == level, Job.concurrency_key.is_(None))
+        for level in priorities_first(celery_app)
+    ]
     rows: list[Any] = []
     for level in levels if by_priority else [true()]:
         left = None if limit is None else limit - len(rows)
         if left == 0:
             break
-        query = (
-            select(*(getattr(Job, f) for f in MESSAGE_FIELDS))
-            .where(level, *where)
-            .order_by(Job.available_at)
-            .limit(left)
-        )
-        if connection.dialect.name == "postgresql":
-            query = query.with_for_update(skip_locked=True)
-        rows.extend(connection.execute(query).all())
+        rows.extend(_lock_owed(connection, and_(level, *where), left))
+    left = None if limit is None else limit - len(rows)
+    if by_priority and left != 0:
+        rows.extend(_lock_owed(connection, Job.id.in_(free_slots(where, left)), None))
+    return _publish_rows(connection, celery_app, rows)
+
+
+def publish_free_slots(connection: Connection, celery_app: Celery, key: str) -> int:
+    """:func:`publish_owed` for the jobs of the concurrency key ``key`` that
+    fit in its free slots (a job of the key just ended); how many."""
+    if connection.dialect.name == "sqlite":
+        connection.exec_driver_sql("BEGIN IMMEDIATE")  # one publisher at a time
+    where = (*owed(), *not_paused(connection), Job.available_at <= utcnow())
+    slots = free_slots((*where, Job.concurrency_key == key), None)
+    return _publish_rows(connection, celery_app, _lock_owed(connection, Job.id.in_(slots), None))
+
+
+def _publish_rows(connection: Connection, celery_app: Celery, rows: Sequence[Any]) -> int:
+    """Publish the owed ``rows`` (locked), mark them published, fail those
+    the broker refused; how many were published."""
     if not rows:
         return 0
+    capture = jobs_of(celery_app).capture
     messages = [job_message(dict(row._mapping)) for row in rows]
     with tracing.sending(messages):
         if capture is not None:
@@ -360,6 +379,54 @@ def publish_owed(
     if published:
         mark_published(connection, published)
     return len(published)
+
+
+def _lock_owed(connection: Connection, where: Any, limit: int | None) -> list[Any]:
+    """The message fields of the rows ``where`` picks, by due time, locked
+    (skipping those another relay holds, on PostgreSQL)."""
+    query = (
+        select(*(getattr(Job, f) for f in MESSAGE_FIELDS))
+        .where(where)
+        .order_by(Job.available_at)
+        .limit(limit)
+    )
+    if connection.dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    return list(connection.execute(query).all())
+
+
+def free_slots(where: Sequence[Any], limit: int | None) -> Any:
+    """SQL: the ids of the owed jobs with a concurrency key (of those
+    ``where`` picks) that fit in their key's free slots, by due time: a key's
+    limit, less its jobs running and those published but not yet claimed
+    (:mod:`proj.jobs.concurrency`)."""
+    ranked = (
+        select(
+            Job.id,
+            Job.concurrency_key,
+            Job.concurrency_limit,
+            func.row_number()
+            .over(partition_by=Job.concurrency_key, order_by=Job.available_at)
+            .label("rank"),
+        )
+        .where(Job.concurrency_key.is_not(None), *where)
+        .subquery()
+    )
+    busy = JOBS.alias("busy")
+    taken = (
+        select(func.count())
+        .where(
+            busy.c.concurrency_key == ranked.c.concurrency_key,
+            or_(
+                busy.c.state == str(State.RUNNING),
+                and_(busy.c.state.in_(CLAIMABLE), busy.c.published_at.is_not(None)),
+            ),
+        )
+        .scalar_subquery()
+    )
+    return (
+        select(ranked.c.id).where(ranked.c.rank <= ranked.c.concurrency_limit - taken).limit(limit)
+    )
 
 
 def publish_batch(
@@ -476,6 +543,17 @@ class Confirms:
         return {self.jobs[tag]: reason for tag in sorted(self.refused)}
 
 
+def send_next_of(jobs: Jobs, key: str) -> None:
+    """A job of the concurrency key ``key`` ended: publish the jobs its free
+    slots take now, rather than at the relay's next pass (failing that, the
+    relay does)."""
+    try:
+        with jobs.engine.connect() as connection, connection.begin():
+            publish_free_slots(connection, jobs.celery_app, key)
+    except Exception as exc:
+        logger.warning("jobs of key %s not published now (%s); the relay will", key, exc)
+
+
 def send_owed(jobs: Jobs, job_ids: Sequence[str]) -> None:
     """Publish these jobs now (a retry's next attempt); if the broker cannot
     take them, the relay will."""
@@ -520,7 +598,9 @@ def next_due(connection: Connection, *conditions: Any) -> datetime | None:
     """When the earliest owed job matching ``conditions``, in a queue that is
     not paused, falls due (None: none is owed): the earliest of each
     priority's, each the first entry of its range of ``ix_jobs_owed``."""
-    where = (*owed(), *not_paused(connection), *conditions)
+    # A job with a concurrency key is left to the poll: due, it may still wait
+    # for a slot, and a relay woken for it would only look again and again.
+    where = (*owed(), *not_paused(connection), Job.concurrency_key.is_(None), *conditions)
     each = union_all(
         *(
             select(func.min(Job.available_at).label("due")).where(Job.priority == level, *where)
