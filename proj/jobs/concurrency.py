@@ -15,8 +15,9 @@ claims of one key take turns on an advisory lock; SQLite's writes take
 turns anyway); one over the limit is handed back to the ledger, unrun and
 with no attempt counted. The relay publishes a key's jobs only into its
 free slots, so the jobs over the limit wait in the ledger, not in the
-broker; a finished job frees its slot for the relay's next pass, and a lost
-worker's slot comes back when the reconciler takes its job back.
+broker; a job's run, as it ends, publishes the next of its key (a failed
+one's slot waits for the relay's next pass), and a lost worker's slot comes
+back when the reconciler takes its job back.
 """
 
 from __future__ import annotations

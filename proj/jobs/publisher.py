@@ -241,21 +241,13 @@ def routed_by_name(celery_app: Celery) -> bool:
 def declare_queues(
     celery_app: Celery, link: Any, messages: Sequence[Mapping[str, Any]]
 ) -> dict[str, str]:
-    """Declare the queues ``messages`` go to, once each (as ``send_task``
-    routes them: by their ``queue`` option, else the app's routes), each on
-    a channel of its own until the broker refuses one: the ids of the
-    messages whose queue RabbitMQ refused to declare as configured (it has
-    other arguments: PRECONDITION_FAILED), with the reason. Elsewhere a
-    channel error raises, as :func:`publish_batch` says."""
-    queues: dict[str, Any] = {}
-    of_message: dict[str, str] = {}
-    for message in messages:
-        queue = message["options"].get("queue")
-        route = celery_app.amqp.router.route({"queue": queue} if queue else {}, message["name"])
-        found = route.get("queue")
-        if found is not None:
-            queues[found.name] = found
-            of_message[message["id"]] = found.name
+    """Declare the queues ``messages`` go to on RabbitMQ, once each (as
+    ``send_task`` routes them), on a channel of their own until the broker
+    refuses one: the ids of the messages whose queue RabbitMQ refused to
+    declare as configured (it has other arguments: PRECONDITION_FAILED),
+    with the reason."""
+    of_message = _queues(celery_app, messages)
+    queues = {queue.name: queue for queue in of_message.values()}
     refused: dict[str, str] = {}
     channel: Any = link.channel()
     try:
@@ -263,13 +255,23 @@ def declare_queues(
             try:
                 maybe_declare(found, channel, retry=False)
             except link.channel_errors as exc:
-                if link.transport.driver_type != "amqp":
-                    raise  # the broker's state (Redis out of memory), not the queue's
                 refused[name] = f"queue {name} cannot be declared as configured: {exc}"
                 channel = link.channel()  # the broker closed that one
     finally:
         channel.close()
-    return {job: refused[queue] for job, queue in of_message.items() if queue in refused}
+    return {job: refused[q.name] for job, q in of_message.items() if q.name in refused}
+
+
+def _queues(celery_app: Celery, messages: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The queue (kombu's) each of ``messages`` goes to, by job id, as
+    ``send_task`` routes it: by its ``queue`` option, else the app's routes."""
+    found = {}
+    for message in messages:
+        queue = message["options"].get("queue")
+        route = celery_app.amqp.router.route({"queue": queue} if queue else {}, message["name"])
+        if route.get("queue") is not None:
+            found[message["id"]] = route["queue"]
+    return found
 
 
 def publish_at_once(jobs: Jobs, messages: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -323,12 +325,14 @@ def publish_owed(
     # The in-memory mode records a job as soon as it is owed, due or not.
     due = () if capture is not None else (Job.available_at <= utcnow(),)
     where = (*owed(), *not_paused(connection), *due, *conditions)
-    levels: list[Any] = [
-        and_(Job.priority == level, Job.concurrency_key.is_(None))
-        for level in priorities_first(celery_app)
-    ]
+    levels: list[Any] = [true()]
+    if by_priority:
+        levels = [
+            and_(Job.priority == level, Job.concurrency_key.is_(None))
+            for level in priorities_first(celery_app)
+        ]
     rows: list[Any] = []
-    for level in levels if by_priority else [true()]:
+    for level in levels:
         left = None if limit is None else limit - len(rows)
         if left == 0:
             break
@@ -448,7 +452,9 @@ def publish_batch(
     of memory, or a read-only replica): it raises, and the batch stays owed.
     """
     with celery_app.connection_for_write(transport_options={"confirm_publish": False}) as link:
-        held = declare_queues(celery_app, link, messages)
+        amqp = link.transport.driver_type == "amqp"
+        # Elsewhere each batch's channel declares its queues (below).
+        held = declare_queues(celery_app, link, messages) if amqp else {}
         sending = [message for message in messages if message["id"] not in held]
         try:
             return _publish_on_one_channel(celery_app, link, sending), held
@@ -471,6 +477,9 @@ def _publish_on_one_channel(
     try:
         confirms = Confirms(channel) if link.transport.driver_type == "amqp" else None
         producer = Producer(channel)
+        if confirms is None:  # not RabbitMQ: publish_batch declared nothing
+            for queue in _queues(celery_app, messages).values():
+                maybe_declare(queue, channel, retry=False)
         refused: dict[str, str] = {}
         # On Redis, the batch's messages go in pipelined writes instead of a
         # round trip each (kombu publishes at once where it cannot batch, and
