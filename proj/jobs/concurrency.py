@@ -42,17 +42,26 @@ class Concurrency:
     def key_for(self, task_name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
         """The key of a call with ``args`` and ``kwargs``; :class:`TaskArgumentError`
         if the template names an argument the call does not have."""
-        try:
-            if callable(self.key):
-                made = str(self.key(args, kwargs))
-            else:
-                made = self.key.format(*args, **kwargs)
-        except (IndexError, KeyError) as exc:
-            raise TaskArgumentError(
-                f"{task_name}: its concurrency key {self.key!r} names {exc}, which the call "
-                "does not have"
-            ) from None
-        return made[:KEY_LIMIT]
+        return fill_key(self.key, task_name, "concurrency", args, kwargs)
+
+
+def fill_key(
+    key: str | Callable[[Sequence[Any], Mapping[str, Any]], str],
+    task_name: str,
+    option: str,
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+) -> str:
+    """``key`` (a template or a function) filled for a call with ``args`` and
+    ``kwargs``, cut at :data:`KEY_LIMIT`; :class:`TaskArgumentError` naming
+    the task's ``option`` if the template names an argument the call lacks."""
+    try:
+        made = str(key(args, kwargs)) if callable(key) else key.format(*args, **kwargs)
+    except (IndexError, KeyError) as exc:
+        raise TaskArgumentError(
+            f"{task_name}: its {option} key {key!r} names {exc}, which the call does not have"
+        ) from None
+    return made[:KEY_LIMIT]
 
 
 def concurrency_of(task: Any) -> Concurrency | None:

@@ -42,7 +42,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import (
@@ -50,7 +50,9 @@ from sqlalchemy import (
     Connection,
     Engine,
     Executable,
+    Float,
     Integer,
+    String,
     bindparam,
     case,
     delete,
@@ -75,6 +77,7 @@ from proj.jobs.models import (
     FINISHED,
     JOBS,
     NOT_STARTED,
+    RATE_STARTS,
     TENANT_OR_NONE,
     UNIQUE_WHILE,
     Job,
@@ -107,6 +110,7 @@ MESSAGE_FIELDS = (
     "context",
     "queue",
     "concurrency_key",
+    "rate_key",
 )
 """The columns a job's message is made from (:func:`proj.jobs.publisher.job_message`)."""
 
@@ -168,15 +172,28 @@ _FULL = (
 )
 """SQL: as many jobs of the job's concurrency key run as its limit allows
 (see :mod:`proj.jobs.concurrency`)."""
+_RATED = (
+    "jobs.rate_key IS NOT NULL AND (SELECT count(*) FROM job_rate_starts AS started"
+    " WHERE started.key = jobs.rate_key AND started.until > :now) >= jobs.rate_limit"
+)
+"""SQL: as many jobs of the job's rate key started in the last period as its
+rate allows (see :mod:`proj.jobs.rates`)."""
 # The f-strings hold State's constants only, never input.
 _CLAIM_SQL = (
     f"UPDATE jobs SET state = '{State.RUNNING}', attempts = attempts + 1, started_at = :now,"  # noqa: S608
     " worker = :worker, error = NULL"
     f" WHERE id = :id AND state IN ('{State.QUEUED}', '{State.RETRYING}')"
-    f" AND NOT EXISTS ({_PAUSED}) AND NOT ({_FULL})"
-    " RETURNING attempts, max_attempts, context, graph"
+    f" AND NOT EXISTS ({_PAUSED}) AND NOT ({_FULL}) AND NOT ({_RATED})"
+    " RETURNING attempts, max_attempts, context, graph, rate_key, rate_period"
 )
-_CLAIMED = {"attempts": Integer, "max_attempts": Integer, "context": JSON, "graph": JSON}
+_CLAIMED = {
+    "attempts": Integer,
+    "max_attempts": Integer,
+    "context": JSON,
+    "graph": JSON,
+    "rate_key": String,
+    "rate_period": Float,
+}
 _CLAIM = Standalone(_CLAIM_SQL, bindparam("now", type_=UtcDateTime), returning=_CLAIMED)
 _CLAIM_KEYED = Standalone(
     # The claims of one key take turns (PostgreSQL): the count in the UPDATE,
@@ -185,14 +202,15 @@ _CLAIM_KEYED = Standalone(
     bindparam("now", type_=UtcDateTime),
     returning=_CLAIMED,
 )
+_LOCK_KEY = text("SELECT pg_advisory_xact_lock(hashtext(:key))")
 _HAND_BACK = Standalone(
     # Due from now: a publisher that sent it before marks it published no
     # more (mark_published), so it is owed, whatever the order of the two.
     "UPDATE jobs SET published_at = NULL, available_at = :now"  # noqa: S608
     f" WHERE id = :id AND state IN ('{State.QUEUED}', '{State.RETRYING}')"
-    f" AND (EXISTS ({_PAUSED}) OR ({_FULL}))"
-    " RETURNING queue, EXISTS (SELECT 1 FROM job_queue_pauses"
-    " WHERE job_queue_pauses.queue = jobs.queue) AS paused, concurrency_key, concurrency_limit",
+    f" AND (EXISTS ({_PAUSED}) OR ({_FULL}) OR ({_RATED}))"
+    f" RETURNING queue, EXISTS ({_PAUSED}) AS paused, concurrency_key, concurrency_limit,"
+    f" ({_FULL}) AS is_full, rate_key, rate_limit, rate_period",
     bindparam("now", type_=UtcDateTime),
 )
 _OWE_AGAIN = Standalone(
@@ -215,22 +233,35 @@ _MARK_SENT = Standalone(
 )
 
 
-def claim(engine: Engine, job_id: str, worker: str, key: str | None = None) -> Claim:
+def claim(
+    engine: Engine,
+    job_id: str,
+    worker: str,
+    key: str | None = None,
+    rate_key: str | None = None,
+) -> Claim:
     """Move the job to ``running`` if it is ``queued`` or ``retrying``, committed
     at once (see :class:`Standalone`), outside the task's transaction.
 
     A job that is running elsewhere, finished or cancelled is left alone. A
-    waiting job whose queue is paused, or whose concurrency key has as many
-    jobs running as its limit, is handed back: owed to the broker again, its
-    attempts as they were (see :attr:`Claim.held`). ``key``: the job's
-    concurrency key, as its message says (its claim then waits its turn
-    among the key's, on PostgreSQL).
+    waiting job whose queue is paused, whose concurrency key has as many jobs
+    running as its limit, or whose rate key has had as many starts in its
+    period as its rate allows, is handed back: owed to the broker again, its
+    attempts as they were (see :attr:`Claim.held`). ``key`` and
+    ``rate_key``: the job's concurrency and rate keys, as its message says
+    (its claim then waits its turn among the key's, on PostgreSQL).
     """
     keyed = key is not None and engine.dialect.name == "postgresql"
     statement = _CLAIM_KEYED if keyed else _CLAIM
     params = {"id": job_id, "worker": worker, "key": key}
     for _ in range(CLAIM_TRIES):  # again if its queue was resumed, or a slot freed, meanwhile
-        rows = statement.run(engine, {**params, "now": utcnow()})
+        now = utcnow()
+        if rate_key is not None:
+            rows = _claim_rated(engine, {**params, "now": now}, rate_key)
+        else:
+            rows = statement.run(engine, {**params, "now": now})
+            if rows and rows[0].rate_key is not None:  # a message without its header
+                _start(engine, rows[0].rate_key, rows[0].rate_period, now)
         if rows:
             found = rows[0]
             return Claim(
@@ -240,19 +271,56 @@ def claim(engine: Engine, job_id: str, worker: str, key: str | None = None) -> C
         with engine.connect() as connection:
             state = connection.scalar(select(JOBS.c.state).where(JOBS.c.id == job_id))
         if held:
-            back = held[0]
-            reason = (
-                f"queue {back.queue} is paused"
-                if back.paused
-                else f"{back.concurrency_limit} jobs of key {back.concurrency_key} run already"
-            )
-            return Claim(False, state, held=reason)
+            return Claim(False, state, held=_why_held(held[0]))
         if state not in CLAIMABLE:
             return Claim(False, state)
     # Still waiting: each try, a slot was taken before its claim and freed
     # before its hand back. Owed again all the same: the relay sends it anew.
     _OWE_AGAIN.run(engine, {"id": job_id, "now": utcnow()})
     return Claim(False, state, held="its claim lost the race for a slot each time")
+
+
+def _claim_rated(engine: Engine, params: Mapping[str, Any], rate_key: str) -> list[Row[Any]]:
+    """Claim a job with a rate key and record its start, in one transaction
+    (on PostgreSQL under its keys' advisory locks, taken in one order)."""
+    with engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            connection.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+            for key in sorted({rate_key, params["key"]} - {None}):
+                connection.execute(_LOCK_KEY, {"key": key})
+        rows = list(connection.execute(_CLAIM.plain, params))
+        _forget_starts(connection, rate_key, params["now"])
+        if rows:
+            _record_start(connection, rows[0].rate_key, rows[0].rate_period, params["now"])
+    return rows
+
+
+def _start(engine: Engine, key: str, period: float, now: datetime) -> None:
+    with engine.begin() as connection:
+        _record_start(connection, key, period, now)
+
+
+def _record_start(connection: Connection, key: str, period: float, now: datetime) -> None:
+    connection.execute(insert(RATE_STARTS).values(key=key, until=now + timedelta(seconds=period)))
+
+
+def _forget_starts(connection: Connection, key: str, now: datetime) -> None:
+    """Delete the starts of ``key`` that have left its window."""
+    connection.execute(
+        delete(RATE_STARTS).where(RATE_STARTS.c.key == key, RATE_STARTS.c.until <= now)
+    )
+
+
+def _why_held(back: Row[Any]) -> str:
+    """Why a claim handed a job back, from :data:`_HAND_BACK`'s row."""
+    if back.paused:
+        return f"queue {back.queue} is paused"
+    if back.is_full:
+        return f"{back.concurrency_limit} jobs of key {back.concurrency_key} run already"
+    return (
+        f"{back.rate_limit} jobs of rate key {back.rate_key} started in the last "
+        f"{back.rate_period:g} s"
+    )
 
 
 def mark_published(
@@ -903,6 +971,7 @@ def prune(session: Session, finished_before: datetime) -> int:
     attempts; how many jobs."""
     old = select(Job.id).where(Job.state.in_(FINISHED), Job.finished_at < finished_before)
     session.execute(delete(JobAttempt).where(JobAttempt.job_id.in_(old)))
+    session.execute(delete(RATE_STARTS).where(RATE_STARTS.c.until < utcnow()))
     result = session.execute(delete(Job).where(Job.id.in_(old)))
     return int(getattr(result, "rowcount", 0) or 0)
 

@@ -59,6 +59,8 @@ UNIQUE_WHILE = "unique_key IS NOT NULL AND state IN ('queued', 'retrying', 'runn
 """While a job holds its unique key: from enqueue until it finishes."""
 KEYED = "concurrency_key IS NOT NULL"
 """A job with a concurrency limit (:mod:`proj.jobs.concurrency`)."""
+RATED = "rate_key IS NOT NULL"
+"""A job with a shared rate limit (:mod:`proj.jobs.rates`)."""
 TENANT_OR_NONE = text("coalesce(tenant, '')")
 """A job's tenant in the unique index (no tenant is one tenant of its own)."""
 
@@ -108,6 +110,15 @@ class Job(LedgerBase):
             "state",
             postgresql_where=text(KEYED),
             sqlite_where=text(KEYED),
+        ),
+        # The rate-limited jobs, by key and state (what a key's window has
+        # room for, see proj.jobs.rates).
+        Index(
+            "ix_jobs_rate_key",
+            "rate_key",
+            "state",
+            postgresql_where=text(RATED),
+            sqlite_where=text(RATED),
         ),
         # One waiting or running job a task, tenant and unique key (see
         # ``unique=``); no tenant is one tenant of its own.
@@ -168,6 +179,11 @@ class Job(LedgerBase):
     """At most ``concurrency_limit`` jobs with this key run at once
     (:mod:`proj.jobs.concurrency`; None: no limit)."""
     concurrency_limit: Mapped[int | None] = mapped_column(Integer)
+    rate_key: Mapped[str | None] = mapped_column(String(255))
+    """At most ``rate_limit`` jobs with this key start in any ``rate_period``
+    seconds (:mod:`proj.jobs.rates`; None: no shared rate)."""
+    rate_limit: Mapped[int | None] = mapped_column(Integer)
+    rate_period: Mapped[float | None] = mapped_column(Float)
     queue: Mapped[str | None] = mapped_column(String(255))
     """The queue its message goes to, as Celery's routes chose it when it was
     enqueued (None for a row written before proj kept it): a paused queue's
@@ -266,3 +282,19 @@ class QueuePause(LedgerBase):
 
 
 PAUSES = cast(Table, QueuePause.__table__)
+
+
+class RateStart(LedgerBase):
+    """A start of a job with a shared rate limit, kept while it counts
+    against its key's rate (see :mod:`proj.jobs.rates`)."""
+
+    __tablename__ = "job_rate_starts"
+    __table_args__ = (Index("ix_job_rate_starts_key_until", "key", "until"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(255))
+    until: Mapped[datetime] = mapped_column(UtcDateTime)
+    """When it leaves its key's window (its start, plus the rate's period)."""
+
+
+RATE_STARTS = cast(Table, RateStart.__table__)

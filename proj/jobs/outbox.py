@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event, orm
 
-from proj.jobs import concurrency, context, ledger, metrics, publisher, tracing
+from proj.jobs import concurrency, context, ledger, metrics, publisher, rates, tracing
 from proj.jobs.arguments import encoded_size
 from proj.jobs.clock import due_at, utcnow
 from proj.jobs.errors import TaskArgumentError
@@ -99,7 +99,7 @@ def enqueue(
             jobs.celery_app, task_name, args, kwargs, kept
         )
         task = jobs.celery_app.tasks.get(task_name)
-        row.update(concurrency.row_values(task, task_name, args, kwargs))
+        row.update(_limits(task, task_name, args, kwargs))
         standing = ledger.enqueue(session, row, unique_key=unique)
         if standing != job_id:
             span.set_attribute(tracing.STANDING_JOB, standing)
@@ -111,6 +111,17 @@ def enqueue(
             message["options"]["eta"] = due.isoformat()
         publish_on_commit(session, jobs, [message], new=True, now=due <= now)
     return standing
+
+
+def _limits(
+    task: Any, task_name: str, args: Sequence[Any], kwargs: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A new job's concurrency and rate limit columns (see
+    :mod:`proj.jobs.concurrency` and :mod:`proj.jobs.rates`)."""
+    return {
+        **concurrency.row_values(task, task_name, args, kwargs),
+        **rates.row_values(task, task_name, args, kwargs),
+    }
 
 
 def enqueue_many(
@@ -162,7 +173,7 @@ def enqueue_many(
         app = jobs.celery_app
         task = app.tasks.get(task_name)
         for row, args in zip(rows, calls, strict=True):
-            row.update(concurrency.row_values(task, task_name, args, {}))
+            row.update(_limits(task, task_name, args, {}))
         if publisher.routed_by_name(app):  # one route for them all
             queue, priority = publisher.route_of(app, task_name, calls[0], {}, kept)
             for row in rows:
@@ -213,7 +224,7 @@ def enqueue_canvas(
             row["queue"], row["priority"] = publisher.route_of(
                 app, step.name, step.args, step.kwargs, kept
             )
-            row.update(concurrency.row_values(task, step.name, step.args, step.kwargs))
+            row.update(_limits(task, step.name, step.args, step.kwargs))
             waits = bool(step.parents)
             row.update(
                 canvas_id=canvas_id,

@@ -28,7 +28,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from proj.jobs import context, ledger, tracing
 from proj.jobs.clock import utcnow
 from proj.jobs.ledger import MESSAGE_FIELDS, mark_published
-from proj.jobs.models import CLAIMABLE, JOBS, MAX_PRIORITY, PAUSES, Job, State
+from proj.jobs.models import CLAIMABLE, JOBS, MAX_PRIORITY, PAUSES, RATE_STARTS, Job, State
 from proj.jobs.registry import jobs_of
 
 if TYPE_CHECKING:
@@ -40,6 +40,8 @@ JOB_HEADER = "proj_job"
 """Message header marking a job that has a ledger row."""
 CONCURRENCY_HEADER = "proj_concurrency_key"
 """Message header with a job's concurrency key (the lock its claim waits on)."""
+RATE_HEADER = "proj_rate_key"
+"""Message header with a job's rate key (see :mod:`proj.jobs.rates`)."""
 CONFIRM_TIMEOUT = 30.0
 """Seconds the relay waits for RabbitMQ to confirm a batch."""
 REPR_LIMIT = 1024
@@ -64,6 +66,7 @@ def job_message(job: Mapping[str, Any]) -> dict[str, Any]:
         "retries": max(job["attempts"], 0),
         "context": job.get("context") or {},
         "concurrency_key": job.get("concurrency_key"),
+        "rate_key": job.get("rate_key"),
     }
 
 
@@ -109,6 +112,7 @@ def publish_options(message: Mapping[str, Any], declared: bool = False) -> dict[
         "headers": {
             JOB_HEADER: True,
             **({CONCURRENCY_HEADER: key} if (key := message.get("concurrency_key")) else {}),
+            **({RATE_HEADER: rate} if (rate := message.get("rate_key")) else {}),
             context.HEADER: dict(carried),
             **{k: carried[k] for k in context.TRACE_FIELDS if k in carried},
         },
@@ -328,8 +332,7 @@ def publish_owed(
     levels: list[Any] = [true()]
     if by_priority:
         levels = [
-            and_(Job.priority == level, Job.concurrency_key.is_(None))
-            for level in priorities_first(celery_app)
+            and_(Job.priority == level, *unlimited()) for level in priorities_first(celery_app)
         ]
     rows: list[Any] = []
     for level in levels:
@@ -400,36 +403,58 @@ def _lock_owed(connection: Connection, where: Any, limit: int | None) -> list[An
 
 
 def free_slots(where: Sequence[Any], limit: int | None) -> Any:
-    """SQL: the ids of the owed jobs with a concurrency key (of those
-    ``where`` picks) that fit in their key's free slots, by due time: a key's
-    limit, less its jobs running and those published but not yet claimed
-    (:mod:`proj.jobs.concurrency`)."""
+    """SQL: the ids of the owed jobs with a concurrency or a rate key (of
+    those ``where`` picks) that fit in what their keys allow now, by due time:
+    a concurrency key's limit, less its jobs running and those published but
+    not yet claimed (:mod:`proj.jobs.concurrency`); a rate key's limit, less
+    its starts in the window and its jobs published but not yet claimed
+    (:mod:`proj.jobs.rates`)."""
     ranked = (
         select(
             Job.id,
             Job.concurrency_key,
             Job.concurrency_limit,
+            Job.rate_key,
+            Job.rate_limit,
             func.row_number()
             .over(partition_by=Job.concurrency_key, order_by=Job.available_at)
             .label("rank"),
+            func.row_number()
+            .over(partition_by=Job.rate_key, order_by=Job.available_at)
+            .label("rate_rank"),
         )
-        .where(Job.concurrency_key.is_not(None), *where)
+        .where(or_(Job.concurrency_key.is_not(None), Job.rate_key.is_not(None)), *where)
         .subquery()
     )
     busy = JOBS.alias("busy")
+    sent = and_(busy.c.state.in_(CLAIMABLE), busy.c.published_at.is_not(None))
     taken = (
         select(func.count())
         .where(
             busy.c.concurrency_key == ranked.c.concurrency_key,
-            or_(
-                busy.c.state == str(State.RUNNING),
-                and_(busy.c.state.in_(CLAIMABLE), busy.c.published_at.is_not(None)),
-            ),
+            or_(busy.c.state == str(State.RUNNING), sent),
         )
         .scalar_subquery()
     )
+    started = (
+        select(func.count())
+        .where(RATE_STARTS.c.key == ranked.c.rate_key, RATE_STARTS.c.until > utcnow())
+        .scalar_subquery()
+    )
+    rate_sent = select(func.count()).where(busy.c.rate_key == ranked.c.rate_key, sent)
     return (
-        select(ranked.c.id).where(ranked.c.rank <= ranked.c.concurrency_limit - taken).limit(limit)
+        select(ranked.c.id)
+        .where(
+            or_(
+                ranked.c.concurrency_key.is_(None),
+                ranked.c.rank <= ranked.c.concurrency_limit - taken,
+            ),
+            or_(
+                ranked.c.rate_key.is_(None),
+                ranked.c.rate_rank <= ranked.c.rate_limit - started - rate_sent.scalar_subquery(),
+            ),
+        )
+        .limit(limit)
     )
 
 
@@ -579,6 +604,12 @@ def owed() -> tuple[ColumnElement[bool], ...]:
     return (Job.published_at.is_(None), Job.state.in_(CLAIMABLE))
 
 
+def unlimited() -> tuple[ColumnElement[bool], ...]:
+    """SQL: the job has neither a concurrency nor a rate key (the relay takes
+    those only as far as their keys allow, :func:`free_slots`)."""
+    return (Job.concurrency_key.is_(None), Job.rate_key.is_(None))
+
+
 def not_paused(connection: Connection) -> tuple[ColumnElement[bool], ...]:
     """SQL: the job's queue is not paused (:mod:`proj.jobs.queues`; a job
     whose queue is not known never is). The paused queues are read first:
@@ -607,9 +638,9 @@ def next_due(connection: Connection, *conditions: Any) -> datetime | None:
     """When the earliest owed job matching ``conditions``, in a queue that is
     not paused, falls due (None: none is owed): the earliest of each
     priority's, each the first entry of its range of ``ix_jobs_owed``."""
-    # A job with a concurrency key is left to the poll: due, it may still wait
-    # for a slot, and a relay woken for it would only look again and again.
-    where = (*owed(), *not_paused(connection), Job.concurrency_key.is_(None), *conditions)
+    # A job with a concurrency or rate key is left to the poll: due, it may
+    # still wait for a slot, and a relay woken for it would look again and again.
+    where = (*owed(), *not_paused(connection), *unlimited(), *conditions)
     each = union_all(
         *(
             select(func.min(Job.available_at).label("due")).where(Job.priority == level, *where)

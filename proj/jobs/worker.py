@@ -9,7 +9,7 @@ it is removed, so the connection is back in the pool before the next message.
 A job enqueued with ``delay_on_commit`` has a ledger row: its run first claims
 the row (a delivery of a job that already ran, was cancelled or is running
 elsewhere is acknowledged and skipped; one whose queue is paused, or whose
-concurrency key is at its limit, is handed back to the ledger, unrun), its
+concurrency or rate key is at its limit, is handed back to the ledger, unrun), its
 body runs in the context its row keeps (not its message's header), and the
 move to ``succeeded`` commits with the task's own effects. A run whose job
 was taken back meanwhile (the reconciler found its worker gone, and another
@@ -38,7 +38,7 @@ from proj.jobs import context, ledger, outbox, publisher, revoke
 from proj.jobs.clock import due_at, utcnow
 from proj.jobs.errors import ClaimTakenBack, JobCancelled
 from proj.jobs.models import State
-from proj.jobs.publisher import CONCURRENCY_HEADER, job_message
+from proj.jobs.publisher import CONCURRENCY_HEADER, RATE_HEADER, job_message
 from proj.jobs.registry import jobs_of
 from proj.jobs.retry import TRANSIENT_ERRORS, backoff, max_attempts_of, retry_policy_of
 from proj.jobs.session import in_task_run, roll_back, task_scope
@@ -97,17 +97,16 @@ def run(task: SqlAlchemyTask, body: Callable[[], Any]) -> Any:
             raise
         finally:
             session.remove()
-            if claim is not None and (concurrency_key := concurrency_key_of(request)):
+            if claim is not None and (concurrency_key := header_of(request, CONCURRENCY_HEADER)):
                 # Its slot is free (unless it failed: on_failure records that
                 # after, and the relay's next pass fills the slot).
                 publisher.send_next_of(jobs, concurrency_key)
 
 
-def concurrency_key_of(request: Any) -> str | None:
-    """The concurrency key the job's message carries (the lock its claim waits on)."""
-    found = request.get(CONCURRENCY_HEADER) or (request.get("headers") or {}).get(
-        CONCURRENCY_HEADER
-    )
+def header_of(request: Any, name: str) -> str | None:
+    """The job message's header ``name`` (a concurrency or a rate key: the
+    lock its claim waits on)."""
+    found = request.get(name) or (request.get("headers") or {}).get(name)
     return str(found) if found else None
 
 
@@ -143,7 +142,13 @@ def _claim(task: SqlAlchemyTask) -> ledger.Claim:
     jobs, request = jobs_of(task.app), task.request
     worker = f"{jobs.node or request.hostname}:{os.getpid()}"
     try:
-        claim = ledger.claim(jobs.engine, str(request.id), worker, concurrency_key_of(request))
+        claim = ledger.claim(
+            jobs.engine,
+            str(request.id),
+            worker,
+            header_of(request, CONCURRENCY_HEADER),
+            header_of(request, RATE_HEADER),
+        )
     except Exception as exc:
         if exc not in TRANSIENT_ERRORS:
             raise
