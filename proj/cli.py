@@ -170,6 +170,7 @@ def check() -> None:
     from proj.config import current_settings
     from proj.jobs import ConfigurationError, Jobs
     from proj.jobs.checks import check_configuration
+    from proj.jobs.context import scope_system
     from proj.web.app import secret_key
 
     settings = current_settings()
@@ -181,6 +182,7 @@ def check() -> None:
     try:
         with Jobs.of(celery_app).engine.connect() as connection:
             connection.execute(text("SELECT 1"))
+            scope_system(connection)  # whether any tenant's job exists
             problems += [f"tenants: {found}" for found in tenant_isolation_problems(connection)]
     except Exception as exc:
         problems.append(f"database: {exc.__class__.__name__}: {exc}")
@@ -210,6 +212,7 @@ def tenant_isolation_problems(connection: Connection) -> list[str]:
     on databases without row-level security."""
     from sqlalchemy import text
 
+    from proj.jobs import TENANT_LEDGER_TABLES
     from proj.models import TENANT_TABLES
 
     if connection.dialect.name != "postgresql":
@@ -242,7 +245,7 @@ def tenant_isolation_problems(connection: Connection) -> list[str]:
             " FROM pg_class"
             " WHERE oid IN (SELECT to_regclass(name) FROM unnest(:names) AS name)"
         ),
-        {"names": list(TENANT_TABLES)},
+        {"names": [*TENANT_TABLES, *TENANT_LEDGER_TABLES]},
     )
     return [
         f"row-level security is off on {table.relname}; run proj db upgrade"

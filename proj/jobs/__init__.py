@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from proj.jobs.canvas import enqueue_on_commit
 from proj.jobs.clock import UtcDateTime, utcnow
+from proj.jobs.context import system_scope
 from proj.jobs.engine import engine_options
 from proj.jobs.errors import (
     ClaimTakenBack,
@@ -26,7 +27,7 @@ from proj.jobs.errors import (
     TaskArgumentError,
 )
 from proj.jobs.extension import Jobs
-from proj.jobs.models import MAX_PRIORITY, NAMING_CONVENTION, Job, State
+from proj.jobs.models import MAX_PRIORITY, NAMING_CONVENTION, TENANT_LEDGER_TABLES, Job, State
 from proj.jobs.retry import TRANSIENT_ERRORS, retry_on
 from proj.jobs.settings import JobsSettings
 from proj.jobs.task import SqlAlchemyTask, shared_task
@@ -34,6 +35,7 @@ from proj.jobs.task import SqlAlchemyTask, shared_task
 __all__ = [
     "MAX_PRIORITY",
     "NAMING_CONVENTION",
+    "TENANT_LEDGER_TABLES",
     "TRANSIENT_ERRORS",
     "ClaimTakenBack",
     "ConfigurationError",
@@ -51,5 +53,6 @@ __all__ = [
     "enqueue_on_commit",
     "retry_on",
     "shared_task",
+    "system_scope",
     "utcnow",
 ]

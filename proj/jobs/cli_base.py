@@ -21,7 +21,7 @@ from proj.jobs import audit, auth
 from proj.jobs.engine import resolve_url
 from proj.jobs.errors import ConfigurationError
 from proj.jobs.extension import EXTENSION_KEY, Jobs
-from proj.jobs.session import session_scope
+from proj.jobs.session import system_session
 from proj.jobs.settings import JobsSettings
 
 DATABASE_URL = "proj.jobs.database_url"
@@ -67,7 +67,7 @@ def ledger_session() -> Iterator[orm.Session]:
     :class:`~proj.jobs.auth.AuthError` becomes the command's error message."""
     engine = create_engine(database_url(), poolclass=pool.NullPool)
     try:
-        with session_scope(engine) as session:
+        with system_session(engine) as session:
             yield session
     except auth.AuthError as exc:
         raise click.ClickException(str(exc)) from exc

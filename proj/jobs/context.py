@@ -14,6 +14,13 @@ transaction of the run's session on PostgreSQL begins with the tenant set
 Set the tenant for a request with :func:`set_tenant` (or ``with
 tenant(slug):``); a run with no tenant has ``proj.tenant`` unset, so a
 policy that compares with it sees no rows (it fails closed).
+
+The ledger's own work (the relay, the reconciler, claims, the console, the
+operator's commands) reads every tenant's jobs: it runs in the system scope
+(``with system_scope():``, or :func:`scope_system` on a connection's
+transaction), which sets ``proj.scope`` to ``system`` the same way. The
+``jobs`` table's policy lets a transaction see a row of its own tenant, or
+any row in the system scope; one with neither sees no tenant's jobs.
 """
 
 from __future__ import annotations
@@ -34,10 +41,14 @@ HEADER = "proj_context"
 """The message header that carries a job's context."""
 TENANT_SETTING = "proj.tenant"
 """The PostgreSQL setting a run's (and a request's) transactions begin with."""
+SCOPE_SETTING = "proj.scope"
+"""The PostgreSQL setting of the ledger's own transactions (:func:`system_scope`)."""
+SYSTEM = "system"
 TRACE_FIELDS = ("traceparent", "tracestate")
 
 tenant_var: ContextVar[str | None] = ContextVar("proj_tenant", default=None)
 request_id_var: ContextVar[str | None] = ContextVar("proj_request_id", default=None)
+system_var: ContextVar[bool] = ContextVar("proj_system_scope", default=False)
 _carried: dict[str, ContextVar[str | None]] = {"tenant": tenant_var, "request_id": request_id_var}
 
 
@@ -81,6 +92,28 @@ def tenant(slug: str | None) -> Iterator[None]:
         yield
     finally:
         tenant_var.reset(token)
+
+
+@contextmanager
+def system_scope() -> Iterator[None]:
+    """Every tenant's jobs, for what runs inside the block: each session
+    transaction begun there sets ``proj.scope`` (the ledger's own work, the
+    console, operators' commands; never a tenant's request)."""
+    token = system_var.set(True)
+    try:
+        yield
+    finally:
+        system_var.reset(token)
+
+
+def scope_system(connection: Any) -> None:
+    """Put ``connection``'s transaction (begun, Core) in the system scope, on
+    PostgreSQL (``SET LOCAL``: it ends with the transaction)."""
+    if connection.dialect.name == "postgresql":
+        connection.execute(_SET, {"name": SCOPE_SETTING, "value": SYSTEM})
+
+
+_SET = text("SELECT set_config(:name, :value, true)")
 
 
 def capture() -> dict[str, str]:
@@ -127,12 +160,18 @@ def install() -> None:
 
 
 def set_tenant_on_begin(session: orm.Session, transaction: Any, connection: Any) -> None:
-    """A session's ``after_begin``: on PostgreSQL, the transaction's tenant
-    (``SET LOCAL``, so it ends with the transaction and never outlives it on
-    a pooled connection)."""
-    slug = tenant_var.get()
-    if slug is not None and connection.dialect.name == "postgresql":
+    """A session's ``after_begin``: on PostgreSQL, the transaction's tenant,
+    and the system scope inside :func:`system_scope` (``SET LOCAL``, so they
+    end with the transaction and never outlive it on a pooled connection)."""
+    slug, system = tenant_var.get(), system_var.get()
+    if (slug is None and not system) or connection.dialect.name != "postgresql":
+        return
+    if slug is None:
+        connection.execute(_SET, {"name": SCOPE_SETTING, "value": SYSTEM})
+    elif not system:
+        connection.execute(_SET, {"name": TENANT_SETTING, "value": slug})
+    else:
         connection.execute(
-            text("SELECT set_config(:name, :value, true)"),
-            {"name": TENANT_SETTING, "value": slug},
+            text("SELECT set_config(:tenant, :slug, true), set_config(:scope, :system, true)"),
+            {"tenant": TENANT_SETTING, "slug": slug, "scope": SCOPE_SETTING, "system": SYSTEM},
         )

@@ -79,6 +79,7 @@ def _tenant_of(engine: Engine, quoted: Any, headers: dict[str, Any]) -> str | No
     """The quoted job's tenant if there is such a job, else the header's."""
     if quoted:
         with engine.connect() as connection:
+            context.scope_system(connection)  # whichever tenant's job it names
             found = connection.execute(select(Job.tenant).where(Job.id == str(quoted))).first()
         if found is not None:
             tenant: str | None = found.tenant

@@ -151,6 +151,7 @@ class Jobs:
         than ``retention_days`` ago, and the audit trail's entries older than
         that (:mod:`proj.jobs.audit`); how many jobs."""
         cutoff = utcnow() - timedelta(days=self.settings.retention_days)
+        context.scope_system(session.connection())  # every tenant's jobs
         audit.prune(session, cutoff)
         return ledger.prune(session, cutoff)
 

@@ -68,7 +68,9 @@ from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
+from proj.jobs import context
 from proj.jobs.clock import UtcDateTime, utcnow
+from proj.jobs.context import SCOPE_SETTING, SYSTEM
 from proj.jobs.engine import autocommit
 from proj.jobs.errors import ClaimTakenBack
 from proj.jobs.models import (
@@ -87,7 +89,7 @@ from proj.jobs.models import (
     jsonable,
 )
 from proj.jobs.retry import TRANSIENT_ERRORS, backoff
-from proj.jobs.session import session_scope
+from proj.jobs.session import system_session
 
 logger = logging.getLogger(__name__)
 
@@ -147,8 +149,11 @@ class Standalone:
         self, sql: str, *binds: BindParameter[Any], returning: Mapping[str, Any] | None = None
     ) -> None:
         plain = text(sql).bindparams(*binds)
-        # Sent as one query, the two statements are one transaction.
-        no_disk_wait = text(f"SET LOCAL synchronous_commit TO OFF; {sql}").bindparams(*binds)
+        # Sent as one query, the statements are one transaction, in the
+        # system scope (the ledger's own writes see every tenant's rows).
+        no_disk_wait = text(
+            f"SET LOCAL synchronous_commit TO OFF; SET LOCAL {SCOPE_SETTING} TO '{SYSTEM}'; {sql}"
+        ).bindparams(*binds)
         # The returned columns' types, where given (JSON is text on SQLite).
         self.plain: Executable = plain.columns(**returning) if returning else plain
         self.no_disk_wait: Executable = (
@@ -202,6 +207,7 @@ _CLAIM_KEYED = Standalone(
     bindparam("now", type_=UtcDateTime),
     returning=_CLAIMED,
 )
+_STATE = Standalone("SELECT state FROM jobs WHERE id = :id")
 _LOCK_KEY = text("SELECT pg_advisory_xact_lock(hashtext(:key))")
 _HAND_BACK = Standalone(
     # Due from now: a publisher that sent it before marks it published no
@@ -268,8 +274,8 @@ def claim(
                 True, State.RUNNING, found.attempts, found.max_attempts, found.context, found.graph
             )
         held = _HAND_BACK.run(engine, {"id": job_id, "now": utcnow()})
-        with engine.connect() as connection:
-            state = connection.scalar(select(JOBS.c.state).where(JOBS.c.id == job_id))
+        found_state = _STATE.run(engine, {"id": job_id})
+        state = found_state[0].state if found_state else None
         if held:
             return Claim(False, state, held=_why_held(held[0]))
         if state not in CLAIMABLE:
@@ -284,6 +290,7 @@ def _claim_rated(engine: Engine, params: Mapping[str, Any], rate_key: str) -> li
     """Claim a job with a rate key and record its start, in one transaction
     (on PostgreSQL under its keys' advisory locks, taken in one order)."""
     with engine.begin() as connection:
+        context.scope_system(connection)
         if engine.dialect.name == "postgresql":
             connection.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
             for key in sorted({rate_key, params["key"]} - {None}):
@@ -296,7 +303,7 @@ def _claim_rated(engine: Engine, params: Mapping[str, Any], rate_key: str) -> li
 
 
 def _start(engine: Engine, key: str, period: float, now: datetime) -> None:
-    with engine.begin() as connection:
+    with engine.begin() as connection:  # job_rate_starts has no tenant: no scope needed
         _record_start(connection, key, period, now)
 
 
@@ -421,7 +428,7 @@ def set_progress(engine: Engine, job_id: str, attempt: int, progress: float) -> 
     """Record the progress (0 to 100) of the attempt ``attempt``, in a
     transaction of its own, visible at once. Returns whether someone asked the
     job to stop."""
-    with session_scope(engine) as session:
+    with system_session(engine) as session:
         asked = session.execute(
             update(Job)
             .where(*running_attempt(job_id, attempt))
@@ -433,9 +440,10 @@ def set_progress(engine: Engine, job_id: str, attempt: int, progress: float) -> 
 
 def cancel_requested(engine: Engine, job_id: str) -> bool:
     """Whether someone asked the running job to stop."""
-    with engine.connect() as connection:
-        asked = connection.scalar(select(Job.cancel_requested_at).where(Job.id == job_id))
-    return asked is not None
+    return bool(_CANCEL_ASKED.run(engine, {"id": job_id}))
+
+
+_CANCEL_ASKED = Standalone("SELECT 1 FROM jobs WHERE id = :id AND cancel_requested_at IS NOT NULL")
 
 
 def patient(write: F) -> F:
@@ -514,7 +522,7 @@ def retrying(
     ``available_at``; the caller publishes. False, and nothing changed, when
     the job is no longer running that attempt."""
     running = running_attempt(job_id, attempt)
-    with session_scope(engine) as session:
+    with system_session(engine) as session:
         _keep_attempt(session, literal(str(State.RETRYING)), error, traceback, *running)
         done = session.execute(
             update(Job)
@@ -556,7 +564,7 @@ def worker_lost(
     owner = () if worker is None else (Job.worker == worker,)
     running = (Job.id == job_id, Job.state == State.RUNNING, *owner)
     owed = {} if requeued else {"published_at": None}
-    with session_scope(engine) as session:
+    with system_session(engine) as session:
         _keep_attempt(session, _again_or_failed(), error, None, *running)
         state = session.scalar(
             update(Job)
@@ -606,7 +614,7 @@ def record_failure(
         if claimed
         else (Job.id == job_id, Job.state.not_in(FINISHED))
     )
-    with session_scope(engine) as session:
+    with system_session(engine) as session:
         _keep_attempt(session, literal(str(State.FAILED)), error, traceback, *unfinished)
         done = session.execute(update(Job).where(*unfinished).values(**values))
         if getattr(done, "rowcount", 0):
@@ -645,7 +653,7 @@ def plain_task_lost(
     number of this attempt, which proj counts as the broker does not. Before
     the last (``max_attempts``), the attempt is kept (its message goes back to
     the queue); on the last the caller ends the job with :func:`record_failure`."""
-    with session_scope(engine) as session:
+    with system_session(engine) as session:
         before = session.scalar(
             select(func.count(JobAttempt.id)).where(JobAttempt.job_id == task_id)
         )
@@ -756,7 +764,7 @@ def revoke(session: Session, job_ids: Sequence[str], *, terminate: bool) -> None
 def cancelled_while_running(engine: Engine, job_id: str, attempt: int) -> None:
     """The job's attempt ``attempt`` stopped because it was asked to: ``cancelled``
     (nothing, if the job is no longer running that attempt)."""
-    with session_scope(engine) as session:
+    with system_session(engine) as session:
         session.execute(
             update(Job)
             .where(*running_attempt(job_id, attempt))

@@ -46,7 +46,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from proj.jobs import metrics
+from proj.jobs import context, metrics
 from proj.jobs.auth import request_session, require_token
 from proj.jobs.clock import utcnow
 from proj.jobs.console.filters import Queues, named_queue
@@ -159,6 +159,7 @@ def scrape() -> Response | tuple[Response, int]:
     session = request_session()
     figures: LedgerFigures | None
     try:
+        context.scope_system(session.connection())  # every tenant's jobs
         figures = ledger_figures(session, jobs.celery_app)
     except SQLAlchemyError as exc:
         session.rollback()

@@ -59,6 +59,9 @@ UNIQUE_WHILE = "unique_key IS NOT NULL AND state IN ('queued', 'retrying', 'runn
 """While a job holds its unique key: from enqueue until it finishes."""
 KEYED = "concurrency_key IS NOT NULL"
 """A job with a concurrency limit (:mod:`proj.jobs.concurrency`)."""
+TENANT_LEDGER_TABLES = ("jobs", "job_attempts")
+"""The ledger's tables that row-level security keeps to a tenant, on
+PostgreSQL (a job's, and its attempts'; see :mod:`proj.jobs.context`)."""
 RATED = "rate_key IS NOT NULL"
 """A job with a shared rate limit (:mod:`proj.jobs.rates`)."""
 TENANT_OR_NONE = text("coalesce(tenant, '')")

@@ -583,6 +583,7 @@ def send_next_of(jobs: Jobs, key: str) -> None:
     relay does)."""
     try:
         with jobs.engine.connect() as connection, connection.begin():
+            context.scope_system(connection)
             publish_free_slots(connection, jobs.celery_app, key)
     except Exception as exc:
         logger.warning("jobs of key %s not published now (%s); the relay will", key, exc)
@@ -593,6 +594,7 @@ def send_owed(jobs: Jobs, job_ids: Sequence[str]) -> None:
     take them, the relay will."""
     try:
         with jobs.engine.connect() as connection, connection.begin():
+            context.scope_system(connection)
             publish_owed(connection, jobs.celery_app, Job.id.in_(job_ids), by_priority=False)
     except Exception as exc:
         logger.warning("jobs %s not published now (%s); the relay will", list(job_ids), exc)

@@ -15,7 +15,7 @@ from celery import Celery
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from proj.jobs import heartbeat, ledger
+from proj.jobs import context, heartbeat, ledger
 from proj.jobs.clock import utcnow
 from proj.jobs.models import CLAIMABLE, Job, State
 from proj.jobs.registry import jobs_of
@@ -109,6 +109,7 @@ def reconcile(session: Session, celery_app: Celery, stale_after: float) -> dict[
       worker is gone (see :func:`gone_with_their_worker`): they go back to
       ``retrying``, or end ``failed`` if that was their last attempt.
     """
+    context.scope_system(session.connection())  # every tenant's jobs
     cutoff = utcnow() - timedelta(seconds=stale_after)
     lost = session.execute(
         select(Job.id, Job.name, Job.options).where(

@@ -23,7 +23,7 @@ from celery import Celery, bootsteps
 from sqlalchemy import Engine, or_
 from sqlalchemy.sql.elements import ColumnElement
 
-from proj.jobs import metrics, metrics_server
+from proj.jobs import context, metrics, metrics_server
 from proj.jobs.clock import utcnow
 from proj.jobs.engine import make_engine
 from proj.jobs.models import Job
@@ -73,6 +73,7 @@ class Relay:
     def relay_once(self) -> int:
         """Publish one batch of owed jobs that are due; return how many."""
         with self.engine.connect() as connection, connection.begin():
+            context.scope_system(connection)
             count = publish_owed(connection, self.celery_app, self._ours(), limit=self.batch_size)
         self.published += count
         metrics.relayed(count)
@@ -91,6 +92,7 @@ class Relay:
         last pass (or that another relay holds) is looked at again after
         :data:`SOON`."""
         with self.engine.connect() as connection:
+            context.scope_system(connection)
             due = next_due(connection, self._ours())
         if due is None:
             return self.poll_interval

@@ -37,7 +37,7 @@ from celery.worker.control import Panel
 from proj.jobs import ledger
 from proj.jobs.errors import NotInstalledError
 from proj.jobs.registry import jobs_of
-from proj.jobs.session import session_scope
+from proj.jobs.session import system_session
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def record(celery_app: Any, job_ids: Iterable[str], *, terminate: bool) -> None:
     except NotInstalledError:
         return
     try:
-        with session_scope(jobs.engine) as session:
+        with system_session(jobs.engine) as session:
             ledger.revoke(session, ids, terminate=terminate)
     except Exception:
         logger.exception("revoke of %s not recorded in the ledger", ", ".join(ids))

@@ -14,8 +14,10 @@ from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 
-from sqlalchemy import Engine, orm
+from sqlalchemy import Connection, Engine, event, orm
 from sqlalchemy.exc import InvalidRequestError
+
+from proj.jobs.context import scope_system
 
 _task_scope: ContextVar[str | None] = ContextVar("proj_task_scope", default=None)
 """The key of the task run in progress in this context."""
@@ -67,6 +69,20 @@ def session_scope(engine: Engine) -> Iterator[orm.Session]:
         raise
     finally:
         session.close()
+
+
+@contextmanager
+def system_session(engine: Engine) -> Iterator[orm.Session]:
+    """:func:`session_scope` in the system scope: each of its transactions
+    sees every tenant's jobs (the ledger's own writes by id, operators'
+    commands; see :func:`proj.jobs.context.system_scope`)."""
+    with session_scope(engine) as session:
+        event.listen(session, "after_begin", _scope_system)
+        yield session
+
+
+def _scope_system(session: orm.Session, transaction: object, connection: Connection) -> None:
+    scope_system(connection)
 
 
 def roll_back(session: orm.Session | orm.scoped_session[orm.Session]) -> None:

@@ -27,15 +27,18 @@ import psycopg2
 import pytest
 import stacks
 from celery import Celery
-from sqlalchemy import Engine, create_engine, orm, pool, text
+from consoles import signed_in
+from flask import Flask
+from sqlalchemy import Engine, bindparam, create_engine, orm, pool, text
 from sqlalchemy.exc import ProgrammingError
 
 import proj.jobs.testing
 from proj.celery import make_celery
 from proj.config import load_settings, use_settings
 from proj.db import db
-from proj.jobs import Jobs, auth
+from proj.jobs import Jobs, auth, context, shared_task
 from proj.jobs.engine import resolve_url
+from proj.jobs.reconciler import reconcile
 from proj.models import TENANT_TABLES
 from proj.web import create_app
 
@@ -225,13 +228,12 @@ def test_proj_check_passes_as_the_application_and_names_the_owner(
     assert f"{roles.owner} is a BYPASSRLS role" in as_owner.stderr
 
 
-def test_a_sign_up_reaches_its_welcome_mail_as_the_application_role(
+@contextmanager
+def as_application(
     roles: Roles, stack: Stack, celery_app: Celery
-) -> None:
-    """The web application and a worker, both connected as the application's
-    role: a tenant's sign-up is stored, its welcome job enqueued, claimed and
-    run (the user marked welcomed), Celery's results stored, and the row is
-    the tenant's alone."""
+) -> Iterator[tuple[Celery, Flask]]:
+    """The reference application's Celery and Flask apps, connected as the
+    application's role (made current; the test's own are restored after)."""
     if not stack.on_postgres:
         pytest.skip("the roles are PostgreSQL's")
     environ = {k: v for k, v in stack.env.items() if k != "CELERY_RESULT_BACKEND"}
@@ -243,6 +245,25 @@ def test_a_sign_up_reaches_its_welcome_mail_as_the_application_role(
     own.set_default()
     try:
         own.control.purge()
+        yield own, flask_app
+    finally:
+        Jobs.of(own).dispose()
+        with flask_app.app_context():
+            db.engine.dispose()
+        own.close()
+        use_settings(stack.settings)
+        celery_app.set_current()
+        celery_app.set_default()
+
+
+def test_a_sign_up_reaches_its_welcome_mail_as_the_application_role(
+    roles: Roles, stack: Stack, celery_app: Celery
+) -> None:
+    """The web application and a worker, both connected as the application's
+    role: a tenant's sign-up is stored, its welcome job enqueued, claimed and
+    run (the user marked welcomed), Celery's results stored, and the row is
+    the tenant's alone."""
+    with as_application(roles, stack, celery_app) as (own, flask_app):
         with Jobs.of(own).session_scope() as session:
             token = auth.add_token(session, f"t-{uuid.uuid4().hex[:12]}", "operator", tenant="acme")
         client = flask_app.test_client()
@@ -268,11 +289,106 @@ def test_a_sign_up_reaches_its_welcome_mail_as_the_application_role(
                 connection.scalar(text("SELECT count(*) FROM users WHERE id = :id"), {"id": user})
                 == 0
             )
-    finally:
-        Jobs.of(own).dispose()
-        with flask_app.app_context():
-            db.engine.dispose()
-        own.close()
-        use_settings(stack.settings)
-        celery_app.set_current()
-        celery_app.set_default()
+
+
+COUNT_JOBS = "SELECT count(*) FROM jobs WHERE id IN :ids"
+
+
+@shared_task(name="tests.deploy_roles.note", ignore_result=True)
+def note(what: str) -> str:
+    return what
+
+
+@shared_task(name="tests.deploy_roles.refuse", ignore_result=True)
+def refuse(what: str) -> None:
+    raise ValueError(f"refused: {what}")
+
+
+def test_a_tenants_jobs_are_its_own_and_the_ledger_still_runs_them(
+    roles: Roles, stack: Stack, celery_app: Celery
+) -> None:
+    """Row-level security on ``jobs`` and ``job_attempts``, as the application's
+    role: the ledger's own paths (the fast path's claim and success, the
+    relay, a failure and its attempt, the reconciler) work on a tenant's
+    jobs in the system scope, as do the console and the CLI; a transaction
+    with no scope sees none of them, another tenant's neither, and the job
+    API shows a tenant's jobs to its tokens only."""
+    with as_application(roles, stack, celery_app) as (own, flask_app):
+        jobs = Jobs.of(own)
+        with context.tenant("acme"), jobs.session_scope() as session:
+            failing = refuse.apply_async_on_commit(("now",), session=session)
+            later = note.apply_async_on_commit(("later",), countdown=1, session=session)
+        state = text("SELECT state FROM jobs WHERE id = :id")
+        with engine_for(roles.admin_url) as admin, admin.connect() as watch:
+
+            def now_in(job_id: str, *states: str) -> bool:
+                watch.rollback()
+                return watch.scalar(state, {"id": job_id}) in states
+
+            with proj.jobs.testing.worker(own, pool="threads", concurrency=2):
+                proj.jobs.testing.wait_for(lambda: now_in(failing, "failed"), timeout=30)
+                proj.jobs.testing.wait_for(lambda: now_in(later, "succeeded"), timeout=30)
+            # A run lost with its worker, taken back by the reconciler.
+            with context.tenant("acme"), jobs.session_scope() as session:
+                lost = note.apply_async_on_commit(("lost",), session=session)
+            with admin.begin() as connection:
+                connection.execute(
+                    text(
+                        "UPDATE jobs SET state = 'running', attempts = 1, worker = 'gone@x:1',"
+                        " started_at = now() - interval '1 hour' WHERE id = :id"
+                    ),
+                    {"id": lost},
+                )
+            with jobs.session_scope() as session:
+                assert reconcile(session, own, stale_after=60)["abandoned"] == 1
+            assert now_in(lost, "retrying")
+
+        ids = [failing, later, lost]
+        with engine_for(roles.app_url) as engine:
+
+            def seen(
+                setting: str, query: str = "SELECT count(*) FROM jobs WHERE id IN :ids"
+            ) -> int:
+                with engine.begin() as connection:
+                    if setting:
+                        connection.execute(text(f"SET LOCAL {setting}"))
+                    found = connection.scalar(
+                        text(query).bindparams(bindparam("ids", expanding=True)), {"ids": ids}
+                    )
+                    return int(found or 0)
+
+            attempts = "SELECT count(*) FROM job_attempts WHERE job_id IN :ids"
+            assert seen("") == seen("", attempts) == 0
+            assert seen("proj.tenant = 'globex'") == seen("proj.tenant = 'globex'", attempts) == 0
+            assert seen("proj.tenant = 'acme'") == seen("proj.scope = 'system'") == 3
+            assert seen("proj.tenant = 'acme'", attempts) == 2  # the failure's, the lost run's
+            with engine.begin() as connection:
+                connection.execute(text("SET LOCAL proj.tenant = 'globex'"))
+                cancelled = connection.execute(
+                    text("UPDATE jobs SET state = 'cancelled' WHERE id = :id"), {"id": failing}
+                )
+                assert cancelled.rowcount == 0
+
+        with jobs.session_scope() as session:
+            tokens = {
+                tenant: auth.add_token(session, f"t-{uuid.uuid4().hex[:12]}", "viewer", tenant)
+                for tenant in ("acme", "globex", None)
+            }
+        client = flask_app.test_client()
+        for tenant, token in tokens.items():
+            answer = client.get(
+                f"/api/jobs/{failing}", headers={"Authorization": f"Bearer {token}"}
+            )
+            assert answer.status_code == (200 if tenant == "acme" else 404), tenant
+        assert (
+            "refused: now"
+            in client.get(
+                f"/api/jobs/{failing}", headers={"Authorization": f"Bearer {tokens['acme']}"}
+            ).get_json()["error"]
+        )
+
+        operator = signed_in(flask_app, "operator")
+        assert failing in operator.get("/dashboard/jobs", query_string={"tenant": "acme"}).text
+        shown = proj_command("jobs", "show", failing, database_url=roles.app_url)
+        assert shown.returncode == 0, shown.stdout + shown.stderr
+        assert "refused: now" in shown.stdout

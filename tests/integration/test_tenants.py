@@ -30,7 +30,7 @@ from proj.celery import make_celery
 from proj.cli import tenant_isolation_problems
 from proj.config import Settings, load_settings, use_settings
 from proj.db import Session, db, session_scope
-from proj.jobs import Jobs, auth, context, publisher, shared_task
+from proj.jobs import TENANT_LEDGER_TABLES, Jobs, auth, context, publisher, shared_task
 from proj.jobs.engine import resolve_url
 from proj.jobs.ledger import MESSAGE_FIELDS
 from proj.jobs.relay import make_relay
@@ -456,7 +456,7 @@ def test_proj_check_names_a_role_that_bypasses_row_level_security(tenanted: Tena
             problems = tenant_isolation_problems(connection)
     finally:
         owner.dispose()
-    assert len(problems) == len(TENANT_TABLES)
+    assert len(problems) == len(TENANT_TABLES) + len(TENANT_LEDGER_TABLES)
     assert all(f"{tenanted.owner} owns" in problem for problem in problems), problems
 
 

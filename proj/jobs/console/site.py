@@ -41,7 +41,7 @@ from sqlalchemy.orm import Session
 from werkzeug.wrappers.response import Response as BaseResponse
 from wtforms import ValidationError
 
-from proj.jobs import audit, auth, login_limit
+from proj.jobs import audit, auth, context, login_limit
 from proj.jobs.console import sessions
 from proj.jobs.http import json_error
 
@@ -113,6 +113,10 @@ def _guard() -> BaseResponse | None:
             raise Refused(401, "unauthorized", "sign in to the console first")
         return redirect(url_for("proj_console.login", next=request.full_path.rstrip("?")))
     g.console_account = account
+    # The console shows every tenant's jobs: this transaction and the
+    # request's later ones are in the system scope.
+    g.proj_system = context.system_var.set(True)
+    context.scope_system(auth.request_session().connection())
     writes = request.method == "POST" and request.endpoint not in ANYONE_MAY_POST
     if writes and not auth.Role(account.role).may(auth.Role.OPERATOR):
         raise Refused(403, "forbidden", "a viewer may look but not act; ask an operator")
@@ -124,6 +128,12 @@ def _check_csrf() -> None:
         validate_csrf(request.form.get("csrf_token"))
     except ValidationError as exc:
         raise CSRFError(str(exc)) from None
+
+
+@blueprint.teardown_request
+def _leave_system_scope(_: BaseException | None) -> None:
+    if (token := g.pop("proj_system", None)) is not None:
+        context.system_var.reset(token)
 
 
 @blueprint.after_request

@@ -28,6 +28,7 @@ from sqlalchemy import select
 
 from proj.jobs.extension import Jobs
 from proj.jobs.models import Job, State
+from proj.jobs.session import system_session
 
 T = TypeVar("T")
 
@@ -76,7 +77,7 @@ def checked_out(celery_app: Celery | None = None) -> int:
 
 def job(job_id: str, celery_app: Celery | None = None) -> Job:
     """The job's ledger row as it is now (detached); fails if there is none."""
-    with _jobs(celery_app).session_scope() as session:
+    with system_session(_jobs(celery_app).engine) as session:  # whichever tenant's job
         found = session.get(Job, job_id)
         assert found is not None, f"no ledger row for {job_id}"
         session.expunge(found)
@@ -85,7 +86,7 @@ def job(job_id: str, celery_app: Celery | None = None) -> Job:
 
 def failed_jobs(job_id: str, celery_app: Celery | None = None) -> list[Job]:
     """The ledger's ``failed`` row for ``job_id``, if there is one (detached)."""
-    with _jobs(celery_app).session_scope() as session:
+    with system_session(_jobs(celery_app).engine) as session:  # whichever tenant's job
         query = select(Job).where(Job.id == job_id, Job.state == State.FAILED)
         found = list(session.scalars(query))
         session.expunge_all()
