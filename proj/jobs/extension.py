@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery, signals
+from celery.concurrency import get_implementation
+from celery.concurrency.thread import TaskPool as ThreadTaskPool
 from flask import Flask, has_app_context
 from flask import current_app as current_flask_app
 from flask_sqlalchemy import SQLAlchemy
@@ -33,6 +35,7 @@ from proj.jobs import (
     metrics,
     metrics_server,
     outbox,
+    plain_canvas,
     revoke,
     sqlite_forks,
     tracing,
@@ -105,6 +108,9 @@ class Jobs:
         self.node: str | None = None
         """The node name (``celery@host``) of the worker this process serves,
         once it starts: what its heartbeats and its runs' claims name."""
+        self.limits_left_to_us = False
+        """Whether the worker this process serves runs Celery's threads pool,
+        which enforces no time limit (:mod:`proj.jobs.time_limits` does)."""
         self.capture: Callable[[Sequence[Mapping[str, Any]]], None] | None = None
         """Where job messages go instead of the broker, when set (the testing
         kit's in-memory mode, :func:`proj.jobs.testing.in_memory`)."""
@@ -214,6 +220,7 @@ class Jobs:
         outbox.listen_for_commits()
         context.install()
         revoke.install()
+        plain_canvas.install(app)
         for observer in OBSERVERS:
             observer.install(self)
         if self.settings.embedded:
@@ -275,6 +282,7 @@ class Jobs:
             return
         # Celery's thread pool gives a run the machine's name, not the node's.
         self.node = str(sender.hostname)
+        self.limits_left_to_us = get_implementation(sender.pool_cls) is ThreadTaskPool
         # Before the pool forks and the relay thread starts: a child forked while
         # another thread configures the mappers would wait for their lock forever.
         orm.configure_mappers()

@@ -29,12 +29,12 @@ from traceback import format_exception
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from billiard.einfo import ExceptionInfo
-from billiard.exceptions import WorkerLostError
+from billiard.exceptions import TimeLimitExceeded, WorkerLostError
 from celery.exceptions import Ignore, Reject, Retry
 from celery.worker import state as worker_state
 from celery.worker.request import Request
 
-from proj.jobs import context, ledger, outbox, publisher, revoke
+from proj.jobs import context, ledger, outbox, publisher, revoke, time_limits
 from proj.jobs.clock import due_at, utcnow
 from proj.jobs.errors import ClaimTakenBack, JobCancelled
 from proj.jobs.models import State
@@ -44,6 +44,7 @@ from proj.jobs.retry import TRANSIENT_ERRORS, backoff, max_attempts_of, retry_po
 from proj.jobs.session import in_task_run, roll_back, task_scope
 
 if TYPE_CHECKING:
+    from proj.jobs.extension import Jobs
     from proj.jobs.task import SqlAlchemyTask
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,10 @@ def run(task: SqlAlchemyTask, body: Callable[[], Any]) -> Any:
                 claim = _claim(task)
             # A claimed job runs in the context its row keeps (its tenant
             # included), whatever a forged or mangled header says.
-            with context.restored(claim.context) if claim is not None else nullcontext():
+            with (
+                context.restored(claim.context) if claim is not None else nullcontext(),
+                _limited(task, jobs, claim),
+            ):
                 retval = body()
                 _complete(task, claim, retval)
             return retval
@@ -88,6 +92,8 @@ def run(task: SqlAlchemyTask, body: Callable[[], Any]) -> Any:
                 revoke.announce(task.app, [str(request.id)])
                 logger.info("%s[%s]: stopped, as asked; cancelled", task.name, request.id)
                 raise Ignore() from exc
+            if isinstance(exc, TimeLimitExceeded) and claim is not None:
+                raise Ignore() from exc  # its attempt was ended at the limit
             if isinstance(exc, ClaimTakenBack):
                 logger.warning("%s[%s]: %s", task.name, request.id, exc)
                 raise Ignore() from exc
@@ -101,6 +107,26 @@ def run(task: SqlAlchemyTask, body: Callable[[], Any]) -> Any:
                 # Its slot is free (unless it failed: on_failure records that
                 # after, and the relay's next pass fills the slot).
                 publisher.send_next_of(jobs, concurrency_key)
+
+
+def _limited(task: SqlAlchemyTask, jobs: Jobs, claim: ledger.Claim | None) -> Any:
+    """The run's hard time limit, enforced here on the threads pool
+    (:mod:`proj.jobs.time_limits`; the prefork pool enforces its own): at the
+    limit a ledger job's attempt ends, as :meth:`JobRequest.on_timeout` ends
+    it on prefork, and the run is interrupted."""
+    if not jobs.limits_left_to_us:
+        return nullcontext()
+    request, limit = task.request, time_limits.hard_limit_of(task)
+
+    def end_attempt() -> None:
+        if claim is not None:
+            error = f"hard time limit ({limit:g} s) exceeded"
+            worker = _worker_name(task)
+            state = ledger.worker_lost(jobs.engine, str(request.id), error, worker, requeued=False)
+            if state == State.RETRYING:
+                publisher.send_owed(jobs, [str(request.id)])
+
+    return time_limits.enforced(limit, name=f"{task.name}[{request.id}]", on_expiry=end_attempt)
 
 
 def header_of(request: Any, name: str) -> str | None:
@@ -138,9 +164,14 @@ def is_ledger_job(request: Any) -> bool:
     )
 
 
+def _worker_name(task: SqlAlchemyTask) -> str:
+    """This process, as its claims name it (``node:pid``)."""
+    return f"{jobs_of(task.app).node or task.request.hostname}:{os.getpid()}"
+
+
 def _claim(task: SqlAlchemyTask) -> ledger.Claim:
     jobs, request = jobs_of(task.app), task.request
-    worker = f"{jobs.node or request.hostname}:{os.getpid()}"
+    worker = _worker_name(task)
     try:
         claim = ledger.claim(
             jobs.engine,
