@@ -133,8 +133,8 @@ class Claim:
     """Its place in a canvas (the steps its success releases), if any."""
     held: str | None = None
     """Why a waiting job was not claimed (its queue is paused, or its
-    concurrency key is at its limit): its row is owed again, for the relay
-    to publish when it may run."""
+    concurrency or rate key is at its limit): its row is owed again, for the
+    relay to publish when it may run."""
 
 
 class Standalone:
@@ -303,7 +303,7 @@ def _claim_rated(engine: Engine, params: Mapping[str, Any], rate_key: str) -> li
 
 
 def _start(engine: Engine, key: str, period: float, now: datetime) -> None:
-    with engine.begin() as connection:  # job_rate_starts has no tenant: no scope needed
+    with engine.begin() as connection:
         _record_start(connection, key, period, now)
 
 

@@ -165,9 +165,11 @@ class Collector:
         return any(text.encode() in body for body in list(self.bodies))
 
 
-RECYCLED_EXPORTER = {"pg-rabbit": "console", "pg-redis": "otlp", "sqlite": "otlp"}
+RECYCLED_EXPORTER = {"pg-rabbit": "console", "pg-redis": "otlp"}
 """The exporter each stack's recycled children use: each exporter on one
-broker at least (both on every stack took a minute and a half more)."""
+broker (both on every stack took a minute and a half more). A child's flush
+as it exits does not depend on the stack; on the embedded one, where a child
+forks through SQLite's fork gate, the test took 40 s for nothing more."""
 
 
 def test_children_recycled_after_every_task_lose_no_span(
@@ -176,6 +178,8 @@ def test_children_recycled_after_every_task_lose_no_span(
     """With ``--max-tasks-per-child=1`` (a child exits after each task, without
     ``atexit``) and spans batched every 5 s, each child flushes as it exits:
     the run span of every job is exported, to the output or over OTLP."""
+    if stack.name not in RECYCLED_EXPORTER:
+        pytest.skip("the PostgreSQL stacks cover both exporters")
     exporter = RECYCLED_EXPORTER[stack.name]
     collector = Collector()
     env = e2e_env(

@@ -153,5 +153,7 @@ def _minute_number(session: Session, column: Any) -> ColumnElement[int]:
     """SQL: the minutes from the Unix epoch to ``column``'s moment, rounded down."""
     if session.get_bind().dialect.name == "postgresql":
         return cast(func.floor(extract("epoch", column)), BigInteger) // 60
-    # SQLite keeps UTC text; strftime('%s') drops the fraction of a second.
-    return cast(func.strftime("%s", column), Integer) // 60
+    # SQLite keeps UTC text, and its date functions round it to the
+    # millisecond (xx:59.9996 would be the next minute): the fraction of a
+    # second is cut off first.
+    return cast(func.strftime("%s", func.substr(column, 1, 19)), Integer) // 60
