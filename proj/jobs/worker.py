@@ -116,12 +116,12 @@ def _limited(task: SqlAlchemyTask, jobs: Jobs, claim: ledger.Claim | None) -> An
     it on prefork, and the run is interrupted."""
     if not jobs.limits_left_to_us:
         return nullcontext()
-    request, limit = task.request, time_limits.hard_limit_of(task)
+    # Read here: the request is this thread's, and end_attempt runs in another.
+    request, limit, worker = task.request, time_limits.hard_limit_of(task), _worker_name(task)
 
     def end_attempt() -> None:
         if claim is not None:
             error = f"hard time limit ({limit:g} s) exceeded"
-            worker = _worker_name(task)
             state = ledger.worker_lost(jobs.engine, str(request.id), error, worker, requeued=False)
             if state == State.RETRYING:
                 publisher.send_owed(jobs, [str(request.id)])
