@@ -113,10 +113,13 @@ def _guard() -> BaseResponse | None:
             raise Refused(401, "unauthorized", "sign in to the console first")
         return redirect(url_for("proj_console.login", next=request.full_path.rstrip("?")))
     g.console_account = account
-    # The console shows every tenant's jobs: this transaction and the
-    # request's later ones are in the system scope.
+    # The console shows every tenant's jobs: the request's transactions are
+    # in the system scope (one begun already is put in it here; the session
+    # begins any later one in it).
     g.proj_system = context.system_var.set(True)
-    context.scope_system(auth.request_session().connection())
+    session = auth.request_session()
+    if session.in_transaction():
+        context.scope_system(session.connection())
     writes = request.method == "POST" and request.endpoint not in ANYONE_MAY_POST
     if writes and not auth.Role(account.role).may(auth.Role.OPERATOR):
         raise Refused(403, "forbidden", "a viewer may look but not act; ask an operator")
