@@ -142,7 +142,7 @@ def mail_monthly_report(reports: list[dict[str, int] | None], month: str) -> dic
 def cleanup_expired(self: SqlAlchemyTask) -> int:
     """Delete finished jobs, and audit entries, older than the retention
     period; return how many jobs."""
-    deleted = Jobs.of(self.app).prune(self.session)
+    deleted = Jobs.of(self.app).prune()  # in batches, each committed on its own
     logger.info("cleanup_expired: deleted %d finished jobs", deleted)
     return deleted
 

@@ -185,6 +185,7 @@ def no_leaks() -> Iterator[None]:
         jobs = Jobs.of(get_current_app())
     except NotInstalledError:
         return  # no stack in this test: nothing of proj.jobs to leak
+    assert jobs.flush(), "the fast path's publishing thread is still busy"
     assert not jobs.session.registry.has(), "a task session was left open"
     assert proj.jobs.testing.checked_out() == 0, "a worker connection is still checked out"
 

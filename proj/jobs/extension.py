@@ -49,7 +49,8 @@ from proj.jobs.heartbeat import HeartbeatStep
 from proj.jobs.reconciler import reconcile_jobs
 from proj.jobs.registry import install, jobs_of
 from proj.jobs.relay import RelayStep
-from proj.jobs.session import scoped_sessions, session_scope
+from proj.jobs.sender import EXIT_WAIT, Sender
+from proj.jobs.session import scoped_sessions, session_scope, system_session
 from proj.jobs.settings import JobsSettings
 from proj.jobs.task import SqlAlchemyTask
 
@@ -63,6 +64,8 @@ RESULT_BACKEND_VARIABLE = "CELERY_RESULT_BACKEND"
 """The variable Celery reads its result backend from before its settings."""
 EXTENSION_KEY = "proj.jobs"
 """Where ``init_app`` leaves the :class:`Jobs` in ``flask_app.extensions``."""
+PRUNE_BATCH = 5_000
+"""Jobs :meth:`Jobs.prune` deletes a transaction (with their attempts)."""
 
 
 class Jobs:
@@ -114,6 +117,8 @@ class Jobs:
         self.capture: Callable[[Sequence[Mapping[str, Any]]], None] | None = None
         """Where job messages go instead of the broker, when set (the testing
         kit's in-memory mode, :func:`proj.jobs.testing.in_memory`)."""
+        self.sender = Sender(self)
+        """The fast path's publishing thread in this process (:mod:`proj.jobs.sender`)."""
         self._install()
 
     @staticmethod
@@ -147,19 +152,47 @@ class Jobs:
                 self._engine.dispose()
                 self._engine = None
 
+    def flush(self, timeout: float = EXIT_WAIT) -> bool:
+        """Wait until the jobs this process's committed transactions enqueued
+        have been published by the fast path (or left to the relay, where the
+        broker would not take them); False if ``timeout`` seconds passed first.
+
+        A process waits so as it exits; a script or test that must see a job
+        published before it goes on calls this."""
+        return self.sender.flush(timeout)
+
     def session_scope(self) -> ContextManager[orm.Session]:
         """A session of its own on the worker engine, for scripts: commits on
         success, rolls back on error, closes."""
         return session_scope(self.engine)
 
-    def prune(self, session: orm.Session) -> int:
-        """Delete, in ``session``'s transaction, the jobs that finished more
-        than ``retention_days`` ago, and the audit trail's entries older than
-        that (:mod:`proj.jobs.audit`); how many jobs."""
+    def prune(self, session: orm.Session | None = None) -> int:
+        """Delete the jobs that finished more than ``retention_days`` ago
+        (every tenant's), and the audit trail's entries older than that
+        (:mod:`proj.jobs.audit`); how many jobs.
+
+        Without ``session``, the jobs go in batches of 5,000 (``PRUNE_BATCH``),
+        each committed on its own on the worker engine: a million rows never
+        make one long transaction, nor hold up the enqueues meanwhile. With
+        ``session``, all of it in that session's one transaction (a small
+        ledger, or a test)."""
         cutoff = utcnow() - timedelta(days=self.settings.retention_days)
-        context.scope_system(session.connection())  # every tenant's jobs
-        audit.prune(session, cutoff)
-        return ledger.prune(session, cutoff)
+        if session is not None:
+            context.scope_system(session.connection())  # every tenant's jobs
+            audit.prune(session, cutoff)
+            return ledger.prune(session, cutoff)
+        with system_session(self.engine) as audit_session:
+            audit.prune(audit_session, cutoff)
+        deleted = 0
+        while True:
+            with self.engine.connect() as connection, connection.begin():
+                context.scope_system(connection)
+                done = ledger.prune_batch(connection, cutoff, PRUNE_BATCH)
+                if done < PRUNE_BATCH:
+                    ledger.prune_rate_starts(connection)
+            deleted += done
+            if done < PRUNE_BATCH:
+                return deleted
 
     def init_app(self, flask_app: Flask, db: SQLAlchemy) -> None:
         """Use ``flask_app`` and its Flask-SQLAlchemy ``db`` here.

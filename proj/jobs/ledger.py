@@ -344,6 +344,35 @@ def mark_published(
         _MARK_SENT.run(bind, {**params, "sent": sent or params["now"]})
 
 
+_TAKE_OWED = Standalone(
+    "UPDATE jobs SET published_at = :now WHERE id IN :ids AND published_at IS NULL"  # noqa: S608
+    f" AND state IN ('{State.QUEUED}', '{State.RETRYING}') RETURNING id",
+    bindparam("now", type_=UtcDateTime),
+    bindparam("ids", expanding=True),
+)
+_OWED_AGAIN = text("UPDATE jobs SET published_at = NULL WHERE id IN :ids").bindparams(
+    bindparam("ids", expanding=True)
+)
+
+
+def take_owed(connection: Connection, job_ids: Sequence[str]) -> list[str]:
+    """In ``connection``'s transaction (in the system scope): mark those of
+    ``job_ids`` still owed to the broker published, which locks their rows
+    until it ends, so no relay publishes them meanwhile; which ones. The
+    caller publishes them before it commits, and hands back with
+    :func:`owed_again` those it could not. The commit does not wait for the
+    disk, as :class:`Standalone`'s does not."""
+    postgres = connection.dialect.name == "postgresql"
+    statement = _TAKE_OWED.no_disk_wait if postgres else _TAKE_OWED.plain
+    return list(connection.scalars(statement, {"ids": list(job_ids), "now": utcnow()}))
+
+
+def owed_again(connection: Connection, job_ids: Sequence[str]) -> None:
+    """In the transaction of :func:`take_owed`: these jobs were not published
+    after all; the relay will publish them."""
+    connection.execute(_OWED_AGAIN, {"ids": list(job_ids)})
+
+
 _SUCCEED = (
     update(JOBS)
     .where(
@@ -976,12 +1005,42 @@ def attempts_of(session: Session, job_id: str) -> list[JobAttempt]:
 
 def prune(session: Session, finished_before: datetime) -> int:
     """Delete the jobs that finished before ``finished_before``, and their
-    attempts; how many jobs."""
-    old = select(Job.id).where(Job.state.in_(FINISHED), Job.finished_at < finished_before)
+    attempts, in ``session``'s transaction; how many jobs."""
+    old = select(Job.id).where(*_finished_before(finished_before))
     session.execute(delete(JobAttempt).where(JobAttempt.job_id.in_(old)))
     session.execute(delete(RATE_STARTS).where(RATE_STARTS.c.until < utcnow()))
     result = session.execute(delete(Job).where(Job.id.in_(old)))
     return int(getattr(result, "rowcount", 0) or 0)
+
+
+def prune_batch(connection: Connection, finished_before: datetime, size: int) -> int:
+    """Delete up to ``size`` of the jobs that finished before
+    ``finished_before``, and their attempts, in
+    ``connection``'s transaction; how many jobs. Their rows are locked first
+    (skipping any another pruner or an operator's requeue holds), so a job
+    requeued meanwhile is never deleted."""
+    if connection.dialect.name == "sqlite":
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+    query = select(Job.id).where(*_finished_before(finished_before)).limit(size)
+    if connection.dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    ids = list(connection.scalars(query))
+    if not ids:
+        return 0
+    connection.execute(delete(JobAttempt).where(JobAttempt.job_id.in_(ids)))
+    connection.execute(delete(Job).where(Job.id.in_(ids)))
+    return len(ids)
+
+
+def prune_rate_starts(connection: Connection) -> None:
+    """Forget the rate-limit starts that have left their window."""
+    connection.execute(delete(RATE_STARTS).where(RATE_STARTS.c.until < utcnow()))
+
+
+def _finished_before(cutoff: datetime) -> tuple[ColumnElement[bool], ...]:
+    # A job finished before the cutoff was created before it too: that bound
+    # lets ix_jobs_state_created_at serve the search, oldest first.
+    return (Job.state.in_(FINISHED), Job.created_at < cutoff, Job.finished_at < cutoff)
 
 
 def enqueue_many(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:

@@ -2,9 +2,11 @@
 
 ``enqueue`` writes the job's ledger row in the caller's transaction. When that
 transaction commits, the message is published at once from the same process
-(the fast path); if it rolls back, nothing is published. Whatever the fast path
-misses (the broker was down, the process died right after the commit) the
-relay publishes (:mod:`proj.jobs.relay`, through
+(the fast path: by the process's publishing thread, :mod:`proj.jobs.sender`,
+so the committing request waits for its COMMIT, never for the broker; in a
+task run, by the run's thread); if it rolls back, nothing is published.
+Whatever the fast path misses (the broker was down, the process died right
+after the commit) the relay publishes (:mod:`proj.jobs.relay`, through
 :func:`proj.jobs.publisher.publish_owed`).
 
 A job with a countdown or ETA, of any length, waits as its row: the relay
@@ -355,12 +357,17 @@ def _publish_after_commit(session: orm.Session) -> None:
             continue
         if jobs.capture is not None or (now and jobs.settings.outbox_fast_path):
             by_installation.setdefault(jobs, []).extend(pending_messages)
+    if not by_installation:
+        return
+    engine: Any = session.get_bind(mapper=orm.class_mapper(Job))
     published: list[str] = []
     sent = utcnow()
     for jobs, messages in by_installation.items():
-        published.extend(publisher.publish_at_once(jobs, messages))
+        if jobs.capture is None and not in_task_run():
+            jobs.sender.hand(engine, messages)  # off the committing thread
+        else:
+            published.extend(publisher.publish_at_once(jobs, messages))
     if published:
-        engine: Any = session.get_bind(mapper=orm.class_mapper(Job))
         try:
             mark_published(engine, published, sent)
         except Exception:

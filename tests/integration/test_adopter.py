@@ -180,6 +180,7 @@ def test_a_committed_view_s_job_runs(shop: Shop) -> None:
     the job API says ``succeeded``."""
     with shop.worker():
         order_id, job_id = shop.order()
+        assert shop.jobs.flush()
         assert shop.job(job_id).published_at is not None  # by the commit, not the relay
         done = shop.wait_until_succeeded(job_id)
         answer = shop.client.get(f"/api/jobs/{job_id}")
@@ -269,6 +270,7 @@ def test_the_reconciler_sends_a_lost_message_again(shop: Shop) -> None:
     handed back by ``proj.reconcile_jobs`` on the shop's app, published
     again by the relay, and runs once."""
     order_id, job_id = shop.order()
+    assert shop.jobs.flush()
     assert shop.job(job_id).published_at is not None
     assert shop.queued_messages() == 1
     shop.celery_app.control.purge()  # the broker loses it
@@ -331,6 +333,7 @@ def test_two_beats_send_one_run_per_slot(
     assert sent[0] is not None and sent[1] is None
     job_id = sent[0].id
     assert shop.job_ids("shop.expire_unpaid") == [job_id]
+    assert shop.jobs.flush()
     assert shop.queued_messages() == 1
     with shop.worker():
         done = shop.wait_until_succeeded(job_id)

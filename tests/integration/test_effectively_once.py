@@ -474,6 +474,7 @@ def test_two_beats_send_one_run_per_slot(celery_app: Celery, tmp_path: Path) -> 
         )
     with session_scope() as session:
         assert session.scalar(select(func.count(Job.id)).where(Job.name == task)) == 1
+    assert Jobs.of(celery_app).flush()
     assert job(job_id).published_at is not None
     assert queue_size(celery_app, queue) == 1
 
@@ -505,6 +506,7 @@ def test_two_entries_of_one_task_each_run_once_a_slot(celery_app: Celery, tmp_pa
     with session_scope() as session:
         rows = session.execute(select(Job.args).where(Job.name == task)).scalars().all()
     assert sorted(args[0] for args in rows) == ["eu", "us"]
+    assert Jobs.of(celery_app).flush()
     assert queue_size(celery_app, queue) == 2
 
 

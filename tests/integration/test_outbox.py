@@ -5,11 +5,13 @@ the rows its transaction wrote are visible, and never before its ETA."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from logging.handlers import BufferingHandler
+from typing import Any
 
 import pytest
 from celery import Celery
@@ -19,7 +21,7 @@ from sqlalchemy import func, orm, select
 import proj.jobs.testing
 from proj.db import Session, session_scope
 from proj.db import db as web_db
-from proj.jobs import SqlAlchemyTask, shared_task, utcnow
+from proj.jobs import Jobs, SqlAlchemyTask, publisher, shared_task, utcnow
 from proj.jobs.models import Job, State
 from proj.jobs.retry import TRANSIENT_ERRORS, retry_on
 from proj.models import User
@@ -36,6 +38,12 @@ def needs_user(self: SqlAlchemyTask, user_id: int) -> int:
         raise LookupError(f"user {user_id} is not visible to the worker")
     RAN.append(str(self.request.id))
     return user_id
+
+
+@shared_task(name="tests.outbox.hands_on", bind=True, ignore_result=True)
+def hands_on(self: SqlAlchemyTask, user_id: int) -> str:
+    """Enqueue ``needs_user`` in the run's transaction; its job id."""
+    return needs_user.apply_async_on_commit((user_id,), session=self.session)
 
 
 @pytest.fixture
@@ -97,6 +105,7 @@ def test_rollback_in_a_request_publishes_nothing(app: Flask, purged: Celery) -> 
             assert rows(job_ids[0]) == {}
             assert queue_size(purged) == 0
 
+    assert Jobs.of(purged).flush()
     assert list(rows(*job_ids)) == [job_ids[1]]
     assert queue_size(purged) == 1
     with proj.jobs.testing.worker(purged):
@@ -142,10 +151,41 @@ def test_savepoints_publish_with_the_outer_transaction(purged: Celery) -> None:
         savepoint.rollback()
         assert queue_size(purged) == 0
 
+    assert Jobs.of(purged).flush()
     found = rows(kept, dropped)
     assert list(found) == [kept]
     assert found[kept].published_at is not None, "the fast path forgot the outer job"
     assert queue_size(purged) == 1
+
+
+def test_a_commit_hands_its_jobs_to_the_publishing_thread(
+    purged: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A script's commit returns before its job is published: the process's
+    publishing thread publishes it and marks it. A job enqueued in a task run
+    is published in the run's own thread, as the run commits."""
+    sent_by: dict[str, str] = {}
+    send = publisher.send
+
+    def recording(celery_app: Celery, message: Any, *args: Any, **kwargs: Any) -> None:
+        sent_by[message["id"]] = threading.current_thread().name
+        send(celery_app, message, *args, **kwargs)
+
+    monkeypatch.setattr(publisher, "send", recording)
+    with session_scope() as session:
+        user = User(email=new_email())
+        session.add(user)
+        session.flush()
+        first = hands_on.apply_async_on_commit((user.id,), session=session)
+    assert Jobs.of(purged).flush()
+    assert sent_by == {first: "proj-sender"}
+    assert rows(first)[first].published_at is not None
+    with proj.jobs.testing.worker(purged):
+        done = proj.jobs.testing.wait_for_state(first, State.SUCCEEDED, celery_app=purged)
+        second = str(done.result)
+        proj.jobs.testing.wait_for_state(second, State.SUCCEEDED, celery_app=purged)
+    assert set(sent_by) == {first, second}
+    assert sent_by[second] != "proj-sender"
 
 
 def test_a_session_closed_without_commit_publishes_nothing(purged: Celery) -> None:

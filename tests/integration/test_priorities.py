@@ -14,7 +14,7 @@ from sqlalchemy import select, update
 
 import proj.jobs.testing
 from proj.db import session_scope
-from proj.jobs import SqlAlchemyTask, shared_task
+from proj.jobs import Jobs, SqlAlchemyTask, shared_task
 from proj.jobs.models import Job, State
 from proj.jobs.publisher import priorities_first
 from proj.jobs.relay import make_relay
@@ -61,8 +61,10 @@ def test_jobs_sent_after_a_thousand_start_before_them(purged: Celery, stack: obj
     first, last = priorities_first(purged)[0], priorities_first(purged)[-1]
     with session_scope() as session:
         slow = [note.apply_async_on_commit(session=session, priority=last) for _ in range(1000)]
+    assert Jobs.of(purged).flush()
     with session_scope() as session:
         urgent = [note.apply_async_on_commit(session=session, priority=first) for _ in range(10)]
+    assert Jobs.of(purged).flush()
     STARTED.clear()
     with proj.jobs.testing.worker(purged):
         proj.jobs.testing.wait_for(lambda: set(urgent) <= set(STARTED), timeout=120)

@@ -19,7 +19,7 @@ from stacks import queue_depth
 
 import proj.jobs.testing
 from proj.db import db, session_scope
-from proj.jobs import SqlAlchemyTask, auth, shared_task
+from proj.jobs import Jobs, SqlAlchemyTask, auth, shared_task
 from proj.jobs.audit import Action, AuditEntry
 from proj.jobs.models import CLAIMABLE, Job, State
 from proj.jobs.relay import make_relay
@@ -55,6 +55,7 @@ def test_a_paused_queue_runs_nothing_until_resumed_then_each_job_once(
     run, each once."""
     with session_scope() as session:
         sent = [note.apply_async_on_commit(session=session) for _ in range(50)]
+    assert Jobs.of(purged).flush()
     assert queue_depth(purged) == 50
     answer = client.post(f"/api/queues/{queue}/pause")
     assert answer.status_code == 200 and answer.get_json()["paused"] is True

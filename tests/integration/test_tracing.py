@@ -270,6 +270,7 @@ def test_a_failed_publish_leaves_no_span_open_and_the_relay_continues_the_trace(
     monkeypatch.setattr(Producer, "publish", broker_gone)
     trace_id, caller, traceparent = incoming()
     sign_up(client, traceparent)
+    assert Jobs.of(purged).flush()
     assert failures == ["failed"]
     [failed] = spans.named(f"apply_async/{WELCOME}", trace_id)
     assert failed.status.status_code == StatusCode.ERROR
