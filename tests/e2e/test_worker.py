@@ -330,6 +330,7 @@ def test_beat_sends_cleanup_on_schedule(
                 name="e2e.cleanup",
                 state=State.FAILED,
                 error=f"e2e: {age}",
+                created_at=utcnow() - retention + timedelta(days=shift, minutes=-1),
                 finished_at=utcnow() - retention + timedelta(days=shift),
             )
             for age, shift in (("expired", -1), ("kept", 1))
