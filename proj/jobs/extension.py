@@ -157,8 +157,9 @@ class Jobs:
         have been published by the fast path (or left to the relay, where the
         broker would not take them); False if ``timeout`` seconds passed first.
 
-        A process waits so as it exits; a script or test that must see a job
-        published before it goes on calls this."""
+        A process waits for its publishing thread as it exits (up to five
+        seconds); a script or test that must see a job published before it
+        goes on calls this."""
         return self.sender.flush(timeout)
 
     def session_scope(self) -> ContextManager[orm.Session]:

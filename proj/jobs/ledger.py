@@ -1039,7 +1039,7 @@ def prune_rate_starts(connection: Connection) -> None:
 
 def _finished_before(cutoff: datetime) -> tuple[ColumnElement[bool], ...]:
     # A job finished before the cutoff was created before it too: that bound
-    # lets ix_jobs_state_created_at serve the search, oldest first.
+    # lets ix_jobs_state_created_at serve the search.
     return (Job.state.in_(FINISHED), Job.created_at < cutoff, Job.finished_at < cutoff)
 
 
