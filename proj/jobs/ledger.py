@@ -1008,7 +1008,7 @@ def prune(session: Session, finished_before: datetime) -> int:
     attempts, in ``session``'s transaction; how many jobs."""
     old = select(Job.id).where(*_finished_before(finished_before))
     session.execute(delete(JobAttempt).where(JobAttempt.job_id.in_(old)))
-    session.execute(delete(RATE_STARTS).where(RATE_STARTS.c.until < utcnow()))
+    prune_rate_starts(session.connection())
     result = session.execute(delete(Job).where(Job.id.in_(old)))
     return int(getattr(result, "rowcount", 0) or 0)
 
