@@ -96,6 +96,10 @@ class Job(LedgerBase):
     __tablename__ = "jobs"
     __table_args__ = (
         Index("ix_jobs_state_created_at", "state", "created_at"),
+        # The lists filtered by tenant, task or queue, newest first.
+        Index("ix_jobs_tenant_created_at", "tenant", "created_at", "id"),
+        Index("ix_jobs_name_created_at", "name", "created_at", "id"),
+        Index("ix_jobs_queue_created_at", "queue", "created_at", "id"),
         # Only the waiting rows the relay still has to publish, by priority
         # and due time.
         Index(

@@ -38,6 +38,7 @@ from proj.models import User
 WORKER = "celery@console-test:4242"
 LISTED = re.compile(r'<tr data-job-id="([^"]*)"')
 OLDER = re.compile(r'<a href="([^"]+)" rel="next">')
+SEARCHED_MORE = "Search older jobs"
 
 
 @pytest.fixture
@@ -123,7 +124,7 @@ def listed(browser: FlaskClient, query: Mapping[str, str]) -> list[str]:
         following = OLDER.search(answer.text)
         if following is None:
             break
-        assert len(page) == 50, "a page before the last is full"
+        assert len(page) == 50 or SEARCHED_MORE in answer.text, "a page before the last is full"
         answer = browser.get(html.unescape(following.group(1)))
     assert len(seen) == len(set(seen)), "a job was listed twice"
     return seen
@@ -133,6 +134,35 @@ def flashed(browser: FlaskClient, answer: Any) -> str:
     """The page ``answer`` redirects to, with its flash messages."""
     assert answer.status_code == 302, answer.text
     return str(browser.get(answer.headers["Location"]).text)
+
+
+def test_a_search_page_reads_a_window_of_jobs_and_links_to_the_next(
+    celery_app: Celery, operator: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A text search reads the arguments of ``SEARCH_WINDOW`` jobs a page (the
+    newest meeting the other filters): a page with fewer finds says how far
+    back it read and links to the next jobs, and the pages together find
+    every match once."""
+    monkeypatch.setattr("proj.jobs.console.jobs.SEARCH_WINDOW", 3)
+    mark = tag()
+    name = f"tests.console.{mark}.search"
+    made = [enqueue(celery_app, name, [f"needle-{mark}" if n in (0, 5) else n]) for n in range(7)]
+    start = datetime(1999, 1, 2, 3, 4, tzinfo=UTC)  # out of the other tests' time ranges
+    created_at({job_id: start + timedelta(hours=n) for n, job_id in enumerate(made)})
+    query = {"name": name, "q": f"needle-{mark}"}
+    pages = []
+    answer = operator.get("/dashboard/jobs", query_string=query)
+    while True:
+        pages.append({html.unescape(job_id) for job_id in LISTED.findall(answer.text)})
+        following = OLDER.search(answer.text)
+        if following is None:
+            break
+        assert SEARCHED_MORE in answer.text and "these go back to" in answer.text
+        answer = operator.get(html.unescape(following.group(1)))
+    # Read newest first: jobs 6-4 (5 found), 3-1 (none), then 0 alone (found; nothing left).
+    assert pages == [{made[5]}, set(), {made[0]}]
+    assert "these go back to" not in answer.text
+    assert set(listed(operator, query)) == {made[0], made[5]}
 
 
 def test_filters_narrow_the_list_as_the_ledger_says(

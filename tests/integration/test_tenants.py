@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-import psycopg2
 import pytest
 import stacks
 from celery import Celery
@@ -104,54 +102,12 @@ class Tenanted:
         return row.result
 
 
-@contextmanager
-def role_database() -> Iterator[tuple[str, str]]:
-    """The URLs of a new database as its two roles, as a deployment has them:
-    an owner, who runs the migrations and owns the tables, and the
-    application's role, which may read and write their rows and is neither
-    owner, superuser nor BYPASSRLS (row-level security applies to it). The
-    database and the roles are dropped afterwards."""
-    host, port, superuser = stacks.POSTGRES
-    suffix = uuid.uuid4().hex[:10]
-    owner, app, name = f"proj_owner_{suffix}", f"proj_app_{suffix}", f"proj_scratch_{suffix}"
-    admin = psycopg2.connect(host=host, port=port, user=superuser, dbname="postgres")
-    admin.autocommit = True
-    try:
-        with admin.cursor() as cursor:
-            for role in (owner, app):
-                cursor.execute(f'CREATE ROLE "{role}" LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB')
-            cursor.execute(f'CREATE DATABASE "{name}" OWNER "{owner}"')
-        inside = psycopg2.connect(host=host, port=port, user=superuser, dbname=name)
-        inside.autocommit = True
-        with inside, inside.cursor() as cursor:
-            cursor.execute(f'GRANT USAGE ON SCHEMA public TO "{app}"')
-            rights = {"TABLES": "SELECT, INSERT, UPDATE, DELETE", "SEQUENCES": "USAGE, SELECT"}
-            for kind, granted in rights.items():
-                cursor.execute(
-                    f'ALTER DEFAULT PRIVILEGES FOR ROLE "{owner}" '
-                    f'GRANT {granted} ON {kind} TO "{app}"'
-                )
-        inside.close()
-        try:
-            yield (
-                f"postgresql://{app}@{host}:{port}/{name}",
-                f"postgresql://{owner}@{host}:{port}/{name}",
-            )
-        finally:
-            with admin.cursor() as cursor:
-                cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-                for role in (app, owner):
-                    cursor.execute(f'DROP ROLE IF EXISTS "{role}"')
-    finally:
-        admin.close()
-
-
 @pytest.fixture(scope="module")
 def role_stack(stack: Stack) -> Iterator[Tenanted]:
     """proj on the stack's broker and a migrated database of the role's."""
     if not stack.on_postgres:
         pytest.skip("row-level security is PostgreSQL's")
-    with role_database() as (url, owner_url):
+    with stacks.role_database() as (url, owner_url):
         env = {
             **stack.env,
             "DATABASE_URL": url,

@@ -113,8 +113,12 @@ class JobFilter:
         }
         return {key: str(value) for key, value in found.items() if value}
 
-    def conditions(self, queues: Queues, session: Session) -> list[ColumnElement[bool]]:
-        """The SQL conditions a job must meet (``session`` looks ``q`` up as a job id)."""
+    def conditions(
+        self, queues: Queues, session: Session, *, search: bool = True
+    ) -> list[ColumnElement[bool]]:
+        """The SQL conditions a job must meet (``session`` looks ``q`` up as a
+        job id); without ``search``, text ``q`` looks for is left out (see
+        :meth:`text_search`)."""
         found: list[ColumnElement[bool]] = []
         if self.state is not None:
             found.append(Job.state == self.state)
@@ -132,10 +136,24 @@ class JobFilter:
             found.append(Job.created_at < self.until)
         if self.q is not None:
             # An id finds its job through the primary key; other text is
-            # looked for in every job's arguments.
-            known = session.scalar(select(Job.id).where(Job.id == self.q))
-            found.append(Job.id == self.q if known is not None else _search(self.q))
+            # looked for in the jobs' arguments.
+            if self.names_a_job(session):
+                found.append(Job.id == self.q)
+            elif search:
+                found.append(_search(self.q, Job.args, Job.kwargs))
         return found
+
+    def names_a_job(self, session: Session) -> bool:
+        """Whether ``q`` is the id of a job (``session`` can see)."""
+        found = session.scalar(select(Job.id).where(Job.id == self.q)) if self.q else None
+        return found is not None
+
+    def text_search(self, session: Session, args: Any, kwargs: Any) -> ColumnElement[bool] | None:
+        """SQL: ``args`` or ``kwargs`` hold ``q``, the text to look for; None
+        when there is none (no ``q``, or the id of a job)."""
+        if self.q is None or self.names_a_job(session):
+            return None
+        return _search(self.q, args, kwargs)
 
 
 FILTER_FIELDS = tuple(field.name for field in fields(JobFilter))
@@ -162,11 +180,11 @@ def _local_text(moment: datetime | None) -> str | None:
     return plain.isoformat(timespec=precision)
 
 
-def _search(text: str) -> ColumnElement[bool]:
-    """Jobs whose arguments hold ``text``: as typed, or as JSON spells it
-    inside a string (quotes, backslashes, non-ASCII escaped)."""
+def _search(text: str, args: Any, kwargs: Any) -> ColumnElement[bool]:
+    """Jobs whose arguments (``args``, ``kwargs``) hold ``text``: as typed, or
+    as JSON spells it inside a string (quotes, backslashes, non-ASCII escaped)."""
     needles = {text, json.dumps(text)[1:-1]}
-    columns = (cast(Job.args, Text), cast(Job.kwargs, Text))
+    columns = (cast(args, Text), cast(kwargs, Text))
     return or_(
         *(
             column.ilike(f"%{_escape(needle)}%", escape="\\")
@@ -222,7 +240,9 @@ class Queues:
         return str(named) if named else self.routed(task_name)
 
     def condition(self, queue: str) -> ColumnElement[bool]:
-        """SQL: the job goes to ``queue``. A task this process does not know
+        """SQL: the job goes to ``queue``: the queue its row keeps (by its
+        index), else, for a row written before proj kept it, the one its
+        options name or its task's route. A task this process does not know
         goes to the default queue."""
         named = named_queue()
         here: list[str] = []
@@ -234,7 +254,11 @@ class Queues:
             by_route = Job.name.not_in(elsewhere) if elsewhere else true()
         else:
             by_route = Job.name.in_(here) if here else false()
-        return or_(named == queue, and_(or_(named.is_(None), named == ""), by_route))
+        unnamed = or_(named.is_(None), named == "")
+        return or_(
+            Job.queue == queue,
+            and_(Job.queue.is_(None), or_(named == queue, and_(unnamed, by_route))),
+        )
 
 
 def named_queue() -> ColumnElement[str]:

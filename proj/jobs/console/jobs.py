@@ -11,11 +11,23 @@ viewer sees no buttons, and the frame refuses a viewer's POST.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from flask import current_app, flash, redirect, render_template, request, url_for
-from sqlalchemy import ColumnElement, Select, select, tuple_, union_all
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    Text,
+    cast,
+    func,
+    or_,
+    select,
+    tuple_,
+    union_all,
+)
 from werkzeug.wrappers.response import Response as BaseResponse
 
 from proj.jobs import actions, audit, ledger, revoke
@@ -38,6 +50,8 @@ from proj.jobs.models import Job, State
 
 PAGE_SIZE = 50
 """Jobs on one page of the list."""
+SEARCH_WINDOW = 5_000
+"""Jobs whose arguments one page of a text search reads, at most."""
 LISTED = (
     Job.id,
     Job.name,
@@ -71,27 +85,88 @@ def jobs() -> Any:
         typed = {key: request.args.get(key, "") for key in FILTER_FIELDS}
         page = _page(queues, JobFilter(), [], None, typed, exc.problems)
         return page, 400
-    found = session.execute(_newest(chosen, chosen.conditions(queues, session), after)).all()
+    where = chosen.conditions(queues, session, search=False)
+    searched = _searched(chosen, where, after)
+    if searched is None:
+        found = session.execute(_newest(chosen, where, after)).all()
+    else:
+        found = searched.hits
     rows = [{**row._asdict(), "queue": queues.of(row.name, row.queue)} for row in found[:PAGE_SIZE]]
-    older = None
+    older = searched_to = None
     if len(found) > PAGE_SIZE:
-        args: dict[str, Any] = {**chosen.args(), "before": rows[-1]["id"]}
-        older = url_for(".jobs", **args)
-    return _page(queues, chosen, rows, older, chosen.args(), {})
+        older = _list_url(chosen, before=rows[-1]["id"])
+    elif searched is not None and searched.last_id is not None:
+        older = _list_url(chosen, before=searched.last_id)
+        searched_to = searched.back_to
+    return _page(queues, chosen, rows, older, chosen.args(), {}, searched_to)
+
+
+@dataclass(frozen=True)
+class Searched:
+    """A page of a text search: the jobs found among the ``SEARCH_WINDOW``
+    newest that meet the other filters (from the cursor), and, when all
+    those were read, the last of them (the next search starts after it)."""
+
+    hits: Sequence[Any]
+    last_id: str | None
+    back_to: datetime | None
+
+
+def _searched(
+    chosen: JobFilter, where: list[ColumnElement[bool]], after: tuple[datetime, str] | None
+) -> Searched | None:
+    """A text search's page, or None if ``chosen`` looks for no text.
+
+    A search reads the arguments of at most ``SEARCH_WINDOW`` jobs a page,
+    newest first, so a page costs the same on a ledger of any size; a page
+    with fewer finds than it holds links to the next jobs to search.
+    """
+    session = request_session()
+    args, kwargs = cast(Job.args, Text).label("args"), cast(Job.kwargs, Text).label("kwargs")
+    columns = (Job.id, Job.created_at, args, kwargs)
+    window = _newest(chosen, where, after, SEARCH_WINDOW, columns).subquery()
+    hit = chosen.text_search(session, window.c.args, window.c.kwargs)
+    if hit is None:
+        return None
+    newest_first = (window.c.created_at.desc(), window.c.id.desc())
+    numbered = select(
+        window.c.id,
+        window.c.created_at,
+        hit.label("hit"),
+        func.row_number().over(order_by=newest_first).label("n"),
+    ).subquery()
+    # The finds, and the last job read if the window was full.
+    read = session.execute(
+        select(numbered)
+        .where(or_(numbered.c.hit, numbered.c.n == SEARCH_WINDOW))
+        .order_by(numbered.c.n)
+        .limit(PAGE_SIZE + 2)
+    ).all()
+    found = [row.id for row in read if row.hit]
+    listed = select(*LISTED).where(Job.id.in_(found))
+    hits = session.execute(listed.order_by(Job.created_at.desc(), Job.id.desc())).all()
+    last = next((row for row in read if row.n == SEARCH_WINDOW), None)
+    return Searched(
+        hits=hits,
+        last_id=last.id if last is not None else None,
+        back_to=last.created_at if last is not None else None,
+    )
 
 
 def _newest(
-    chosen: JobFilter, where: list[ColumnElement[bool]], after: tuple[datetime, str] | None
+    chosen: JobFilter,
+    where: list[ColumnElement[bool]],
+    after: tuple[datetime, str] | None,
+    limit: int = PAGE_SIZE + 1,
+    columns: Sequence[Any] = LISTED,
 ) -> Select[*tuple[Any, ...]]:
-    """The query of a page: up to ``PAGE_SIZE + 1`` jobs meeting ``where``,
-    newest first, after the job ``after`` (its creation and id).
+    """The query of a page: ``columns`` of up to ``limit`` jobs meeting
+    ``where``, newest first, after the job ``after`` (its creation and id).
 
-    Without a state, a search or a canvas to filter on, it is one query a
-    state, merged: each walks the (state, created_at) index from the newest
-    and stops at a page, so a page costs about its own rows on a ledger of
-    any size. (A search reads every job's arguments in any case; PostgreSQL
-    then rightly prefers one scan to six. A canvas's steps are found by
-    their own index.)
+    Without a state, a tenant, a task, a queue or a canvas to filter on, it
+    is one query a state, merged: each walks the (state, created_at) index
+    from the newest and stops at ``limit``, so a page costs about its own
+    rows on a ledger of any size. (The others have indexes of their own.)
     """
     if after is not None:
         # The first condition lets the index start at the cursor; the second is exact.
@@ -99,17 +174,18 @@ def _newest(
 
     def newest(*more: ColumnElement[bool]) -> Select[*tuple[Any, ...]]:
         return (
-            select(*LISTED)
+            select(*columns)
             .where(*more, *where)
             .order_by(Job.created_at.desc(), Job.id.desc())
-            .limit(PAGE_SIZE + 1)
+            .limit(limit)
         )
 
-    if chosen.state is not None or chosen.q is not None or chosen.canvas is not None:
+    indexed = (chosen.state, chosen.tenant, chosen.name, chosen.queue, chosen.canvas)
+    if any(value is not None for value in indexed):
         return newest()
     merged = union_all(*(select(newest(Job.state == state).subquery()) for state in State))
     pages = merged.subquery()
-    return select(pages).order_by(pages.c.created_at.desc(), pages.c.id.desc()).limit(PAGE_SIZE + 1)
+    return select(pages).order_by(pages.c.created_at.desc(), pages.c.id.desc()).limit(limit)
 
 
 def _page(
@@ -119,10 +195,13 @@ def _page(
     older: str | None,
     typed: dict[str, str],
     problems: dict[str, str],
+    searched_to: datetime | None = None,
 ) -> str:
     return render_template(
         "proj_console/jobs.html",
         filter=chosen,
+        searched_to=searched_to,
+        search_window=SEARCH_WINDOW,
         typed=typed,
         problems=problems,
         rows=rows,
@@ -249,9 +328,11 @@ def cancel_job(job_id: str) -> BaseResponse:
     return redirect(url_for(".job", job_id=job_id))
 
 
-def _list_url(chosen: JobFilter) -> str:
-    """The jobs list, filtered by ``chosen``."""
+def _list_url(chosen: JobFilter, before: str | None = None) -> str:
+    """The jobs list, filtered by ``chosen`` (after the job ``before``)."""
     args: dict[str, Any] = chosen.args()
+    if before is not None:
+        args["before"] = before
     return url_for(".jobs", **args)
 
 

@@ -15,6 +15,7 @@ context.configure(
     target_metadata=LedgerBase.metadata,
     version_table=VERSION_TABLE,
     render_as_batch=connection.dialect.name == "sqlite",
+    transaction_per_migration=context.config.attributes["own_transactions"],
 )
 with context.begin_transaction():
     context.run_migrations()

@@ -1,0 +1,86 @@
+"""Indexes for the filtered lists of a big ledger: by tenant, by task and by
+queue, newest first (``created_at, id``), so the job API's and the console's
+filtered pages read about a page of rows at any size; and the ``jobs``
+policy of ``jobs_0014`` written as a ``CASE`` (PostgreSQL), which lets the
+planner guess that most rows pass it, and so walk an index to the first
+page rather than sort every row first. Who sees which job is unchanged.
+
+On PostgreSQL, run by ``proj jobs upgrade``, each is built ``CONCURRENTLY``
+(outside a transaction): enqueues and claims go on while it is built. Run
+inside an application's own migration transaction, the builds are plain
+``CREATE INDEX`` and hold writes to ``jobs`` until that transaction ends.
+
+Revision ID: jobs_0015
+Revises: jobs_0014
+Create Date: 2026-12-07
+"""
+
+from __future__ import annotations
+
+import time
+
+from alembic import context, op
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
+
+revision = "jobs_0015"
+down_revision = "jobs_0014"
+branch_labels = None
+depends_on = None
+
+INDEXES = {
+    "ix_jobs_tenant_created_at": ["tenant", "created_at", "id"],
+    "ix_jobs_name_created_at": ["name", "created_at", "id"],
+    "ix_jobs_queue_created_at": ["queue", "created_at", "id"],
+}
+SYSTEM = "current_setting('proj.scope', true) = 'system'"
+SAME_TENANT = "tenant IS NOT DISTINCT FROM NULLIF(current_setting('proj.tenant', true), '')"
+POLICIES = {
+    "upgrade": f"CASE WHEN {SYSTEM} THEN true ELSE {SAME_TENANT} END",
+    "downgrade": f"{SYSTEM} OR {SAME_TENANT}",
+}
+LOCK_TRIES = 30
+"""Times the policy is changed, each waiting a second at most for the table
+(a long transaction on ``jobs`` is waited out, no enqueue waits behind it)."""
+
+
+def upgrade() -> None:
+    postgresql = op.get_bind().dialect.name == "postgresql"
+    if not postgresql or not context.config.attributes.get("own_transactions"):
+        for name, columns in INDEXES.items():
+            op.create_index(name, "jobs", columns)
+        if postgresql:
+            _alter_policy(POLICIES["upgrade"])
+        return
+    with op.get_context().autocommit_block():
+        for name, columns in INDEXES.items():
+            # A build stopped halfway leaves an invalid index behind: built again.
+            invalid = text(
+                "SELECT 1 FROM pg_index WHERE indexrelid = to_regclass(:name) AND NOT indisvalid"
+            )
+            if op.get_bind().execute(invalid, {"name": name}).first():
+                op.execute(f"DROP INDEX CONCURRENTLY {name}")
+            op.execute(
+                f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON jobs ({', '.join(columns)})"
+            )
+        op.execute("SET lock_timeout = '1s'")
+        for attempt in range(1, LOCK_TRIES + 1):
+            try:
+                _alter_policy(POLICIES["upgrade"])
+                break
+            except OperationalError:
+                if attempt == LOCK_TRIES:
+                    raise
+                time.sleep(1)
+        op.execute("RESET lock_timeout")
+
+
+def downgrade() -> None:
+    for name in INDEXES:
+        op.drop_index(name, table_name="jobs")
+    if op.get_bind().dialect.name == "postgresql":
+        _alter_policy(POLICIES["downgrade"])
+
+
+def _alter_policy(rule: str) -> None:
+    op.execute(f"ALTER POLICY tenant_isolation ON jobs USING ({rule}) WITH CHECK ({rule})")
