@@ -79,8 +79,9 @@ def main() -> None:
     started = time.perf_counter()
     for first in range(0, count, per_transaction):
         send([n % USERS + 1 for n in range(first, min(first + per_transaction, count))])
-        if interval:
-            time.sleep(interval)
+        if interval:  # on a schedule: the next send is due ``interval`` after the last was
+            due = started + (first // per_transaction + 1) * interval
+            time.sleep(max(0.0, due - time.perf_counter()))
     seconds = time.perf_counter() - started
     stored = results_stored(variant, task_of(variant))
     print(json.dumps({"count": count, "seconds": seconds, "results": stored, **stats.counts}))

@@ -62,7 +62,7 @@ from bench.workers import (
     worker,
     worker_rss_mb,
 )
-from proj.config import load_settings
+from proj.config import Settings, load_settings
 from proj.migrations import upgrade
 from tests import stacks
 
@@ -244,26 +244,34 @@ def variants_of(stack: str, options: argparse.Namespace) -> list[str]:
     ]
 
 
+def prepared(made: dict[str, str]) -> tuple[Settings, dict[str, str], Engine]:
+    """A new stack's (``made``) settings, the environment every process of a
+    round runs with, and an engine on its database, migrated and holding the
+    workload's users."""
+    settings = load_settings(made)
+    env = {
+        **os.environ,
+        **made,
+        "PYTHONPATH": str(ROOT),
+        # Resolved to the driver proj ships, as every process must read
+        # them (the baseline's Celery reads CELERY_RESULT_BACKEND itself).
+        "DATABASE_URL": settings.database_url,
+        "CELERY_RESULT_BACKEND": settings.result_backend,
+        "PROJ_RECONCILE_INTERVAL": "5",
+    }
+    upgrade(settings.database_url)
+    engine = create_engine(settings.database_url)
+    workload.reset(engine)
+    return settings, env, engine
+
+
 def run_stack(
     stack: str, options: argparse.Namespace, started: float
 ) -> tuple[list[Figures], Limits]:
     """Every variant's rounds on a new ``stack``, taking turns, then its limits."""
     with tempfile.TemporaryDirectory() as name, stacks.stack(stack, Path(name)) as made:
         folder = Path(name)
-        settings = load_settings(made)
-        env = {
-            **os.environ,
-            **made,
-            "PYTHONPATH": str(ROOT),
-            # Resolved to the driver proj ships, as every process must read
-            # them (the baseline's Celery reads CELERY_RESULT_BACKEND itself).
-            "DATABASE_URL": settings.database_url,
-            "CELERY_RESULT_BACKEND": settings.result_backend,
-            "PROJ_RECONCILE_INTERVAL": "5",
-        }
-        upgrade(settings.database_url)
-        engine = create_engine(settings.database_url)
-        workload.reset(engine)
+        settings, env, engine = prepared(made)
         figures = {v: Figures(stack, v) for v in variants_of(stack, options)}
         counted = {v: {**env, "BENCH_STATS_DIR": str(folder / f"stats-{v}")} for v in figures}
         for counting in counted.values():

@@ -262,12 +262,15 @@ class Queues:
 
 
 def named_queue() -> ColumnElement[str]:
-    """SQL: the queue a job's row names, or NULL.
+    """SQL: the queue a job's row names: its ``queue`` column (where proj
+    keeps the queue Celery's routes chose at enqueue), else, for a row
+    written before it did, the queue its options name, or NULL.
 
     PostgreSQL's json operators refuse a whole document holding ``\\u0000``
     (an unreadable message's body may): such a row is not parsed, and names
     no queue (only dead letters hold one).
     """
     unparsable = cast(Job.options, Text).contains("\\u0000", autoescape=True)
-    named: ColumnElement[str] = case((unparsable, null()), else_=Job.options["queue"].as_string())
+    in_options = case((unparsable, null()), else_=Job.options["queue"].as_string())
+    named: ColumnElement[str] = case((Job.queue.is_not(None), Job.queue), else_=in_options)
     return named

@@ -39,9 +39,11 @@ POLICIES = {
     "upgrade": f"CASE WHEN {SYSTEM} THEN true ELSE {SAME_TENANT} END",
     "downgrade": f"{SYSTEM} OR {SAME_TENANT}",
 }
-LOCK_TRIES = 30
-"""Times the policy is changed, each waiting a second at most for the table
-(a long transaction on ``jobs`` is waited out, no enqueue waits behind it)."""
+LOCK_WAIT = "200ms"
+"""How long the policy change waits for the table at a time: enqueues that
+come meanwhile wait behind it, so no longer than this."""
+LOCK_TRIES = 150
+"""Times it tries, a fifth of a second apart (a minute or so in all)."""
 
 
 def upgrade() -> None:
@@ -63,7 +65,7 @@ def upgrade() -> None:
             op.execute(
                 f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON jobs ({', '.join(columns)})"
             )
-        op.execute("SET lock_timeout = '1s'")
+        op.execute(f"SET lock_timeout = '{LOCK_WAIT}'")
         for attempt in range(1, LOCK_TRIES + 1):
             try:
                 _alter_policy(POLICIES["upgrade"])
@@ -71,7 +73,7 @@ def upgrade() -> None:
             except OperationalError:
                 if attempt == LOCK_TRIES:
                     raise
-                time.sleep(1)
+                time.sleep(0.2)
         op.execute("RESET lock_timeout")
 
 
