@@ -19,10 +19,10 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
-from sqlalchemy import false, select, tuple_
+from sqlalchemy import false, select
 from sqlalchemy.orm import Session
 
-from proj.jobs import actions, audit, ledger, revoke
+from proj.jobs import actions, audit, ledger, listing, revoke
 from proj.jobs.auth import request_session, require_token, token_tenant
 from proj.jobs.extension import EXTENSION_KEY, Jobs
 from proj.jobs.http import json_error, whole_number
@@ -88,25 +88,25 @@ def list_jobs() -> Response:
         allowed = ", ".join(State)
         raise JobApiError(400, "invalid_query", f"state must be one of {allowed}", {"state": state})
     limit = page_limit(request.args.get("limit"))
-    # Every listing is one tenant's (or no tenant's): ordered by tenant too,
-    # it walks the (tenant, created_at, id) index from the newest, as
-    # PostgreSQL cannot tell that ``tenant IS NULL`` leaves one tenant.
-    newest = (Job.tenant.desc(), Job.created_at.desc(), Job.id.desc())
-    query = select(Job).order_by(*newest).limit(limit + 1)
-    if state is not None:
-        query = query.where(Job.state == state)
+    # Every listing is one tenant's (or no tenant's).
+    tenant = token_tenant()
+    where = [Job.tenant.is_(None) if tenant is None else Job.tenant == tenant]
     canvas = request.args.get("canvas")
     if canvas is not None:
         # No canvas id proj issues holds a NUL (which PostgreSQL refuses in text).
-        query = query.where(Job.canvas_id == canvas if "\x00" not in canvas else false())
-    query = query.where(
-        Job.tenant.is_(None) if (tenant := token_tenant()) is None else Job.tenant == tenant
-    )
+        where.append(Job.canvas_id == canvas if "\x00" not in canvas else false())
     before = request.args.get("before")
+    after = None
     if before is not None:
         last = job_or_404(before)
-        query = query.where(tuple_(Job.created_at, Job.id) < (last.created_at, last.id))
-    found = list(_session().scalars(query))
+        after = (last.created_at, last.id)
+    columns = (Job.id, Job.created_at)
+    query = listing.newest(
+        columns, where, limit + 1, state=state, after=after, leading=[Job.tenant]
+    )
+    ids = list(_session().scalars(query))
+    newest = (Job.created_at.desc(), Job.id.desc())
+    found = list(_session().scalars(select(Job).where(Job.id.in_(ids)).order_by(*newest)))
     page = found[:limit]
     following = None
     if len(found) > limit:

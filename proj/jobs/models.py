@@ -96,10 +96,12 @@ class Job(LedgerBase):
     __tablename__ = "jobs"
     __table_args__ = (
         Index("ix_jobs_state_created_at", "state", "created_at"),
-        # The lists filtered by tenant, task or queue, newest first.
-        Index("ix_jobs_tenant_created_at", "tenant", "created_at", "id"),
-        Index("ix_jobs_name_created_at", "name", "created_at", "id"),
-        Index("ix_jobs_queue_created_at", "queue", "created_at", "id"),
+        # The lists filtered by tenant, task or queue, a state at a time,
+        # newest first (proj.jobs.listing); the jobs finished lately.
+        Index("ix_jobs_tenant_state_created_at", "tenant", "state", "created_at", "id"),
+        Index("ix_jobs_name_state_created_at", "name", "state", "created_at", "id"),
+        Index("ix_jobs_queue_state_created_at", "queue", "state", "created_at", "id"),
+        Index("ix_jobs_finished_at", "finished_at"),
         # Only the waiting rows the relay still has to publish, by priority
         # and due time.
         Index(

@@ -17,9 +17,10 @@ from proj.jobs.engine import resolve_url
 from proj.jobs.migrations import upgrade, upgrade_connection
 
 NEW_INDEXES = {
-    "ix_jobs_tenant_created_at": "(tenant, created_at, id)",
-    "ix_jobs_name_created_at": "(name, created_at, id)",
-    "ix_jobs_queue_created_at": "(queue, created_at, id)",
+    "ix_jobs_tenant_state_created_at": "(tenant, state, created_at, id)",
+    "ix_jobs_name_state_created_at": "(name, state, created_at, id)",
+    "ix_jobs_queue_state_created_at": "(queue, state, created_at, id)",
+    "ix_jobs_finished_at": "(finished_at)",
 }
 
 
@@ -64,7 +65,7 @@ def test_upgrade_builds_the_list_indexes_and_rebuilds_one_left_invalid(database:
     raw = psycopg2.connect(database)
     raw.autocommit = True
     with raw.cursor() as cursor:
-        cursor.execute("DROP INDEX ix_jobs_tenant_created_at")
+        cursor.execute("DROP INDEX ix_jobs_tenant_state_created_at")
         cursor.execute("UPDATE proj_jobs_alembic_version SET version_num = 'jobs_0014'")
         for job_id in ("a", "b"):
             cursor.execute(
@@ -75,10 +76,10 @@ def test_upgrade_builds_the_list_indexes_and_rebuilds_one_left_invalid(database:
             )
         with pytest.raises(psycopg2.errors.UniqueViolation):
             cursor.execute(
-                "CREATE UNIQUE INDEX CONCURRENTLY ix_jobs_tenant_created_at ON jobs (name)"
+                "CREATE UNIQUE INDEX CONCURRENTLY ix_jobs_tenant_state_created_at ON jobs (name)"
             )
     raw.close()
-    assert indexes(database)["ix_jobs_tenant_created_at"] == (False, "(name)")
+    assert indexes(database)["ix_jobs_tenant_state_created_at"] == (False, "(name)")
     upgrade(database)
     assert indexes(database) == {name: (True, columns) for name, columns in NEW_INDEXES.items()}
 

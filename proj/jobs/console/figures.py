@@ -4,10 +4,8 @@ and the failure rate.
 
 Each query stays bounded on a ledger of millions of rows. Waiting and
 running jobs are few, and found through the ``(state, created_at)`` index;
-finished ones are counted for the last hour only, among the jobs created
-within :data:`CREATED_WITHIN` (that index again: ``finished_at`` has none),
-so a job that took longer than that from its creation to its end is left
-out of the hour's figures. Owed rows come from the relay's partial index.
+finished ones are counted for the last hour only, through the index on
+``finished_at``. Owed rows come from the relay's partial index.
 Rows are grouped in the database by task name and the queue their row
 names, and each pair's queue is worked out once, as the jobs list's queue
 filter has it (:class:`~proj.jobs.console.filters.Queues`).
@@ -31,8 +29,6 @@ from proj.jobs.models import CLAIMABLE, FINISHED, Job, State
 
 WINDOW_MINUTES = 60
 """Minutes the finished figures and the chart cover, the current one included."""
-CREATED_WITHIN = timedelta(days=1)
-"""How long before its end a job counted in the last hour's figures may have been created."""
 ACTIVE = (State.QUEUED, State.RUNNING, State.RETRYING)
 OUTCOMES = (State.SUCCEEDED, State.FAILED, State.CANCELLED)
 
@@ -93,11 +89,7 @@ def overview(session: Session, celery_app: Celery, at: datetime | None = None) -
     """The overview's figures at ``at`` (default: now), read in ``session``."""
     at = at or utcnow()
     since = at.replace(second=0, microsecond=0) - timedelta(minutes=WINDOW_MINUTES - 1)
-    finished = (
-        Job.state.in_(FINISHED),
-        Job.created_at >= at - CREATED_WITHIN,
-        Job.finished_at >= since,
-    )
+    finished = (Job.finished_at >= since, Job.state.in_(FINISHED))
     by_queue: dict[str, Counter[str]] = {}
     queues = Queues(celery_app)
     for conditions in ((Job.state.in_(ACTIVE),), finished):

@@ -26,11 +26,10 @@ from sqlalchemy import (
     or_,
     select,
     tuple_,
-    union_all,
 )
 from werkzeug.wrappers.response import Response as BaseResponse
 
-from proj.jobs import actions, audit, ledger, revoke
+from proj.jobs import actions, audit, ledger, listing, revoke
 from proj.jobs.auth import request_session
 from proj.jobs.console import bulk, canvas_graph
 from proj.jobs.console.bulk import Selection
@@ -50,7 +49,7 @@ from proj.jobs.models import Job, State
 
 PAGE_SIZE = 50
 """Jobs on one page of the list."""
-SEARCH_WINDOW = 5_000
+SEARCH_WINDOW = 2_000
 """Jobs whose arguments one page of a text search reads, at most."""
 LISTED = (
     Job.id,
@@ -159,33 +158,29 @@ def _newest(
     after: tuple[datetime, str] | None,
     limit: int = PAGE_SIZE + 1,
     columns: Sequence[Any] = LISTED,
-) -> Select[*tuple[Any, ...]]:
+) -> Select[Any]:
     """The query of a page: ``columns`` of up to ``limit`` jobs meeting
-    ``where``, newest first, after the job ``after`` (its creation and id).
-
-    Without a state, a tenant, a task, a queue or a canvas to filter on, it
-    is one query a state, merged: each walks the (state, created_at) index
-    from the newest and stops at ``limit``, so a page costs about its own
-    rows on a ledger of any size. (The others have indexes of their own.)
-    """
-    if after is not None:
-        # The first condition lets the index start at the cursor; the second is exact.
-        where = [*where, Job.created_at <= after[0], tuple_(Job.created_at, Job.id) < after]
-
-    def newest(*more: ColumnElement[bool]) -> Select[*tuple[Any, ...]]:
-        return (
-            select(*columns)
-            .where(*more, *where)
-            .order_by(Job.created_at.desc(), Job.id.desc())
-            .limit(limit)
-        )
-
-    indexed = (chosen.state, chosen.tenant, chosen.name, chosen.queue, chosen.canvas)
-    if any(value is not None for value in indexed):
-        return newest()
-    merged = union_all(*(select(newest(Job.state == state).subquery()) for state in State))
-    pages = merged.subquery()
-    return select(pages).order_by(pages.c.created_at.desc(), pages.c.id.desc()).limit(limit)
+    ``where``, newest first, after the job ``after`` (its creation and id),
+    one query a state (see :mod:`proj.jobs.listing`). A canvas's steps are
+    few and found by their own index, in one query; a queue's jobs are
+    those whose row keeps it, and the older rows that keep none."""
+    if chosen.canvas is not None:
+        query = select(*columns).where(*where).order_by(Job.created_at.desc(), Job.id.desc())
+        if after is not None:
+            query = query.where(tuple_(Job.created_at, Job.id) < after)
+        return query.limit(limit)
+    branches: list[list[ColumnElement[bool]]] = [[]]
+    if chosen.queue is not None:
+        branches = [[Job.queue == chosen.queue], [Job.queue.is_(None)]]
+    return listing.newest(
+        columns,
+        where,
+        limit,
+        state=chosen.state,
+        after=after,
+        branches=branches,
+        leading=[Job.queue] if chosen.queue is not None else [],
+    )
 
 
 def _page(

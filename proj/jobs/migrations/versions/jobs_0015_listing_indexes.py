@@ -1,6 +1,8 @@
 """Indexes for the filtered lists of a big ledger: by tenant, by task and by
-queue, newest first (``created_at, id``), so the job API's and the console's
-filtered pages read about a page of rows at any size; and the ``jobs``
+queue, each by state and newest first (``state, created_at, id``), so the job
+API's and the console's filtered pages read about a page of rows at any size
+(:mod:`proj.jobs.listing`); by end time, for the overview's last hour and
+the pruning of finished jobs; and the ``jobs``
 policy of ``jobs_0014`` written as a ``CASE`` (PostgreSQL), which lets the
 planner guess that most rows pass it, and so walk an index to the first
 page rather than sort every row first. Who sees which job is unchanged.
@@ -29,9 +31,10 @@ branch_labels = None
 depends_on = None
 
 INDEXES = {
-    "ix_jobs_tenant_created_at": ["tenant", "created_at", "id"],
-    "ix_jobs_name_created_at": ["name", "created_at", "id"],
-    "ix_jobs_queue_created_at": ["queue", "created_at", "id"],
+    "ix_jobs_tenant_state_created_at": ["tenant", "state", "created_at", "id"],
+    "ix_jobs_name_state_created_at": ["name", "state", "created_at", "id"],
+    "ix_jobs_queue_state_created_at": ["queue", "state", "created_at", "id"],
+    "ix_jobs_finished_at": ["finished_at"],
 }
 SYSTEM = "current_setting('proj.scope', true) = 'system'"
 SAME_TENANT = "tenant IS NOT DISTINCT FROM NULLIF(current_setting('proj.tenant', true), '')"
