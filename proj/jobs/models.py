@@ -55,6 +55,8 @@ def jsonable(value: Any) -> Any:
 
 OWED = "published_at IS NULL AND state IN ('queued', 'retrying')"
 """A job whose message the relay owes the broker (when it falls due)."""
+ENDED = "finished_at IS NOT NULL"
+"""A job that has finished (the only rows its end time's index holds)."""
 UNIQUE_WHILE = "unique_key IS NOT NULL AND state IN ('queued', 'retrying', 'running')"
 """While a job holds its unique key: from enqueue until it finishes."""
 KEYED = "concurrency_key IS NOT NULL"
@@ -101,7 +103,12 @@ class Job(LedgerBase):
         Index("ix_jobs_tenant_state_created_at", "tenant", "state", "created_at", "id"),
         Index("ix_jobs_name_state_created_at", "name", "state", "created_at", "id"),
         Index("ix_jobs_queue_state_created_at", "queue", "state", "created_at", "id"),
-        Index("ix_jobs_finished_at", "finished_at"),
+        Index(
+            "ix_jobs_finished_at",
+            "finished_at",
+            postgresql_where=text(ENDED),
+            sqlite_where=text(ENDED),
+        ),
         # Only the waiting rows the relay still has to publish, by priority
         # and due time.
         Index(

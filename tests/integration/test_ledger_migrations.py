@@ -20,7 +20,7 @@ NEW_INDEXES = {
     "ix_jobs_tenant_state_created_at": "(tenant, state, created_at, id)",
     "ix_jobs_name_state_created_at": "(name, state, created_at, id)",
     "ix_jobs_queue_state_created_at": "(queue, state, created_at, id)",
-    "ix_jobs_finished_at": "(finished_at)",
+    "ix_jobs_finished_at": "(finished_at) WHERE (finished_at IS NOT NULL)",
 }
 
 

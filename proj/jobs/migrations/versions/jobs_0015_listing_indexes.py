@@ -1,8 +1,8 @@
 """Indexes for the filtered lists of a big ledger: by tenant, by task and by
 queue, each by state and newest first (``state, created_at, id``), so the job
 API's and the console's filtered pages read about a page of rows at any size
-(:mod:`proj.jobs.listing`); by end time, for the overview's last hour and
-the pruning of finished jobs; and the ``jobs``
+(:mod:`proj.jobs.listing`); by end time, of the finished jobs only, for
+the overview's last hour and pruning; and the ``jobs``
 policy of ``jobs_0014`` written as a ``CASE`` (PostgreSQL), which lets the
 planner guess that most rows pass it, and so walk an index to the first
 page rather than sort every row first. Who sees which job is unchanged.
@@ -36,6 +36,8 @@ INDEXES = {
     "ix_jobs_queue_state_created_at": ["queue", "state", "created_at", "id"],
     "ix_jobs_finished_at": ["finished_at"],
 }
+PARTIAL = {"ix_jobs_finished_at": "finished_at IS NOT NULL"}
+"""Rows an index leaves out: a job gets into it when it finishes."""
 SYSTEM = "current_setting('proj.scope', true) = 'system'"
 SAME_TENANT = "tenant IS NOT DISTINCT FROM NULLIF(current_setting('proj.tenant', true), '')"
 POLICIES = {
@@ -53,7 +55,8 @@ def upgrade() -> None:
     postgresql = op.get_bind().dialect.name == "postgresql"
     if not postgresql or not context.config.attributes.get("own_transactions"):
         for name, columns in INDEXES.items():
-            op.create_index(name, "jobs", columns)
+            where = text(PARTIAL[name]) if name in PARTIAL else None
+            op.create_index(name, "jobs", columns, postgresql_where=where, sqlite_where=where)
         if postgresql:
             _alter_policy(POLICIES["upgrade"])
         return
@@ -65,8 +68,10 @@ def upgrade() -> None:
             )
             if op.get_bind().execute(invalid, {"name": name}).first():
                 op.execute(f"DROP INDEX CONCURRENTLY {name}")
+            only = f" WHERE {PARTIAL[name]}" if name in PARTIAL else ""
             op.execute(
-                f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON jobs ({', '.join(columns)})"
+                f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} "
+                f"ON jobs ({', '.join(columns)}){only}"
             )
         op.execute(f"SET lock_timeout = '{LOCK_WAIT}'")
         for attempt in range(1, LOCK_TRIES + 1):
