@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from tests import stacks
 
 STARTED = text(
     "SELECT extract(epoch FROM started_at - created_at) * 1000 FROM jobs "
-    "WHERE started_at >= :since AND started_at < :until AND name = 'bench.proj_touch.touch'"
+    "WHERE started_at >= :since AND started_at < :until AND name = 'bench.touch'"
 )
 TABLE = text(
     "SELECT pg_total_relation_size('jobs'), n_live_tup, n_dead_tup "
@@ -55,7 +56,7 @@ def sample(engine: Engine, since: datetime, until: datetime) -> tuple[list[float
     """The enqueue-to-start latencies (ms) of the jobs started from ``since``
     to ``until``, and the size, live and dead tuples of ``jobs``."""
     with engine.connect() as connection:
-        found = [float(v) for v in connection.execute(STARTED, {"since": since, "until": until})]
+        found = [float(v) for v in connection.scalars(STARTED, {"since": since, "until": until})]
         size = tuple(int(v or 0) for v in connection.execute(TABLE).one())
     return found, size
 
@@ -72,7 +73,7 @@ def main() -> None:
         settings, env, engine = prepared(made)
         pruner = Jobs.of(make_celery(load_settings({**made, "PROJ_RETENTION_DAYS": "0"})))
         enqueue("proj-full", options.drain_tasks, env)
-        with worker("proj-full", env, folder) as pid:
+        with worker("proj-full", env, folder) as pid, ExitStack() as running:
             wait_drained(engine, options.drain_tasks)
             drain = options.drain_tasks / workload.drain_seconds(engine)
             pruner.prune()
@@ -80,7 +81,10 @@ def main() -> None:
             total = int(rate * options.minutes * 60)
             print(f"drain {drain:.0f} jobs/s; enqueueing {total:,} at {rate:.0f}/s", flush=True)
             command = ["bench.enqueue", "proj-full", str(total), str(1 / rate)]
-            sender = subprocess.Popen([sys.executable, "-m", *command], env=env, cwd=ROOT)
+            sender = running.enter_context(
+                subprocess.Popen([sys.executable, "-m", *command], env=env, cwd=ROOT)
+            )
+            running.callback(sender.terminate)  # on any error; it has ended otherwise
             rows, minutes = [], []
             began = datetime.now(UTC)
             for minute in range(1, options.minutes + 1):
