@@ -7,7 +7,8 @@ enqueued through ``apply_async_on_commit`` (``bench.enqueue``, one a
 transaction, on a schedule) at ``--share`` of that rate for ``--minutes``.
 Every minute the ledger's finished jobs are pruned (``Jobs.prune()`` with
 ``PROJ_RETENTION_DAYS=0``: a retention shorter than the soak, so the table's
-size must stay bounded by it), and one line is written: the jobs that started
+size must stay bounded by it; where the server runs no autovacuum, the bench
+vacuums ``jobs`` then in its place), and one line is written: the jobs that started
 in that minute and their enqueue-to-start p50 and p99 (from the ledger's
 ``created_at`` and ``started_at``), the size of ``jobs`` with its indexes,
 its live and dead tuples, the worker's resident memory (main process and
@@ -71,6 +72,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as name, stacks.stack(options.stack, Path(name)) as made:
         folder = Path(name)
         settings, env, engine = prepared(made)
+        with engine.connect() as connection:
+            autovacuum = connection.exec_driver_sql("SHOW autovacuum").scalar() == "on"
         pruner = Jobs.of(make_celery(load_settings({**made, "PROJ_RETENTION_DAYS": "0"})))
         enqueue("proj-full", options.drain_tasks, env)
         with worker("proj-full", env, folder) as pid, ExitStack() as running:
@@ -92,6 +95,10 @@ def main() -> None:
                 since, until = began + timedelta(minutes=minute - 1), datetime.now(UTC)
                 latencies, (size, live, dead) = sample(engine, since, until)
                 pruned = pruner.prune()
+                if not autovacuum:
+                    with engine.connect() as connection:
+                        connection.execution_options(isolation_level="AUTOCOMMIT")
+                        connection.exec_driver_sql("VACUUM jobs")
                 minutes.append(latencies)
                 rows.append(
                     f"| {minute} | {len(latencies):,} | {percentile(latencies, 0.5):.1f} | "
@@ -118,7 +125,9 @@ def main() -> None:
         f"--drain-tasks {options.drain_tasks} --stack {options.stack}` on "
         f"{settings.database_url.split('://')[0]}, `celery worker -P prefork -c 2`.\n\n"
         f"Drain measured first: {drain:.0f} jobs/s; then {total:,} jobs at {rate:.0f}/s "
-        f"({options.share:.0%}), one a transaction; every job ran once: "
+        f"({options.share:.0%}), one a transaction; autovacuum "
+        f"{'on' if autovacuum else 'off on this server, so `VACUUM jobs` after each prune'}"
+        "; every job ran once: "
         f"{counted == options.drain_tasks + total} ({counted:,} runs).\n\n"
         f"{header}\n" + "\n".join(rows) + "\n\n"
         f"Enqueue-to-start p99, first {WINDOW} minutes: {p99_first:.1f} ms; last {WINDOW}: "
