@@ -4,10 +4,12 @@ Makes a database as a deployment has it (an owner role that migrates, an
 application role under row-level security, see ``tests/stacks.py``), fills
 its ledger with ``--rows`` jobs through ``COPY`` (a month of them: a dozen
 tasks from common to rare, four queues, hundreds of tenants, the states a
-ledger holds, arguments with ids and email addresses), then asks the
-console's pages as a signed-in operator and the job API's listings as a
-token would, through the Flask test client (no network), as the
-application's role. It prints each page's median and p95 beside one plain
+ledger holds, arguments with ids and email addresses) at the revision before
+the newest, times ``proj jobs upgrade`` to the newest while another
+connection enqueues as fast as it can (printing every enqueue over ``SLOW``
+ms), then asks the console's pages as a signed-in operator and the job
+API's listings as a token would, through the Flask test client (no
+network), as the application's role. It prints each page's median and p95 beside one plain
 ``SELECT count(*) FROM jobs`` as the baseline, and the relay's and the
 reconciler's statements on this ledger beside the same on an empty one.
 """
