@@ -433,8 +433,11 @@ def run(host: str, port: int) -> None:
     first_access = _first_access(settings) if settings.embedded else None
     processes: dict[str, subprocess.Popen[bytes]] = {}
     # Ctrl-C reaches the whole process group; SIGTERM from a supervisor only
-    # reaches us, so both end up in the same orderly stop.
-    signal.signal(signal.SIGTERM, _interrupt)
+    # reaches us, so both end up in the same orderly stop. SIGINT's handler is
+    # set too: started with it ignored (a script's `proj run &`), Python would
+    # keep ignoring it.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
     try:
         for name, command in _commands(host, port).items():
             # One metrics port a machine: the worker's (beat's jobs are counted

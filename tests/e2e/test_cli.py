@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import click
+import psutil
 import pytest
 import stacks
 from subprocesses import BIN, Commands, free_port
@@ -164,6 +165,36 @@ def test_run_on_every_interface_says_its_cookies_are_not_secure(
     assert "session cookies are not Secure" in run.output()
     assert "PROJ_COOKIE_SECURE=1" in run.output()
     assert run.stop(signal.SIGINT) == 0
+
+
+@pytest.mark.parametrize("ctrl_c", ["proj", "process-group"])
+def test_run_stops_on_ctrl_c_though_started_ignoring_it(
+    commands: Commands, tmp_path: Path, ctrl_c: str
+) -> None:
+    """A shell without job control (a script's ``proj run &``, some CI
+    runners) starts ``proj run`` with SIGINT ignored, which Python keeps:
+    SIGINT, to proj alone or to its group, still stops it and all it
+    started, with exit code 0."""
+    port = free_port()
+    ignoring = 'trap "" INT; exec "$0" "$@"'
+    run = commands.start(
+        "proj",
+        *("bash", "-c", ignoring, str(BIN / "proj"), "run", "--port", str(port)),
+        env=clean_env(),
+        cwd=tmp_path,
+    )
+    run.wait_for_output("proj is running")
+    family = run.children()
+    assert len(family) >= 3, family
+    if ctrl_c == "proj":
+        run.popen.send_signal(signal.SIGINT)
+    else:
+        os.killpg(run.pid, signal.SIGINT)
+    run.until(lambda: run.popen.poll() is not None, timeout=60)
+    assert run.popen.returncode == 0, run.output()[-3000:]
+    assert "proj: stopped" in run.output()
+    _, alive = psutil.wait_procs(family, timeout=30)
+    assert alive == []
 
 
 def test_run_with_a_metrics_port_serves_the_workers_metrics(
