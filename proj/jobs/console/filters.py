@@ -113,12 +113,20 @@ class JobFilter:
         }
         return {key: str(value) for key, value in found.items() if value}
 
-    def conditions(
-        self, queues: Queues, session: Session, *, search: bool = True
-    ) -> list[ColumnElement[bool]]:
+    def conditions(self, queues: Queues, session: Session) -> list[ColumnElement[bool]]:
         """The SQL conditions a job must meet (``session`` looks ``q`` up as a
-        job id); without ``search``, text ``q`` looks for is left out (see
-        :meth:`text_search`)."""
+        job id)."""
+        found, text = self.narrowing(queues, session)
+        if text is not None:
+            found.append(holds_text(text, Job.args, Job.kwargs))
+        return found
+
+    def narrowing(
+        self, queues: Queues, session: Session
+    ) -> tuple[list[ColumnElement[bool]], str | None]:
+        """The SQL conditions of :meth:`conditions` but the search in the
+        arguments, and the text that search looks for: None if there is none
+        (no ``q``, or ``q`` the id of a job, which finds that job)."""
         found: list[ColumnElement[bool]] = []
         if self.state is not None:
             found.append(Job.state == self.state)
@@ -134,26 +142,14 @@ class JobFilter:
             found.append(Job.created_at >= self.since)
         if self.until is not None:
             found.append(Job.created_at < self.until)
-        if self.q is not None:
-            # An id finds its job through the primary key; other text is
-            # looked for in the jobs' arguments.
-            if self.names_a_job(session):
-                found.append(Job.id == self.q)
-            elif search:
-                found.append(_search(self.q, Job.args, Job.kwargs))
-        return found
-
-    def names_a_job(self, session: Session) -> bool:
-        """Whether ``q`` is the id of a job (``session`` can see)."""
-        found = session.scalar(select(Job.id).where(Job.id == self.q)) if self.q else None
-        return found is not None
-
-    def text_search(self, session: Session, args: Any, kwargs: Any) -> ColumnElement[bool] | None:
-        """SQL: ``args`` or ``kwargs`` hold ``q``, the text to look for; None
-        when there is none (no ``q``, or the id of a job)."""
-        if self.q is None or self.names_a_job(session):
-            return None
-        return _search(self.q, args, kwargs)
+        if self.q is None:
+            return found, None
+        # An id finds its job through the primary key; other text is looked
+        # for in the jobs' arguments.
+        if session.scalar(select(Job.id).where(Job.id == self.q)) is not None:
+            found.append(Job.id == self.q)
+            return found, None
+        return found, self.q
 
 
 FILTER_FIELDS = tuple(field.name for field in fields(JobFilter))
@@ -180,7 +176,7 @@ def _local_text(moment: datetime | None) -> str | None:
     return plain.isoformat(timespec=precision)
 
 
-def _search(text: str, args: Any, kwargs: Any) -> ColumnElement[bool]:
+def holds_text(text: str, args: Any, kwargs: Any) -> ColumnElement[bool]:
     """Jobs whose arguments (``args``, ``kwargs``) hold ``text``: as typed, or
     as JSON spells it inside a string (quotes, backslashes, non-ASCII escaped)."""
     needles = {text, json.dumps(text)[1:-1]}

@@ -38,6 +38,7 @@ from proj.jobs.console.filters import (
     InvalidFilter,
     JobFilter,
     Queues,
+    holds_text,
     is_job_id,
     named_queue,
 )
@@ -84,8 +85,8 @@ def jobs() -> Any:
         typed = {key: request.args.get(key, "") for key in FILTER_FIELDS}
         page = _page(queues, JobFilter(), [], None, typed, exc.problems)
         return page, 400
-    where = chosen.conditions(queues, session, search=False)
-    searched = _searched(chosen, where, after)
+    where, text = chosen.narrowing(queues, session)
+    searched = None if text is None else _searched(chosen, where, text, after)
     if searched is None:
         found = session.execute(_newest(chosen, where, after)).all()
     else:
@@ -112,9 +113,13 @@ class Searched:
 
 
 def _searched(
-    chosen: JobFilter, where: list[ColumnElement[bool]], after: tuple[datetime, str] | None
-) -> Searched | None:
-    """A text search's page, or None if ``chosen`` looks for no text.
+    chosen: JobFilter,
+    where: list[ColumnElement[bool]],
+    text: str,
+    after: tuple[datetime, str] | None,
+) -> Searched:
+    """A page of the jobs ``chosen`` finds (``where``) that hold ``text`` in
+    their arguments.
 
     A search reads the arguments of at most ``SEARCH_WINDOW`` jobs a page,
     newest first, so a page costs the same on a ledger of any size; a page
@@ -124,9 +129,7 @@ def _searched(
     args, kwargs = cast(Job.args, Text).label("args"), cast(Job.kwargs, Text).label("kwargs")
     columns = (Job.id, Job.created_at, args, kwargs)
     window = _newest(chosen, where, after, SEARCH_WINDOW, columns).subquery()
-    hit = chosen.text_search(session, window.c.args, window.c.kwargs)
-    if hit is None:
-        return None
+    hit = holds_text(text, window.c.args, window.c.kwargs)
     newest_first = (window.c.created_at.desc(), window.c.id.desc())
     numbered = select(
         window.c.id,
