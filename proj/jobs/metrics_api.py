@@ -14,8 +14,8 @@ scrape:
 ==========================================  =====  ==================================
 ``proj_jobs``                               gauge  ``state``: queued, running, retrying
 ``proj_jobs_waiting``                       gauge  ``queue``: queued and retrying jobs
-``proj_outbox_owed``                        gauge  jobs whose message the broker lacks
-``proj_outbox_oldest_owed_age_seconds``     gauge  since the oldest of them was created
+``proj_outbox_owed``                        gauge  jobs due whose message the broker lacks
+``proj_outbox_oldest_owed_age_seconds``     gauge  since the earliest the relay owes fell due
 ``proj_ledger_up``                          gauge  0 when the ledger could not be read
 ==========================================  =====  ==================================
 
@@ -49,6 +49,7 @@ from sqlalchemy.orm import Session
 from proj.jobs import context, metrics
 from proj.jobs.auth import request_session, require_token
 from proj.jobs.clock import utcnow
+from proj.jobs.console.figures import relay_debt
 from proj.jobs.console.filters import Queues, named_queue
 from proj.jobs.extension import EXTENSION_KEY, Jobs
 from proj.jobs.http import json_error
@@ -75,13 +76,14 @@ class LedgerFigures:
     waiting: dict[str, int]
     """Queue → jobs queued or retrying (every known queue)."""
     owed: int
-    """Jobs waiting whose message the broker has not taken yet."""
+    """Jobs due whose message the broker has not taken yet."""
     oldest_owed: datetime | None
-    """When the oldest of those was created."""
+    """When the earliest of those the relay should have sent fell due
+    (:func:`~proj.jobs.console.figures.relay_debt`)."""
 
     @property
     def oldest_owed_age(self) -> float:
-        """Seconds since the oldest owed job was created (0: none owed)."""
+        """Seconds since the earliest owed job fell due (0: none is)."""
         if self.oldest_owed is None:
             return 0.0
         return max(0.0, (self.at - self.oldest_owed).total_seconds())
@@ -103,12 +105,8 @@ def ledger_figures(session: Session, celery_app: Celery) -> LedgerFigures:
         by_state[str(state)] += int(count)
         if state in CLAIMABLE:
             waiting[queues.of(name, queue)] += int(count)
-    owed, oldest = session.execute(
-        select(func.count(), func.min(Job.created_at)).where(
-            Job.published_at.is_(None), Job.state.in_(CLAIMABLE)
-        )
-    ).one()
-    return LedgerFigures(at, dict(by_state), dict(sorted(waiting.items())), int(owed), oldest)
+    owed, oldest = relay_debt(session, at)
+    return LedgerFigures(at, dict(by_state), dict(sorted(waiting.items())), owed, oldest)
 
 
 def gauges(figures: LedgerFigures | None) -> list[Metric]:

@@ -30,6 +30,7 @@ import proj.jobs.testing
 from proj.db import db as web_db
 from proj.jobs import Jobs, auth
 from proj.jobs.clock import utcnow
+from proj.jobs.console import figures
 from proj.jobs.models import Job, State, WorkerBeat
 from proj.jobs.reconciler import queue_of
 from proj.jobs.scheduler import SlotScheduler, slot_job_id
@@ -160,8 +161,9 @@ class Ledger:
     def rows(self) -> list[Any]:
         """Every job in the ledger (this test's and any other's)."""
         columns = (Job.name, Job.options, Job.state, Job.created_at, Job.finished_at)
+        owed = (Job.published_at, Job.available_at, Job.concurrency_key, Job.rate_key)
         with self.jobs.session_scope() as session:
-            return list(session.execute(select(*columns, Job.published_at)).all())
+            return list(session.execute(select(*columns, *owed)).all())
 
     def remove(self) -> None:
         with self.jobs.session_scope() as session:
@@ -180,7 +182,9 @@ def expected_overview(
     rows: list[Any], celery_app: Celery, at: datetime, since: datetime
 ) -> dict[str, Any]:
     """The overview's figures at ``at``, counted from the ledger's rows one by
-    one: waiting and running jobs as they are, finished ones since ``since``."""
+    one: waiting and running jobs as they are, finished ones since ``since``,
+    owed ones due by ``at`` (the relay lag from the earliest of those with no
+    concurrency or rate key; no queue is paused)."""
     until = since + timedelta(minutes=60)
     by_state: Counter[str] = Counter({str(state): 0 for state in State})
     by_queue: dict[str, Counter[str]] = {}
@@ -198,8 +202,9 @@ def expected_overview(
         if finished_at is not None and since <= finished_at < until:
             minute = finished_at.replace(second=0, microsecond=0)
             per_minute[minute.isoformat(), row.state] += 1
-        if row.published_at is None and row.state in (State.QUEUED, State.RETRYING):
-            owed.append(row.created_at)
+        waits = row.state in (State.QUEUED, State.RETRYING) and row.available_at <= at
+        if waits and row.published_at is None:
+            owed.append(row)
     waiting = {
         queue: states[State.QUEUED] + states[State.RETRYING] for queue, states in by_queue.items()
     }
@@ -209,7 +214,10 @@ def expected_overview(
         "per_minute": dict(per_minute),
         "waiting": {queue: count for queue, count in waiting.items() if count},
         "owed": len(owed),
-        "oldest_owed": min(owed, default=None),
+        "oldest_owed": min(
+            (row.available_at for row in owed if not (row.concurrency_key or row.rate_key)),
+            default=None,
+        ),
     }
 
 
@@ -289,9 +297,21 @@ def test_the_overview_shows_the_ledger_s_figures(
         # three days before it finished just now is in them.
         {**mine, "state": State.SUCCEEDED, "created_at": ago[120], "finished_at": ago[120]},
         {**mine, "state": State.FAILED, "created_at": now - timedelta(days=3), "finished_at": now},
-        # Owed to the broker (the oldest for 90 s), in a queue of their own.
-        {"options": {"queue": owed_queue}, "published_at": None, "created_at": owed_since},
+        # Owed to the broker (the oldest due for 90 s), in a queue of their
+        # own, and one due in an hour, owed nothing yet.
+        {
+            "options": {"queue": owed_queue},
+            "published_at": None,
+            "created_at": owed_since,
+            "available_at": owed_since,
+        },
         {"options": {"queue": owed_queue}, "published_at": None, "state": State.RETRYING},
+        {
+            "options": {"queue": owed_queue},
+            "published_at": None,
+            "created_at": now - timedelta(hours=2),
+            "available_at": now + timedelta(hours=1),
+        },
         # No queue of its own: the task's route says where it goes.
         {"name": "proj.tasks.generate_report", "options": {}},
     )
@@ -311,13 +331,14 @@ def test_the_overview_shows_the_ledger_s_figures(
     assert shown["by_queue"][queue] == {
         "queued": 3, "retrying": 2, "running": 1, "succeeded": 5, "failed": 3, "cancelled": 1,
     }  # fmt: skip
-    assert shown["by_queue"][owed_queue] == {"queued": 1, "retrying": 1}
+    assert shown["by_queue"][owed_queue] == {"queued": 2, "retrying": 1}
     assert shown["by_queue"]["long"]["queued"] >= 1
-    assert (shown["waiting"][queue], shown["waiting"][owed_queue]) == (5, 2)
+    assert (shown["waiting"][queue], shown["waiting"][owed_queue]) == (5, 3)
     for state, at_minute in finished:
         assert shown["per_minute"][minute_of(at_minute), str(state)] >= 1
     assert shown["per_minute"][minute_of(ago[2]), "succeeded"] >= 2
     assert shown["owed"] >= 2 and shown["oldest_owed"] <= owed_since
+    assert page.find(id="capped") == [], "nothing was counted to the cap"
     # The chart's bars add up to the finished cards; the failure rate is theirs.
     bars: Counter[str] = Counter()
     for (_, state), count in shown["per_minute"].items():
@@ -334,16 +355,20 @@ def test_the_overview_shows_the_ledger_s_figures(
     )
     lag = float(page.one(id="relay-lag").attrs["data-seconds"])
     assert lag == pytest.approx((at - shown["oldest_owed"]).total_seconds(), abs=1e-3)
-    assert lag >= 90
+    assert 90 <= lag < 3600, "the relay lag runs from when a job fell due"
     # Each state card leads to the jobs list filtered by its state; each table
     # cell to the list filtered by queue and state.
     for card in page.one("ul", class_="cards").having("a", "data-state"):
         target = urlsplit(card.attrs["href"])
         assert target.path == "/dashboard/jobs"
         assert parse_qs(target.query) == {"state": [card.attrs["data-state"]]}
-    cell = page.one("tr", data_queue=queue).one("td", data_state="failed").one("a")
+    by_queue = page.one("table", id="by-queue")
+    cell = by_queue.one("tr", data_queue=queue).one("td", data_state="failed").one("a")
     assert parse_qs(urlsplit(cell.attrs["href"]).query) == {"queue": [queue], "state": ["failed"]}
     assert page.one("meta", http_equiv="refresh").attrs["content"] == "10"
+    # The queues table's waiting jobs are the figures' (the routed queue's).
+    pausable = page.one("table", id="queue-pauses").one("tr", data_queue=queue)
+    assert pausable.one("td", data_count="5").text == "5"
 
 
 def test_the_overview_follows_the_ledger(app: Flask, celery_app: Celery, ledger: Ledger) -> None:
@@ -375,6 +400,32 @@ def test_the_overview_follows_the_ledger(app: Flask, celery_app: Celery, ledger:
     minute = (minute_of(now), "failed")
     assert after["per_minute"][minute] == before["per_minute"].get(minute, 0) + 1
     assert after["by_queue"]["console-moves"] == {"failed": 1}
+
+
+def test_a_backlog_past_the_cap_is_shown_as_at_least_the_cap(
+    app: Flask, ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The overview counts at most ``COUNT_CAP`` jobs of a waiting or running
+    state, and owed ones (lowered to 3 here): past it, the card shows
+    "3+", says so, and the page notes which states have more; a state
+    under the cap is counted exactly."""
+    monkeypatch.setattr(figures, "COUNT_CAP", 3)
+    queue = f"console-backlog-{uuid.uuid4().hex[:8]}"
+    ledger.add(*({"options": {"queue": queue}, "published_at": None} for _ in range(5)))
+    client = signed_in(app, "viewer")
+
+    page = page_of(client, "/dashboard/")
+
+    queued = page.one("a", data_state="queued")
+    assert (queued.attrs["data-count"], queued.attrs.get("data-capped")) == ("4", "yes")
+    assert queued.one("span", class_="figure").text == "3+"
+    owed = page.one(id="relay-owed")
+    assert (owed.attrs["data-count"], owed.attrs.get("data-capped")) == ("4", "yes")
+    assert owed.one("span", class_="figure").text == "3+"
+    assert "more are queued" in page.one("p", id="capped").text
+    failed = page.one("a", data_state="failed")
+    assert "data-capped" not in failed.attrs
+    assert failed.one("span", class_="figure").text == failed.attrs["data-count"]
 
 
 def test_the_periodic_page_shows_each_entry_s_last_run(

@@ -221,12 +221,13 @@ def test_counters_and_histograms_move_by_the_mix_run(
 
 
 def ledger_counts(celery_app: Celery) -> dict[str, Any]:
-    """The ledger's unfinished jobs by state and by queue, owed jobs and the
-    oldest of them, counted here row by row."""
+    """The ledger's unfinished jobs by state and by queue, owed jobs due now
+    and when the earliest fell due, counted here row by row."""
     queues = Queues(celery_app)
+    now = utcnow()
     with Jobs.of(celery_app).session_scope() as session:
         rows = session.execute(
-            select(Job.name, Job.options, Job.state, Job.published_at, Job.created_at)
+            select(Job.name, Job.options, Job.state, Job.published_at, Job.available_at)
         ).all()
     unfinished = [row for row in rows if row.state in (State.QUEUED, State.RUNNING, State.RETRYING)]
     waiting = Counter(
@@ -234,7 +235,11 @@ def ledger_counts(celery_app: Celery) -> dict[str, Any]:
         for row in unfinished
         if row.state in CLAIMABLE
     )
-    owed = [row for row in unfinished if row.state in CLAIMABLE and row.published_at is None]
+    owed = [
+        row
+        for row in unfinished
+        if row.state in CLAIMABLE and row.published_at is None and row.available_at <= now
+    ]
     return {
         "by_state": {
             state: sum(1 for row in unfinished if row.state == state)
@@ -242,7 +247,7 @@ def ledger_counts(celery_app: Celery) -> dict[str, Any]:
         },
         "waiting": waiting,
         "owed": len(owed),
-        "oldest": min((row.created_at for row in owed), default=None),
+        "oldest": min((row.available_at for row in owed), default=None),
     }
 
 
@@ -260,12 +265,14 @@ def test_ledger_gauges_are_the_ledgers_counts(
 ) -> None:
     """Jobs left owed to the broker (the fast path off, no worker to relay
     them), in the default queue and in ``long``: every ledger gauge equals
-    the count made here from the rows."""
+    the count made here from the rows. A job due in an hour is waiting, and
+    owed nothing yet: in neither owed gauge."""
     jobs = Jobs.of(celery_app)
     monkeypatch.setattr(jobs, "settings", replace(jobs.settings, outbox_fast_path=False))
     with jobs.session_scope() as session:
         owed = [ok.apply_async_on_commit(session=session) for _ in range(2)]
         owed.append(ok.apply_async_on_commit(session=session, queue="long"))
+        later = ok.apply_async_on_commit(session=session, countdown=3600)
     try:
         time.sleep(0.2)  # the oldest owed job's age is more than nothing
         scraped_at = utcnow()
@@ -273,12 +280,12 @@ def test_ledger_gauges_are_the_ledgers_counts(
         counted = ledger_counts(celery_app)
     finally:
         with jobs.session_scope() as session:
-            for job_id in owed:
+            for job_id in [*owed, later]:
                 ledger.cancel(session, job_id)
 
     assert gauge(found, "proj_ledger_up") == {"": 1}
     assert gauge(found, "proj_jobs") == counted["by_state"]
-    assert counted["by_state"]["queued"] >= 3
+    assert counted["by_state"]["queued"] >= 4
     waiting = gauge(found, "proj_jobs_waiting")
     assert {queue: value for queue, value in waiting.items() if value} == counted["waiting"]
     assert {"celery", "long"} <= set(waiting), "a known queue shows, if only at 0"

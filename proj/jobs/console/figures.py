@@ -3,9 +3,11 @@ jobs finished per minute over the last hour, what the relay owes the broker,
 and the failure rate.
 
 Each query stays bounded on a ledger of millions of rows. Waiting and
-running jobs are few, and found through the ``(state, created_at)`` index;
-finished ones are counted for the last hour only, through the index on
-``finished_at``. Owed rows come from the relay's partial index.
+running jobs are found through the ``(state, created_at)`` index, and
+counted up to :data:`COUNT_CAP` a state (a backlog of a million waiting jobs
+is shown as "10,000+", in the time 10,000 take); finished ones are counted
+for the last hour only, through the index on ``finished_at``. Owed rows come
+from the relay's partial index, counted up to the same cap.
 Rows are grouped in the database by task name and the queue their row
 names, and each pair's queue is worked out once, as the jobs list's queue
 filter has it (:class:`~proj.jobs.console.filters.Queues`).
@@ -23,6 +25,7 @@ from celery import Celery
 from sqlalchemy import BigInteger, ColumnElement, Integer, cast, extract, func, select
 from sqlalchemy.orm import Session
 
+from proj.jobs import publisher
 from proj.jobs.clock import utcnow
 from proj.jobs.console.filters import Queues, named_queue
 from proj.jobs.models import CLAIMABLE, FINISHED, Job, State
@@ -30,6 +33,11 @@ from proj.jobs.models import CLAIMABLE, FINISHED, Job, State
 WINDOW_MINUTES = 60
 """Minutes the finished figures and the chart cover, the current one included."""
 ACTIVE = (State.QUEUED, State.RUNNING, State.RETRYING)
+COUNT_CAP = 10_000
+"""Jobs of a waiting or running state, and owed jobs, the overview counts at
+most; past it a figure is shown as at least this many."""
+OWED = "owed"
+"""The name :attr:`Overview.capped` gives the owed jobs' count."""
 OUTCOMES = (State.SUCCEEDED, State.FAILED, State.CANCELLED)
 
 
@@ -46,9 +54,15 @@ class Overview:
     per_minute: Sequence[tuple[datetime, Mapping[str, int]]]
     """Each minute since :attr:`since`, oldest first, with its jobs finished by outcome."""
     owed: int
-    """Jobs waiting to run whose message the broker has not confirmed yet."""
+    """Jobs due to run whose message the broker has not confirmed yet."""
     oldest_owed: datetime | None
-    """When the oldest of those was created."""
+    """When the earliest of those that the relay should have sent fell due
+    (see :func:`relay_debt`)."""
+    cap: int = COUNT_CAP
+    """Jobs of a state counted at most (:data:`COUNT_CAP`)."""
+    capped: frozenset[str] = frozenset()
+    """The states (and :data:`OWED`) with more jobs than :attr:`cap`: their
+    figures count the first ``cap + 1``."""
 
     @property
     def by_state(self) -> dict[str, int]:
@@ -81,43 +95,72 @@ class Overview:
 
     @property
     def relay_lag(self) -> timedelta | None:
-        """How long the oldest owed row has waited (None: nothing owed)."""
+        """How long the earliest owed job has been due (None: none is)."""
         return None if self.oldest_owed is None else max(self.at - self.oldest_owed, timedelta())
 
 
 def overview(session: Session, celery_app: Celery, at: datetime | None = None) -> Overview:
     """The overview's figures at ``at`` (default: now), read in ``session``."""
     at = at or utcnow()
+    cap = COUNT_CAP  # read at each call: a test lowers it
     since = at.replace(second=0, microsecond=0) - timedelta(minutes=WINDOW_MINUTES - 1)
     finished = (Job.finished_at >= since, Job.state.in_(FINISHED))
     by_queue: dict[str, Counter[str]] = {}
     queues = Queues(celery_app)
-    for conditions in ((Job.state.in_(ACTIVE),), finished):
-        for queue, state, count in _by_queue_and_state(session, queues, *conditions):
-            by_queue.setdefault(queue, Counter())[state] += count
-    owed, oldest = session.execute(
-        select(func.count(), func.min(Job.created_at)).where(
-            Job.published_at.is_(None), Job.state.in_(CLAIMABLE)
-        )
-    ).one()
+    capped: set[str] = set()
+    counted: list[tuple[str, str, int]] = []
+    for active in ACTIVE:
+        found = _by_queue_and_state(session, queues, Job.state == active, cap=cap)
+        if sum(count for _, _, count in found) > cap:
+            capped.add(str(active))
+        counted += found
+    counted += _by_queue_and_state(session, queues, *finished)
+    for queue, state, count in counted:
+        by_queue.setdefault(queue, Counter())[state] += count
+    owed, oldest = relay_debt(session, at, cap)
+    if owed > cap:
+        capped.add(OWED)
     return Overview(
         at=at,
         since=since,
         by_queue={queue: dict(by_queue[queue]) for queue in sorted(by_queue)},
         per_minute=_per_minute(session, since, finished),
-        owed=int(owed),
+        owed=owed,
         oldest_owed=oldest,
+        cap=cap,
+        capped=frozenset(capped),
     )
 
 
+def relay_debt(
+    session: Session, at: datetime, cap: int | None = None
+) -> tuple[int, datetime | None]:
+    """The jobs due by ``at`` whose message the broker lacks (at most ``cap``
+    + 1 of them counted), and when the earliest the relay should have sent
+    by now fell due: of those in a queue not paused, with no concurrency or
+    rate key (the relay holds those back on purpose). A job due later (a
+    countdown) is owed nothing yet."""
+    due = select(Job.id).where(*publisher.owed(), Job.available_at <= at)
+    if cap is not None:
+        due = due.limit(cap + 1)
+    owed = session.scalar(select(func.count()).select_from(due.subquery())) or 0
+    oldest = publisher.next_due(session.connection()) if owed else None
+    return int(owed), oldest if oldest is not None and oldest <= at else None
+
+
 def _by_queue_and_state(
-    session: Session, queues: Queues, *conditions: ColumnElement[bool]
+    session: Session, queues: Queues, *conditions: ColumnElement[bool], cap: int | None = None
 ) -> list[tuple[str, str, int]]:
-    named = named_queue()
+    """Queue, state and jobs of the jobs meeting ``conditions`` (with ``cap``,
+    of the first ``cap + 1`` of them only)."""
+    some = select(Job.name, named_queue().label("queue"), Job.state).where(*conditions)
+    if cap is not None:
+        some = some.limit(cap + 1)
+    found = some.subquery()
     rows = session.execute(
-        select(Job.name, named, Job.state, func.count())
-        .where(*conditions)
-        .group_by(Job.name, named, Job.state)
+        select(found.c.name, found.c.queue, found.c.state, func.count()).group_by(
+            found.c.name, found.c.queue, found.c.state
+        )
     )
     return [(queues.of(name, queue), str(state), int(count)) for name, queue, state, count in rows]
 
