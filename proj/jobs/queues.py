@@ -12,6 +12,7 @@ caller commits, with its audit record); the job API, the console and
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -104,10 +105,16 @@ def listing(session: Session, *conditions: ColumnElement[bool]) -> list[QueueSta
         .group_by(Job.queue)
     )
     counts = {str(queue): int(count) for queue, count in session.execute(query).all()}
+    return with_pauses(session, counts)
+
+
+def with_pauses(session: Session, waiting: Mapping[str, int]) -> list[QueueState]:
+    """Each queue that is paused or named in ``waiting`` (queue → jobs
+    waiting in it, as the caller counted them), by name."""
     pauses = {pause.queue: pause for pause in paused(session)}
     return [
-        _state(name, pauses.get(name), counts.get(name, 0))
-        for name in sorted(counts.keys() | pauses.keys())
+        _state(name, pauses.get(name), waiting.get(name, 0))
+        for name in sorted(waiting.keys() | pauses.keys())
     ]
 
 

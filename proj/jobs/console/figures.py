@@ -36,8 +36,6 @@ ACTIVE = (State.QUEUED, State.RUNNING, State.RETRYING)
 COUNT_CAP = 10_000
 """Jobs of a waiting or running state, and owed jobs, the overview counts at
 most; past it a figure is shown as at least this many."""
-OWED = "owed"
-"""The name :attr:`Overview.capped` gives the owed jobs' count."""
 OUTCOMES = (State.SUCCEEDED, State.FAILED, State.CANCELLED)
 
 
@@ -59,10 +57,8 @@ class Overview:
     """When the earliest of those that the relay should have sent fell due
     (see :func:`relay_debt`)."""
     cap: int = COUNT_CAP
-    """Jobs of a state counted at most (:data:`COUNT_CAP`)."""
-    capped: frozenset[str] = frozenset()
-    """The states (and :data:`OWED`) with more jobs than :attr:`cap`: their
-    figures count the first ``cap + 1``."""
+    """Jobs of a waiting or running state, and owed jobs, counted at most
+    (:data:`COUNT_CAP`): one more than this is counted when there are more."""
 
     @property
     def by_state(self) -> dict[str, int]:
@@ -71,6 +67,18 @@ class Overview:
         for states in self.by_queue.values():
             counts.update(states)
         return dict(counts)
+
+    @property
+    def capped(self) -> list[str]:
+        """The waiting or running states with more jobs than :attr:`cap` (their
+        figures, by queue too, are of the first ``cap + 1`` found)."""
+        by_state = self.by_state
+        return [str(state) for state in ACTIVE if by_state[state] > self.cap]
+
+    @property
+    def owed_capped(self) -> bool:
+        """Whether more jobs are owed than :attr:`cap`."""
+        return self.owed > self.cap
 
     @property
     def waiting(self) -> dict[str, int]:
@@ -107,19 +115,15 @@ def overview(session: Session, celery_app: Celery, at: datetime | None = None) -
     finished = (Job.finished_at >= since, Job.state.in_(FINISHED))
     by_queue: dict[str, Counter[str]] = {}
     queues = Queues(celery_app)
-    capped: set[str] = set()
-    counted: list[tuple[str, str, int]] = []
-    for active in ACTIVE:
-        found = _by_queue_and_state(session, queues, Job.state == active, cap=cap)
-        if sum(count for _, _, count in found) > cap:
-            capped.add(str(active))
-        counted += found
+    counted = [
+        row
+        for active in ACTIVE  # a capped count a state, each through its index range
+        for row in _by_queue_and_state(session, queues, Job.state == active, cap=cap)
+    ]
     counted += _by_queue_and_state(session, queues, *finished)
     for queue, state, count in counted:
         by_queue.setdefault(queue, Counter())[state] += count
     owed, oldest = relay_debt(session, at, cap)
-    if owed > cap:
-        capped.add(OWED)
     return Overview(
         at=at,
         since=since,
@@ -128,7 +132,6 @@ def overview(session: Session, celery_app: Celery, at: datetime | None = None) -
         owed=owed,
         oldest_owed=oldest,
         cap=cap,
-        capped=frozenset(capped),
     )
 
 

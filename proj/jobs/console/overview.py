@@ -15,7 +15,7 @@ from proj.jobs.auth import request_session
 from proj.jobs.auth import tokens as api_tokens
 from proj.jobs.clock import utcnow
 from proj.jobs.console import charts, wording
-from proj.jobs.console.figures import ACTIVE, OUTCOMES, OWED
+from proj.jobs.console.figures import ACTIVE, OUTCOMES
 from proj.jobs.console.figures import overview as overview_figures
 from proj.jobs.console.filters import Queues
 from proj.jobs.console.fleet import fleet
@@ -49,17 +49,9 @@ def overview() -> str:
     celery_app = _jobs().celery_app
     figures = overview_figures(session, celery_app)
     # Waiting jobs as the figures count them (to their cap), not counted again.
-    pauses = {pause.queue: pause for pause in queues.paused(session)}
-    names = figures.waiting.keys() | pauses.keys() | set(Queues(celery_app).names())
-    listed = {
-        name: queues.QueueState(
-            name,
-            pauses[name].paused_at if name in pauses else None,
-            pauses[name].paused_by if name in pauses else None,
-            figures.waiting.get(name, 0),
-        )
-        for name in names
-    }
+    listed = {queue.name: queue for queue in queues.with_pauses(session, figures.waiting)}
+    for name in Queues(celery_app).names():
+        listed.setdefault(name, queues.QueueState(name))
     return _page(
         "overview.html",
         refresh=REFRESH,
@@ -69,7 +61,6 @@ def overview() -> str:
         chart=charts.stacked_bars(figures.per_minute, [str(state) for state in OUTCOMES]),
         waiting=charts.horizontal_bars(figures.waiting, str(State.QUEUED)),
         queues=[listed[name] for name in sorted(listed)],
-        owed=OWED,
     )
 
 
