@@ -9,9 +9,10 @@ the newest, times ``proj jobs upgrade`` to the newest while another
 connection enqueues as fast as it can (printing every enqueue over ``SLOW``
 ms), then asks the console's pages as a signed-in operator and the job
 API's listings as a token would, through the Flask test client (no
-network), as the application's role. It prints each page's median and p95 beside one plain
-``SELECT count(*) FROM jobs`` as the baseline, and the relay's and the
-reconciler's statements on this ledger beside the same on an empty one.
+network), as the application's role. It prints each page's median and p95
+beside one plain ``SELECT count(*) FROM jobs`` as the baseline, and the
+relay's and the reconciler's statements on this ledger beside the same on
+an empty one.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ transaction, on a schedule) at ``--share`` of that rate for ``--minutes``.
 Every minute the ledger's finished jobs are pruned (``Jobs.prune()`` with
 ``PROJ_RETENTION_DAYS=0``: a retention shorter than the soak, so the table's
 size must stay bounded by it; where the server runs no autovacuum, the bench
-vacuums ``jobs`` then in its place), and one line is written: the jobs that started
-in that minute and their enqueue-to-start p50 and p99 (from the ledger's
+vacuums ``jobs`` then in its place), and one line is written: the jobs that
+started in that minute and their enqueue-to-start p50 and p99 (from the ledger's
 ``created_at`` and ``started_at``), the size of ``jobs`` with its indexes,
 its live and dead tuples, the worker's resident memory (main process and
 children) and the database's connections. Every job must run once.
