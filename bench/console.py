@@ -38,7 +38,7 @@ from sqlalchemy.engine import make_url
 from proj.celery import make_celery
 from proj.config import load_settings
 from proj.db import db
-from proj.jobs import Jobs, auth, context, reconciler
+from proj.jobs import Jobs, auth, context, reconciler, utcnow
 from proj.jobs.engine import resolve_url
 from proj.jobs.migrations import alembic_config
 from proj.jobs.relay import make_relay
@@ -267,17 +267,27 @@ def signed_in(client: FlaskClient) -> None:
 
 
 def ledger_statements(env: dict[str, str]) -> dict[str, list[float]]:
-    """The relay's turn and the reconciler's pass (nothing owed, nothing lost:
-    their statements alone) on the ledger of ``env``."""
+    """The relay's turn and the reconciler's pass on the ledger of ``env``,
+    nothing owed and nothing lost: each queue holds a message, as it does
+    while a backlog waits, and the lost jobs are looked for as deployed
+    (``PROJ_STALE_AFTER``'s default). Running jobs are looked for among
+    those started a century ago: the bench's have no live worker, and
+    asking the broker which run takes its one-second broadcast."""
     settings = load_settings(env)
     celery_app = make_celery(settings)
     relay = make_relay(celery_app)
     jobs = Jobs.of(celery_app)
-    century = 100 * 365 * 86400.0
+    with celery_app.connection_for_write() as connection:
+        for queue in QUEUES:
+            connection.SimpleQueue(queue).put({"held": True})
 
     def reconcile() -> None:
         with jobs.session_scope() as session:
-            reconciler.reconcile(session, celery_app, century)
+            context.scope_system(session.connection())
+            now = utcnow()
+            stale = now - timedelta(seconds=jobs.settings.stale_after)
+            reconciler.resend_lost(session, celery_app, stale)
+            reconciler.take_back_abandoned(session, celery_app, now - timedelta(days=36_500))
 
     found = {
         "relay: one turn": spent_ms(relay.relay_once),

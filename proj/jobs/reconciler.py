@@ -7,12 +7,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, Select, func, literal, select
 from sqlalchemy.orm import Session
 
 from proj.jobs import context, heartbeat, ledger
@@ -23,16 +23,28 @@ from proj.jobs.registry import jobs_of
 logger = logging.getLogger(__name__)
 
 
-def queue_is_empty(celery_app: Celery, queue: str) -> bool:
-    """True when ``queue`` holds no message ready for delivery (a queue the
-    broker does not have, as Redis has none once its list is empty, is empty)."""
+def empty_queues(celery_app: Celery, queues: Iterable[str]) -> set[str]:
+    """Those of ``queues`` that hold no message ready for delivery (a queue
+    the broker does not have, as Redis has none once its list is empty, is
+    empty), asked on one connection (none if no queue is named)."""
+    names, empty = sorted(set(queues)), set[str]()
+    if not names:
+        return empty
     with celery_app.connection_for_read() as connection:
-        channel: Any = connection.default_channel
+        channel: Any = connection.channel()
         try:
-            declared = channel.queue_declare(queue=queue, passive=True)
-        except connection.channel_errors:
-            return True
-        return int(declared.message_count) == 0
+            for queue in names:
+                try:
+                    declared = channel.queue_declare(queue=queue, passive=True)
+                except connection.channel_errors:
+                    empty.add(queue)
+                    channel = connection.channel()  # RabbitMQ closed that one
+                    continue
+                if int(declared.message_count) == 0:
+                    empty.add(queue)
+        finally:
+            channel.close()
+    return empty
 
 
 def queue_of(celery_app: Celery, name: str, options: dict[str, Any] | None) -> str:
@@ -100,29 +112,46 @@ def node_of(worker: str | None) -> str:
 
 
 def reconcile(session: Session, celery_app: Celery, stale_after: float) -> dict[str, int]:
-    """Hand the relay jobs that were lost, in ``session``'s transaction.
-
-    - ``queued`` or ``retrying`` jobs published more than ``stale_after``
-      seconds ago, due since then, not started since, whose queue is empty:
-      the broker lost them (as Redis does when it restarts without persistence);
-    - ``running`` jobs started more than ``stale_after`` seconds ago whose
-      worker is gone (see :func:`gone_with_their_worker`): they go back to
-      ``retrying``, or end ``failed`` if that was their last attempt.
-    """
+    """Hand the relay jobs that were lost, in ``session``'s transaction:
+    :func:`resend_lost` and :func:`take_back_abandoned`, with the jobs of
+    ``stale_after`` seconds ago."""
     context.scope_system(session.connection())  # every tenant's jobs
     cutoff = utcnow() - timedelta(seconds=stale_after)
-    lost = session.execute(
-        select(Job.id, Job.name, Job.options).where(
-            Job.state.in_(CLAIMABLE),
-            Job.published_at < cutoff,
-            Job.available_at < cutoff,
-        )
+    resent = resend_lost(session, celery_app, cutoff)
+    gone = take_back_abandoned(session, celery_app, cutoff)
+    if resent or gone:
+        logger.warning("reconcile: sending again %d lost and %d abandoned jobs", resent, gone)
+    return {"resent": resent, "abandoned": gone}
+
+
+def resend_lost(session: Session, celery_app: Celery, cutoff: datetime) -> int:
+    """Owe the broker again the ``queued`` or ``retrying`` jobs published
+    before ``cutoff``, due since then, not started since, whose queue is
+    empty: the broker lost them (as Redis does when it restarts without
+    persistence). How many there were.
+
+    Only the queues that hold such a job are asked, and only the jobs of
+    those found empty are read: a backlog waiting in its queue costs one
+    index probe, however long it is."""
+    lost = _lost_before(cutoff)
+    named = session.scalars(_queues_holding(*lost)).all()
+    unnamed = session.execute(  # rows written before proj kept the queue
+        select(Job.id, Job.name, Job.options).where(Job.queue.is_(None), *lost)
     ).all()
-    queues = {job_id: queue_of(celery_app, name, options) for job_id, name, options in lost}
-    empty = {queue for queue in set(queues.values()) if queue_is_empty(celery_app, queue)}
-    resend = [job_id for job_id, queue in queues.items() if queue in empty]
+    routed = {job_id: queue_of(celery_app, name, options) for job_id, name, options in unnamed}
+    empty = empty_queues(celery_app, {*named, *routed.values()})
+    resend = [job_id for job_id, queue in routed.items() if queue in empty]
+    if empty.intersection(named):
+        resend += session.scalars(select(Job.id).where(Job.queue.in_(empty), *lost)).all()
     if resend:
         ledger.resend(session, resend, published_before=cutoff)
+    return len(resend)
+
+
+def take_back_abandoned(session: Session, celery_app: Celery, cutoff: datetime) -> int:
+    """Put the ``running`` jobs started before ``cutoff`` whose worker is gone
+    (see :func:`gone_with_their_worker`) back to ``retrying``, or end them
+    ``failed`` if that was their last attempt. How many there were."""
     running = session.execute(
         select(Job.id, Job.worker, Job.started_at).where(
             Job.state == State.RUNNING, Job.started_at < cutoff
@@ -131,11 +160,35 @@ def reconcile(session: Session, celery_app: Celery, stale_after: float) -> dict[
     gone = gone_with_their_worker(session, celery_app, running, cutoff) if running else []
     if gone:
         ledger.abandon(session, gone)
-    if resend or gone:
-        logger.warning(
-            "reconcile: sending again %d lost and %d abandoned jobs", len(resend), len(gone)
-        )
-    return {"resent": len(resend), "abandoned": len(gone)}
+    return len(gone)
+
+
+def _lost_before(cutoff: datetime) -> tuple[ColumnElement[bool], ...]:
+    """SQL: a waiting job published before ``cutoff`` and due since. It was
+    made before it was published, so ``created_at`` bounds the index walk to
+    the jobs that have waited that long."""
+    return (
+        Job.state.in_(CLAIMABLE),
+        Job.created_at < cutoff,
+        Job.published_at < cutoff,
+        Job.available_at < cutoff,
+    )
+
+
+def _queues_holding(*conditions: ColumnElement[bool]) -> Select[str]:
+    """SQL: the queues named by a job matching ``conditions``. The distinct
+    queues are found one index probe each (a skip scan of
+    ``ix_jobs_queue_state_created_at``, led by ``queue``), then each is asked
+    whether it holds a matching job, so no queue's backlog is read."""
+    first = select(func.min(Job.queue).label("queue")).cte("named", recursive=True)
+    later = select(func.min(Job.queue)).where(Job.queue > first.c.queue).scalar_subquery()
+    named = first.union_all(select(later).where(first.c.queue.is_not(None)))
+    # A scalar subquery with its LIMIT is a probe a queue: an EXISTS may be
+    # planned as a semi join that reads every matching job.
+    held = select(literal(1)).where(Job.queue == named.c.queue, *conditions).limit(1)
+    return select(named.c.queue).where(
+        named.c.queue.is_not(None), held.scalar_subquery().is_not(None)
+    )
 
 
 def reconcile_jobs(task: Any) -> dict[str, Any]:

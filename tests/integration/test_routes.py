@@ -6,7 +6,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Connection
 
-from proj.jobs.reconciler import queue_is_empty, queue_of
+from proj.jobs.reconciler import empty_queues, queue_of
 from proj.tasks import generate_report, send_welcome
 
 QUEUES = ("celery", "long")
@@ -21,7 +21,7 @@ def declare_queues(celery_app: Celery, connection: Connection) -> None:
 
 def holding(celery_app: Celery) -> set[str]:
     """The queues that hold a message."""
-    return {name for name in QUEUES if not queue_is_empty(celery_app, name)}
+    return set(QUEUES) - empty_queues(celery_app, QUEUES)
 
 
 def test_long_tasks_go_to_the_long_queue(purged: Celery) -> None:
