@@ -38,7 +38,8 @@ def empty_queues(celery_app: Celery, queues: Iterable[str]) -> set[str]:
                     declared = channel.queue_declare(queue=queue, passive=True)
                 except connection.channel_errors:
                     empty.add(queue)
-                    channel = connection.channel()  # RabbitMQ closed that one
+                    if not getattr(channel, "is_open", True):  # RabbitMQ closed it
+                        channel = connection.channel()
                     continue
                 if int(declared.message_count) == 0:
                     empty.add(queue)
