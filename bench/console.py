@@ -292,6 +292,9 @@ def ledger_statements(env: dict[str, str]) -> dict[str, list[float]]:
     found = {
         "relay: one turn": spent_ms(relay.relay_once),
         "reconciler: one pass": spent_ms(reconcile),
+        "reconciler: the broker asked about the four queues": spent_ms(
+            partial(reconciler.empty_queues, celery_app, QUEUES)
+        ),
     }
     jobs.dispose()
     return found

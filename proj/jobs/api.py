@@ -106,7 +106,9 @@ def list_jobs() -> Response:
     )
     ids = list(_session().scalars(query))
     newest = (Job.created_at.desc(), Job.id.desc())
-    found = list(_session().scalars(select(Job).where(Job.id.in_(ids)).order_by(*newest)))
+    found = []
+    if ids:  # none: no query (see proj.jobs.console.jobs._searched)
+        found = list(_session().scalars(select(Job).where(Job.id.in_(ids)).order_by(*newest)))
     page = found[:limit]
     following = None
     if len(found) > limit:

@@ -240,6 +240,14 @@ class Queues:
         index), else, for a row written before proj kept it, the one its
         options name or its task's route. A task this process does not know
         goes to the default queue."""
+        return or_(*(and_(*branch) for branch in self.branches(queue)))
+
+    def branches(self, queue: str) -> list[list[ColumnElement[bool]]]:
+        """:meth:`condition`'s two halves, each an index walk of its own: the
+        rows that keep ``queue``, and the older rows that keep none. A list
+        walks them apart (:func:`proj.jobs.listing.newest`): under one ``OR``,
+        PostgreSQL counts the first half twice, expects a rare queue's
+        thousands of jobs to be a few, and reads them all to sort them."""
         named = named_queue()
         here: list[str] = []
         elsewhere: list[str] = []
@@ -251,10 +259,10 @@ class Queues:
         else:
             by_route = Job.name.in_(here) if here else false()
         unnamed = or_(named.is_(None), named == "")
-        return or_(
-            Job.queue == queue,
-            and_(Job.queue.is_(None), or_(named == queue, and_(unnamed, by_route))),
-        )
+        return [
+            [Job.queue == queue],
+            [Job.queue.is_(None), or_(named == queue, and_(unnamed, by_route))],
+        ]
 
 
 def named_queue() -> ColumnElement[str]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -85,10 +85,11 @@ def jobs() -> Any:
         typed = {key: request.args.get(key, "") for key in FILTER_FIELDS}
         page = _page(queues, JobFilter(), [], None, typed, exc.problems)
         return page, 400
-    where, text = chosen.narrowing(queues, session)
-    searched = None if text is None else _searched(chosen, where, text, after)
+    # The queue is left to _newest, which walks its two halves apart.
+    where, text = replace(chosen, queue=None).narrowing(queues, session)
+    searched = None if text is None else _searched(queues, chosen, where, text, after)
     if searched is None:
-        found = session.execute(_newest(chosen, where, after)).all()
+        found = session.execute(_newest(queues, chosen, where, after)).all()
     else:
         found = searched.hits
     rows = [{**row._asdict(), "queue": queues.of(row.name, row.queue)} for row in found[:PAGE_SIZE]]
@@ -113,6 +114,7 @@ class Searched:
 
 
 def _searched(
+    queues: Queues,
     chosen: JobFilter,
     where: list[ColumnElement[bool]],
     text: str,
@@ -128,7 +130,7 @@ def _searched(
     session = request_session()
     args, kwargs = cast(Job.args, Text).label("args"), cast(Job.kwargs, Text).label("kwargs")
     columns = (Job.id, Job.created_at, args, kwargs)
-    window = _newest(chosen, where, after, SEARCH_WINDOW, columns).subquery()
+    window = _newest(queues, chosen, where, after, SEARCH_WINDOW, columns).subquery()
     hit = holds_text(text, window.c.args, window.c.kwargs)
     newest_first = (window.c.created_at.desc(), window.c.id.desc())
     numbered = select(
@@ -146,7 +148,10 @@ def _searched(
     ).all()
     found = [row.id for row in read if row.hit]
     listed = select(*LISTED).where(Job.id.in_(found))
-    hits = session.execute(listed.order_by(Job.created_at.desc(), Job.id.desc())).all()
+    newest = listed.order_by(Job.created_at.desc(), Job.id.desc())
+    # No query for no ids: under row-level security PostgreSQL plans an empty
+    # IN as a scan of the whole table, and spends tens of ms compiling it (JIT).
+    hits = session.execute(newest).all() if found else []
     last = next((row for row in read if row.n == SEARCH_WINDOW), None)
     return Searched(
         hits=hits,
@@ -156,6 +161,7 @@ def _searched(
 
 
 def _newest(
+    queues: Queues,
     chosen: JobFilter,
     where: list[ColumnElement[bool]],
     after: tuple[datetime, str] | None,
@@ -163,25 +169,24 @@ def _newest(
     columns: Sequence[Any] = LISTED,
 ) -> Select[Any]:
     """The query of a page: ``columns`` of up to ``limit`` jobs meeting
-    ``where``, newest first, after the job ``after`` (its creation and id),
-    one query a state (see :mod:`proj.jobs.listing`). A canvas's steps are
-    few and found by their own index, in one query; a queue's jobs are
-    those whose row keeps it, and the older rows that keep none."""
+    ``where`` and ``chosen``'s queue, newest first, after the job ``after``
+    (its creation and id), one query a state (see :mod:`proj.jobs.listing`)
+    and a half of the queue's condition (:meth:`Queues.branches`). A
+    canvas's steps are few and found by their own index, in one query."""
     if chosen.canvas is not None:
+        if chosen.queue is not None:
+            where = [*where, queues.condition(chosen.queue)]
         query = select(*columns).where(*where).order_by(Job.created_at.desc(), Job.id.desc())
         if after is not None:
             query = query.where(tuple_(Job.created_at, Job.id) < after)
         return query.limit(limit)
-    branches: list[list[ColumnElement[bool]]] = [[]]
-    if chosen.queue is not None:
-        branches = [[Job.queue == chosen.queue], [Job.queue.is_(None)]]
     return listing.newest(
         columns,
         where,
         limit,
         state=chosen.state,
         after=after,
-        branches=branches,
+        branches=queues.branches(chosen.queue) if chosen.queue is not None else ((),),
         leading=[Job.queue] if chosen.queue is not None else [],
     )
 
