@@ -129,7 +129,8 @@ def resend_lost(session: Session, celery_app: Celery, cutoff: datetime) -> int:
     """Owe the broker again the ``queued`` or ``retrying`` jobs published
     before ``cutoff``, due since then, not started since, whose queue is
     empty: the broker lost them (as Redis does when it restarts without
-    persistence). How many there were.
+    persistence). How many there were. ``session`` must see every tenant's
+    jobs (:func:`reconcile` puts it in the system scope).
 
     Only the queues that hold such a job are asked, and only the jobs of
     those found empty are read: a backlog waiting in its queue costs one
@@ -152,7 +153,8 @@ def resend_lost(session: Session, celery_app: Celery, cutoff: datetime) -> int:
 def take_back_abandoned(session: Session, celery_app: Celery, cutoff: datetime) -> int:
     """Put the ``running`` jobs started before ``cutoff`` whose worker is gone
     (see :func:`gone_with_their_worker`) back to ``retrying``, or end them
-    ``failed`` if that was their last attempt. How many there were."""
+    ``failed`` if that was their last attempt. How many there were
+    (``session`` as :func:`resend_lost` takes it)."""
     running = session.execute(
         select(Job.id, Job.worker, Job.started_at).where(
             Job.state == State.RUNNING, Job.started_at < cutoff
